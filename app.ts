@@ -1,0 +1,77 @@
+import { readFileSync } from 'node:fs'
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import type { Config } from './config.js'
+import authPlugin, { protect } from './plugins/auth.js'
+import corsPlugin from './plugins/cors.js'
+import errorsPlugin from './plugins/errors.js'
+import httpPlugin, { requestId } from './plugins/http.js'
+import metricsPlugin from './plugins/metrics.js'
+import rateLimitPlugin from './plugins/rate-limit.js'
+import readinessPlugin from './plugins/readiness.js'
+import redisPlugin from './plugins/redis.js'
+import storePlugin from './plugins/store.js'
+import swaggerPlugin from './plugins/swagger.js'
+import healthRoutes from './routes/health.js'
+import metricsRoutes from './routes/metrics.js'
+import { ErrorResponse } from './schemas/common.js'
+import { LmcMessage } from './schemas/lmc.js'
+import type { Store } from './services/store/types.js'
+import { VERSION } from './services/version.js'
+
+export interface AppOptions {
+  /** A logger instance (server.ts builds one from the config); tests pass none to stay quiet. */
+  logger?: FastifyBaseLogger
+  /** Injected store (tests), otherwise made from the config. */
+  store?: Store
+}
+
+/**
+ * The whole application: infrastructure plugins first (order matters: the rate limiter must
+ * see every route registered after it, Swagger must see every documented route), then the public
+ * routes, then the protected scope. Never listens: server.ts does, tests use inject().
+ */
+export async function buildApp(config: Config, opts: AppOptions = {}): Promise<FastifyInstance> {
+  const tls = config.TLS_CERT_FILE && config.TLS_KEY_FILE
+  const options: FastifyServerOptions & { https?: { cert: Buffer; key: Buffer } } = {
+    ...(opts.logger ? { loggerInstance: opts.logger } : { logger: false }),
+    ...(tls ? { https: { cert: readFileSync(config.TLS_CERT_FILE!), key: readFileSync(config.TLS_KEY_FILE!) } } : {}),
+    // a number is a hop count, which Fastify accepts although its types do not say so
+    trustProxy: config.TRUST_PROXY as boolean | string,
+    bodyLimit: config.BODY_LIMIT,
+    requestIdHeader: false,
+    genReqId: (req) => requestId(req.headers['x-request-id']),
+    ajv: { customOptions: { removeAdditional: true, coerceTypes: 'array', useDefaults: true } },
+  }
+  // HTTPS and HTTP instances differ only in the server type; routes never touch it.
+  const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
+
+  app.addSchema(ErrorResponse)
+  app.addSchema(LmcMessage)
+
+  await app.register(readinessPlugin)
+  await app.register(httpPlugin, { tls: Boolean(tls) })
+  await app.register(metricsPlugin)
+  await app.register(corsPlugin, { origins: config.CORS_ORIGINS })
+  await app.register(swaggerPlugin, { version: VERSION })
+  await app.register(redisPlugin, { url: config.REDIS_URL })
+  if (app.redis) {
+    const redis = app.redis
+    app.readiness.set('redis', () => redis.ping())
+  }
+  await app.register(rateLimitPlugin, {
+    perMinute: config.RATE_LIMIT_PER_MINUTE,
+    sessionPerMinute: config.SESSION_RATE_LIMIT_PER_MINUTE,
+  })
+  await app.register(errorsPlugin)
+  await app.register(storePlugin, { databaseUrl: config.DATABASE_URL, dataDir: config.DATA_DIR, store: opts.store })
+  await app.register(authPlugin, { adminKeys: config.adminKeys })
+
+  await app.register(healthRoutes, { model: config.LITELLM_MODEL })
+  await app.register(async (api) => {
+    await api.register(protect)
+    await api.register(metricsRoutes)
+  })
+
+  return app
+}

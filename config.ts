@@ -1,0 +1,118 @@
+import { type Static, Type } from '@sinclair/typebox'
+import envSchema from 'env-schema'
+
+/**
+ * Every setting of the server, read from the environment (and `.env`) and validated once at
+ * start-up. A limit of 0 means "off" where documented (RATE_LIMIT_PER_MINUTE,
+ * SESSION_RATE_LIMIT_PER_MINUTE, SESSION_TTL_HOURS, KERNEL_IDLE_SECONDS).
+ */
+const Int = (def: number, min = 0, max = Number.MAX_SAFE_INTEGER) => Type.Integer({ default: def, minimum: min, maximum: max })
+const Str = (description: string) => Type.Optional(Type.String({ minLength: 1, description }))
+
+export const ConfigSchema = Type.Object({
+  LITELLM_MODEL: Type.String({ default: 'gpt-4o-mini', minLength: 1 }),
+  LLM_BASE_URL: Str('OpenAI-compatible upstream base URL (alias OPENAI_BASE_URL)'),
+  OPENAI_BASE_URL: Str('alias of LLM_BASE_URL'),
+  LLM_API_KEY: Str('key for the upstream (alias OPENAI_API_KEY)'),
+  OPENAI_API_KEY: Str('alias of LLM_API_KEY'),
+  LLM_TIMEOUT_MS: Int(600_000, 1000),
+  LLM_TOOLS: Type.Boolean({ default: true }),
+  MODELS: Str('comma-separated model ids for /v1/models (otherwise asked from the upstream)'),
+  MAX_TOKENS: Int(4096, 1),
+  TEMPERATURE: Type.Number({ default: 0.7, minimum: 0, maximum: 2 }),
+  MAX_ITERATIONS: Int(20, 1, 1000),
+  API_KEY: Str('comma-separated admin bearer keys'),
+  RATE_LIMIT_PER_MINUTE: Int(60),
+  SESSION_RATE_LIMIT_PER_MINUTE: Int(10),
+  LOG_LEVEL: Type.Union(
+    ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
+    { default: 'info' },
+  ),
+  LOG_DIR: Str('directory for server_out.log and server_err.log'),
+  HOST: Type.String({ default: '127.0.0.1', minLength: 1 }),
+  PORT: Int(5001, 0, 65535),
+  DATA_DIR: Type.String({ default: './data', minLength: 1 }),
+  DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://' })),
+  REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://' })),
+  SANDBOX: Type.Union([Type.Literal('bwrap'), Type.Literal('none')], { default: 'bwrap' }),
+  SANDBOX_NETWORK: Type.Boolean({ default: false }),
+  CORS_ORIGINS: Str('comma-separated allowed origins; unset allows any localhost origin, * allows all'),
+  TRUST_PROXY: Type.Union([Type.Boolean(), Type.Integer({ minimum: 0 }), Type.String()], { default: false }),
+  BODY_LIMIT: Int(10 * 1024 * 1024, 1024),
+  TLS_CERT_FILE: Str('PEM certificate; with TLS_KEY_FILE serves HTTPS'),
+  TLS_KEY_FILE: Str('PEM private key'),
+  SHUTDOWN_GRACE_MS: Int(10_000, 0),
+  SESSION_TTL_HOURS: Type.Number({ default: 24, minimum: 0 }),
+  PYTHON_BIN: Type.String({ default: '/usr/bin/python3', minLength: 1 }),
+  NODE_BIN: Type.String({ default: process.execPath, minLength: 1 }),
+  BASH_BIN: Type.String({ default: '/bin/bash', minLength: 1 }),
+  KERNEL_IDLE_SECONDS: Int(600),
+  MAX_KERNELS: Int(64, 1),
+  EXEC_TIMEOUT_MS: Int(120_000, 100),
+  EXEC_GRACE_MS: Int(2000, 0),
+  EXEC_OUTPUT_LIMIT_BYTES: Int(1024 * 1024, 1024),
+  MODEL_OUTPUT_LIMIT_CHARS: Int(2800, 100),
+  KERNEL_MEMORY_MB: Int(1024, 64),
+  KERNEL_MAX_PROCESSES: Int(64, 4),
+  KERNEL_MAX_FILE_MB: Int(100, 1),
+  KERNEL_MAX_OPEN_FILES: Int(256, 16),
+  FILE_MAX_BYTES: Int(100 * 1024 * 1024, 1),
+  SECRETS_KEY: Type.Optional(Type.String({ pattern: '^[0-9a-fA-F]{64}$', description: '32 bytes as hex' })),
+})
+
+type Env = Static<typeof ConfigSchema>
+
+export type Config = Omit<Env, 'OPENAI_BASE_URL' | 'OPENAI_API_KEY' | 'API_KEY'> & {
+  /** Admin bearer keys; `generatedApiKey` is set when none was configured and one was made up. */
+  adminKeys: string[]
+  generatedApiKey?: string
+}
+
+export class ConfigError extends Error {
+  override name = 'ConfigError'
+}
+
+interface AjvError {
+  instancePath: string
+  message?: string
+  params?: { allowedValues?: unknown[]; missingProperty?: string }
+}
+
+function describe(err: AjvError, env: Record<string, unknown>): string {
+  const name = err.instancePath.replace(/^\//, '').split('/')[0] || err.params?.missingProperty || 'environment'
+  const allowed = err.params?.allowedValues ? ` (allowed: ${err.params.allowedValues.join(', ')})` : ''
+  const got = name in env ? ` (got ${JSON.stringify(env[name])})` : ''
+  return `${name} ${err.message ?? 'is invalid'}${allowed}${got}`
+}
+
+/**
+ * Reads and validates the configuration. Throws ConfigError with one line naming the variable.
+ * Pass `env` to validate a given object (tests); `dotenv` reads `.env` from the working directory.
+ */
+export function loadConfig(env: Record<string, string | undefined> = process.env, dotenv = false): Config {
+  const data = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ''))
+  let parsed: Env
+  try {
+    parsed = envSchema<Env>({ schema: ConfigSchema, data, dotenv, env: false })
+  } catch (err) {
+    const errors = (err as { errors?: AjvError[] }).errors
+    // LOG_LEVEL is a union of literals: ajv reports each branch; the enum wording is clearer.
+    const first = errors?.find((e) => e.params?.allowedValues === undefined && !e.message?.includes('anyOf')) ?? errors?.[0]
+    if (!first) throw new ConfigError(`Invalid configuration: ${(err as Error).message}`)
+    if (first.instancePath === '/LOG_LEVEL')
+      throw new ConfigError(`Invalid configuration: LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent (got ${JSON.stringify(data.LOG_LEVEL)})`)
+    if (first.instancePath === '/SANDBOX')
+      throw new ConfigError(`Invalid configuration: SANDBOX must be one of bwrap, none (got ${JSON.stringify(data.SANDBOX)})`)
+    throw new ConfigError(`Invalid configuration: ${describe(first, data)}`)
+  }
+  if (Boolean(parsed.TLS_CERT_FILE) !== Boolean(parsed.TLS_KEY_FILE))
+    throw new ConfigError('Invalid configuration: TLS_CERT_FILE and TLS_KEY_FILE must be set together')
+  const { OPENAI_BASE_URL, OPENAI_API_KEY, API_KEY, ...rest } = parsed
+  const adminKeys = (API_KEY ?? '').split(',').map((k) => k.trim()).filter(Boolean)
+  return {
+    ...rest,
+    LLM_BASE_URL: rest.LLM_BASE_URL ?? OPENAI_BASE_URL,
+    LLM_API_KEY: rest.LLM_API_KEY ?? OPENAI_API_KEY,
+    adminKeys,
+  }
+}

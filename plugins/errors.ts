@@ -1,0 +1,103 @@
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import fp from 'fastify-plugin'
+import FindMyWay from 'find-my-way'
+import { ApiError } from '../services/errors.js'
+
+/** The one error envelope of the API. */
+export function envelope(err: ApiError) {
+  return {
+    error: { message: err.message, type: err.type, code: err.code, param: err.param, ...err.extra },
+  }
+}
+
+const METHODS = ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'] as const
+
+/** Maps whatever was thrown (ours, Fastify's, a plugin's or a bug) to an ApiError. */
+export function toApiError(err: FastifyError | ApiError | Error): ApiError {
+  if (err instanceof ApiError) return err
+  const e = err as FastifyError & { validation?: { instancePath?: string; params?: Record<string, unknown> }[] }
+  if (e.validation) {
+    const first = e.validation[0]
+    const missing = first?.params?.missingProperty as string | undefined
+    const extra = first?.params?.additionalProperty as string | undefined
+    const path = [first?.instancePath?.replace(/^\//, '').replaceAll('/', '.'), missing ?? extra].filter(Boolean).join('.')
+    const where = e.validationContext ?? 'body'
+    return new ApiError(400, 'validation_error', 'invalid_request', `${where}${path ? `.${path}` : ''} ${e.message.replace(/^\S+ /, '')}`, path || where)
+  }
+  switch (e.code) {
+    case 'FST_ERR_CTP_INVALID_JSON_BODY':
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+      return new ApiError(400, 'validation_error', 'invalid_json', 'Request body is not valid JSON')
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+    case 'FST_REQ_FILE_TOO_LARGE':
+      return new ApiError(413, 'validation_error', 'payload_too_large', 'Request body is too large')
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+    case 'FST_INVALID_MULTIPART_CONTENT_TYPE':
+      return new ApiError(415, 'validation_error', 'unsupported_media_type', 'Unsupported content type')
+    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
+      return new ApiError(400, 'validation_error', 'invalid_request', 'Content-Length does not match the body')
+  }
+  const status = e.statusCode ?? 500
+  if (status === 429)
+    return new ApiError(429, 'rate_limit_error', 'rate_limit_exceeded', 'Rate limit exceeded')
+  if (status >= 400 && status < 500)
+    return new ApiError(status, 'invalid_request_error', 'invalid_request', e.message)
+  return new ApiError(500, 'server_error', 'internal_error', 'Internal server error')
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Sends the error envelope (used where a reply is written outside the error handler). */
+    replyError(reply: FastifyReply, err: ApiError): FastifyReply
+  }
+}
+
+/**
+ * One error handler and one not-found handler produce the envelope for every failure. Unknown
+ * paths get 404; a known path with another method gets 405 with `Allow`.
+ */
+export default fp(
+  async function errors(app: FastifyInstance) {
+    const known = FindMyWay()
+    app.addHook('onRoute', (route) => {
+      for (const method of [route.method].flat()) {
+        if (method === 'HEAD' || method === 'OPTIONS') continue
+        try {
+          known.on(method as 'GET', route.url, () => {})
+        } catch {
+          // the same method and path registered twice (e.g. HEAD twins): one entry is enough
+        }
+      }
+    })
+
+    app.decorate('replyError', (reply: FastifyReply, err: ApiError) => {
+      if (err.statusCode === 405 && err.extra.allow) reply.header('allow', err.extra.allow as string)
+      return reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
+    })
+
+    app.setErrorHandler((err: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
+      const apiError = toApiError(err)
+      if (apiError.statusCode >= 500) request.log.error({ err }, 'request failed')
+      else request.log.info({ code: apiError.code, status: apiError.statusCode }, apiError.message)
+      if (apiError.statusCode === 429 && apiError.extra.retry_after !== undefined)
+        reply.header('retry-after', String(apiError.extra.retry_after))
+      return app.replyError(reply, apiError)
+    })
+
+    app.setNotFoundHandler(
+      { preHandler: app.rateLimit ? app.rateLimit() : undefined },
+      async (request: FastifyRequest, reply: FastifyReply) => {
+        const path = request.url.split('?')[0] ?? '/'
+        const allowed = METHODS.filter((m) => known.find(m, path))
+        if (allowed.length > 0) {
+          return app.replyError(
+            reply.header('allow', allowed.join(', ')),
+            new ApiError(405, 'invalid_request_error', 'method_not_allowed', `Method ${request.method} not allowed on ${path}`),
+          )
+        }
+        return app.replyError(reply, new ApiError(404, 'not_found_error', 'not_found', `Route ${request.method} ${path} not found`))
+      },
+    )
+  },
+  { name: 'errors', dependencies: ['rate-limit'] },
+)

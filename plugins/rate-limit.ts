@@ -1,0 +1,69 @@
+import rateLimit from '@fastify/rate-limit'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import fp from 'fastify-plugin'
+import { ApiError } from '../services/errors.js'
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** Apply the per-session limit (SESSION_RATE_LIMIT_PER_MINUTE) to this route. */
+    sessionRateLimit?: boolean
+  }
+}
+
+export interface RateLimitOptions {
+  perMinute: number
+  sessionPerMinute: number
+}
+
+const exceeded = (retryAfter: number) =>
+  new ApiError(429, 'rate_limit_error', 'rate_limit_exceeded', `Rate limit exceeded, retry in ${retryAfter} seconds`, null, {
+    retry_after: retryAfter,
+  })
+
+/** The session a request works on: the `:id` param, the body's `session_id`, or `X-Session-Id`. */
+function sessionKey(request: FastifyRequest): string | undefined {
+  const params = request.params as { id?: string } | undefined
+  const body = request.body as { session_id?: unknown } | undefined
+  const fromBody = body && typeof body === 'object' && typeof body.session_id === 'string' ? body.session_id : undefined
+  const header = request.headers['x-session-id']
+  return params?.id ?? fromBody ?? (typeof header === 'string' ? header : undefined)
+}
+
+/**
+ * Per-IP limit on every route registered after this plugin (routes opt out with
+ * `config: { rateLimit: false }`), and a per-session limit on routes with
+ * `config: { sessionRateLimit: true }`. Counters live in Redis when configured; if Redis is
+ * unreachable requests are let through (availability over strictness) and a warning is logged.
+ * A limit of 0 turns that limit off.
+ */
+export default fp(
+  async function rateLimits(app: FastifyInstance, opts: RateLimitOptions) {
+    await app.register(rateLimit, {
+      global: opts.perMinute > 0,
+      max: opts.perMinute || 1,
+      timeWindow: 60_000,
+      hook: 'onRequest',
+      redis: app.redis ?? undefined,
+      nameSpace: 'oi-server:rl:',
+      skipOnError: true,
+      errorResponseBuilder: (_req, ctx) => exceeded(Math.max(1, Math.ceil(ctx.ttl / 1000))),
+    })
+
+    if (opts.sessionPerMinute <= 0) return
+    const limiter = app.createRateLimit({
+      max: opts.sessionPerMinute,
+      timeWindow: 60_000,
+      keyGenerator: (request) => `session:${sessionKey(request)}`,
+    })
+    app.addHook('onRoute', (route) => {
+      if (!route.config?.sessionRateLimit) return
+      const hook = async (request: FastifyRequest) => {
+        if (!sessionKey(request)) return
+        const result = await limiter(request)
+        if (!result.isAllowed && result.isExceeded) throw exceeded(Math.max(1, result.ttlInSeconds))
+      }
+      route.preHandler = [...[route.preHandler ?? []].flat(), hook]
+    })
+  },
+  { name: 'rate-limit', dependencies: ['redis'] },
+)

@@ -1,0 +1,66 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { VERSION } from '../services/version.js'
+
+const Health = Type.Object({
+  status: Type.Literal('healthy'),
+  version: Type.String(),
+  model: Type.String(),
+  uptime_s: Type.Number(),
+})
+const Ready = Type.Object({
+  status: Type.Union([Type.Literal('ready'), Type.Literal('not_ready')]),
+  checks: Type.Record(Type.String(), Type.Object({ ok: Type.Boolean(), error: Type.Optional(Type.String()) })),
+})
+
+const CHECK_TIMEOUT_MS = 3000
+
+/** Public and not rate limited: load balancers and orchestrators poll these. */
+const health: FastifyPluginAsyncTypebox<{ model: string }> = async (app, opts) => {
+  const started = Date.now()
+  app.get(
+    '/v1/health',
+    {
+      config: { rateLimit: false },
+      schema: { tags: ['health'], summary: 'Liveness', security: [], response: { 200: Health } },
+    },
+    async () => ({ status: 'healthy' as const, version: VERSION, model: opts.model, uptime_s: Math.round((Date.now() - started) / 1000) }),
+  )
+
+  app.get(
+    '/v1/health/ready',
+    {
+      config: { rateLimit: false },
+      schema: {
+        tags: ['health'],
+        summary: 'Readiness: store, sandbox and Redis usable',
+        security: [],
+        response: { 200: Ready, 503: Ready },
+      },
+    },
+    async (_request, reply) => {
+      const entries = await Promise.all(
+        [...app.readiness].map(async ([name, check]) => {
+          let timer: NodeJS.Timeout | undefined
+          try {
+            await Promise.race([
+              check(),
+              new Promise((_, reject) => {
+                timer = setTimeout(() => reject(new Error('timed out')), CHECK_TIMEOUT_MS)
+              }),
+            ])
+            return [name, { ok: true }] as const
+          } catch (err) {
+            return [name, { ok: false, error: (err as Error).message }] as const
+          } finally {
+            clearTimeout(timer)
+          }
+        }),
+      )
+      const ok = entries.every(([, r]) => r.ok)
+      return reply.code(ok ? 200 : 503).send({ status: ok ? 'ready' : 'not_ready', checks: Object.fromEntries(entries) })
+    },
+  )
+}
+
+export default health

@@ -1,0 +1,53 @@
+import { randomBytes } from 'node:crypto'
+import closeWithGrace from 'close-with-grace'
+import { buildApp } from './app.js'
+import { type Config, ConfigError, loadConfig } from './config.js'
+import { createLogger } from './services/logger.js'
+import { VERSION } from './services/version.js'
+
+function banner(config: Config, url: string): string {
+  const storage = config.DATABASE_URL ? 'PostgreSQL (DATABASE_URL)' : `SQLite in ${config.DATA_DIR}`
+  const lines = [
+    `oi-server ${VERSION} listening on ${url}`,
+    `  docs:      ${url}/docs`,
+    `  storage:   ${storage}`,
+    `  sandbox:   ${config.SANDBOX}${config.SANDBOX === 'none' ? '  (WARNING: code runs without isolation)' : ''}`,
+    `  model:     ${config.LITELLM_MODEL}${config.LLM_BASE_URL ? ` via ${config.LLM_BASE_URL}` : '  (no LLM_BASE_URL: set it to enable /v1/chat)'}`,
+    `  rate limit: ${config.REDIS_URL ? 'Redis' : 'in memory'}`,
+  ]
+  if (config.generatedApiKey)
+    lines.push(`  API key:   ${config.generatedApiKey}  (generated because API_KEY is unset; shown only now)`)
+  return `${lines.join('\n')}\n`
+}
+
+/** Process entry: config, logger, graceful shutdown, listen. */
+export async function start(overrides: { host?: string; port?: number } = {}): Promise<void> {
+  let config: Config
+  try {
+    config = loadConfig(process.env, true)
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`${err.message}\n`)
+      process.exit(1)
+    }
+    throw err
+  }
+  if (overrides.host) config.HOST = overrides.host
+  if (overrides.port !== undefined) config.PORT = overrides.port
+  if (config.adminKeys.length === 0) {
+    config.generatedApiKey = `oia_${randomBytes(24).toString('base64url')}`
+    config.adminKeys = [config.generatedApiKey]
+  }
+
+  const logger = createLogger({ level: config.LOG_LEVEL, logDir: config.LOG_DIR, pretty: Boolean(process.stdout.isTTY) })
+  const app = await buildApp(config, { logger })
+
+  closeWithGrace({ delay: config.SHUTDOWN_GRACE_MS, logger }, async ({ err, signal }) => {
+    if (err) logger.error({ err }, 'shutting down after an error')
+    else logger.info({ signal }, 'shutting down')
+    await app.close()
+  })
+
+  const address = await app.listen({ host: config.HOST, port: config.PORT })
+  process.stdout.write(banner(config, address.replace('[::1]', 'localhost')))
+}

@@ -1,0 +1,67 @@
+/** Languages a kernel can run. Aliases (py, bash, sh, js, node) are resolved by `resolveLanguage`. */
+export type Language = 'python' | 'shell' | 'javascript'
+
+export interface LanguageInfo {
+  name: Language
+  aliases: string[]
+  version: string | null
+  available: boolean
+}
+
+/** One piece of output, delivered as the kernel produces it. */
+export type KernelOutput =
+  | { type: 'stream'; stream: 'stdout' | 'stderr'; text: string }
+  | { type: 'image'; format: 'base64.png' | 'base64.jpeg'; data: string }
+  /** The value of a trailing expression, as Jupyter shows it. */
+  | { type: 'result'; text: string }
+  /** Something the server says about the kernel itself (restarted, state lost, output cut). */
+  | { type: 'notice'; text: string }
+
+export interface ExecError {
+  name: string
+  value: string
+  traceback: string
+}
+
+export interface ExecResult {
+  exitCode: number | null
+  error?: ExecError
+  durationMs: number
+  timedOut: boolean
+  /** The kernel had to be killed (timeout past the grace period, output cap, crash): variables are gone. */
+  stateLost: boolean
+  /** Output went past EXEC_OUTPUT_LIMIT_BYTES and was cut. */
+  truncated: boolean
+  interrupted: boolean
+}
+
+export interface ExecuteRequest {
+  sessionId: string
+  language: Language
+  code: string
+  /** Capped at the server's EXEC_TIMEOUT_MS. */
+  timeoutMs?: number
+  /** Extra environment for the kernel (the tenant's secrets); applied when the kernel starts. */
+  env?: Record<string, string>
+  signal?: AbortSignal
+  onOutput?: (output: KernelOutput) => void
+}
+
+export interface KernelManagerOptions {
+  /** Root under which each session's workspace lives: `${workspacesDir}/${sessionId}`. */
+  workspacesDir: string
+  sandbox: 'bwrap' | 'none'
+  sandboxNetwork: boolean
+  pythonBin: string
+  nodeBin: string
+  bashBin: string
+  idleSeconds: number
+  maxKernels: number
+  execTimeoutMs: number
+  execGraceMs: number
+  outputLimitBytes: number
+  memoryMb: number
+  maxProcesses: number
+  maxFileMb: number
+  maxOpenFiles: number
+}

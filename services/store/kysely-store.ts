@@ -1,0 +1,546 @@
+import { randomUUID } from 'node:crypto'
+import { type Dialect, Kysely, type Selectable, type Transaction, sql } from 'kysely'
+import type { LmcMessage } from '../../schemas/lmc.js'
+import { invalidRequest, sessionNotFound } from '../errors.js'
+import { type Engine, migrate } from './migrations.js'
+import type { ApiKeyRecord, EventRecord, Page, SecretRecord, SessionRecord, Store } from './types.js'
+
+interface SessionsTable {
+  id: string
+  tenant_id: string
+  title: string | null
+  metadata: string
+  model: string
+  created_at: string
+  updated_at: string
+  message_count: number
+  message_seq: number
+  event_seq: number
+}
+
+interface MessagesTable {
+  session_id: string
+  seq: number
+  id: string
+  role: LmcMessage['role']
+  type: LmcMessage['type']
+  format: LmcMessage['format'] | null
+  stream: LmcMessage['stream'] | null
+  recipient: LmcMessage['recipient'] | null
+  content: string
+  /** 1 when `content` holds JSON rather than the literal string. */
+  content_json: number
+  created_at: string
+}
+
+interface EventsTable {
+  session_id: string
+  id: number
+  type: string
+  data: string
+  created_at: string
+}
+
+interface ApiKeysTable {
+  id: string
+  name: string
+  prefix: string
+  hash: string
+  created_at: string
+  expires_at: string | null
+  last_used_at: string | null
+}
+
+interface SettingsTable {
+  tenant_id: string
+  data: string
+  updated_at: string
+}
+
+interface SecretsTable {
+  tenant_id: string
+  name: string
+  ciphertext: string
+  created_at: string
+  updated_at: string
+}
+
+export interface Database {
+  sessions: SessionsTable
+  messages: MessagesTable
+  events: EventsTable
+  api_keys: ApiKeysTable
+  settings: SettingsTable
+  secrets: SecretsTable
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+const ISO_TIMESTAMP = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/
+
+/**
+ * Ids come straight from URLs. Anything that is not a UUID cannot name a row, and refusing it
+ * here keeps strings PostgreSQL would reject (a NUL byte) away from the database.
+ */
+function uuidOrUndefined(id: string): string | undefined {
+  return UUID.test(id) ? id.toLowerCase() : undefined
+}
+
+/** `toISOString()` is fixed-width, so text order is time order on both engines. */
+const now = () => new Date().toISOString()
+
+function encodeCursor(row: { created_at: string; id: string }): string {
+  return Buffer.from(JSON.stringify([row.created_at, row.id])).toString('base64url')
+}
+
+function decodeCursor(cursor: string): { createdAt: string; id: string } {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8'))
+  } catch {
+    throw invalidRequest('Invalid cursor', 'cursor')
+  }
+  if (
+    !Array.isArray(parsed) ||
+    parsed.length !== 2 ||
+    typeof parsed[0] !== 'string' ||
+    typeof parsed[1] !== 'string' ||
+    !ISO_TIMESTAMP.test(parsed[0]) ||
+    !UUID.test(parsed[1])
+  ) {
+    throw invalidRequest('Invalid cursor', 'cursor')
+  }
+  return { createdAt: parsed[0], id: parsed[1] }
+}
+
+function toSession(row: Selectable<SessionsTable>): SessionRecord {
+  return {
+    id: row.id,
+    tenantId: row.tenant_id,
+    title: row.title,
+    metadata: JSON.parse(row.metadata) as Record<string, unknown>,
+    model: row.model,
+    createdAt: row.created_at,
+    updatedAt: row.updated_at,
+    messageCount: row.message_count,
+  }
+}
+
+/**
+ * Objects (confirmation requests) are stored as JSON. So are strings holding NUL, which
+ * PostgreSQL text cannot store but which console output can contain; JSON escapes it.
+ */
+function encodeContent(content: LmcMessage['content']): { content: string; content_json: number } {
+  if (typeof content === 'string' && !content.includes('\u0000')) return { content, content_json: 0 }
+  return { content: JSON.stringify(content), content_json: 1 }
+}
+
+function toMessage(row: Selectable<MessagesTable>): LmcMessage {
+  return {
+    id: row.id,
+    role: row.role,
+    type: row.type,
+    ...(row.format !== null && { format: row.format }),
+    ...(row.recipient !== null && { recipient: row.recipient }),
+    ...(row.stream !== null && { stream: row.stream }),
+    content: row.content_json ? (JSON.parse(row.content) as LmcMessage['content']) : row.content,
+    created_at: row.created_at,
+  }
+}
+
+function toEvent(row: Selectable<EventsTable>): EventRecord {
+  return { id: row.id, type: row.type, createdAt: row.created_at, data: JSON.parse(row.data) }
+}
+
+function toApiKey(row: Selectable<ApiKeysTable>): ApiKeyRecord {
+  return {
+    id: row.id,
+    name: row.name,
+    prefix: row.prefix,
+    hash: row.hash,
+    createdAt: row.created_at,
+    expiresAt: row.expires_at,
+    lastUsedAt: row.last_used_at,
+  }
+}
+
+/**
+ * The store for both engines. Everything here is portable SQL (RETURNING, ON CONFLICT and row
+ * values exist in SQLite ≥ 3.35 and PostgreSQL); what differs lives in the dialect passed in and
+ * in the column types chosen by the migration.
+ */
+export class KyselyStore implements Store {
+  readonly #db: Kysely<Database>
+
+  constructor(
+    readonly engine: Engine,
+    dialect: Dialect,
+  ) {
+    this.#db = new Kysely<Database>({ dialect })
+  }
+
+  async migrate(): Promise<void> {
+    await migrate(this.#db, this.engine)
+  }
+
+  async ping(): Promise<void> {
+    await sql`select 1`.execute(this.#db)
+  }
+
+  async close(): Promise<void> {
+    await this.#db.destroy()
+  }
+
+  async createSession(input: {
+    tenantId: string
+    title?: string | null
+    metadata?: Record<string, unknown>
+    model: string
+  }): Promise<SessionRecord> {
+    const at = now()
+    const row = {
+      id: randomUUID(),
+      tenant_id: input.tenantId,
+      title: input.title ?? null,
+      metadata: JSON.stringify(input.metadata ?? {}),
+      model: input.model,
+      created_at: at,
+      updated_at: at,
+      message_count: 0,
+      message_seq: 0,
+      event_seq: 0,
+    }
+    await this.#db.insertInto('sessions').values(row).execute()
+    return toSession(row)
+  }
+
+  async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
+    const sessionId = uuidOrUndefined(id)
+    if (!sessionId) return undefined
+    const row = await this.#db
+      .selectFrom('sessions')
+      .selectAll()
+      .where('id', '=', sessionId)
+      .where('tenant_id', '=', tenantId)
+      .executeTakeFirst()
+    return row && toSession(row)
+  }
+
+  async listSessions(tenantId: string, opts: { limit: number; cursor?: string }): Promise<Page<SessionRecord>> {
+    const after = opts.cursor === undefined ? undefined : decodeCursor(opts.cursor)
+    let query = this.#db.selectFrom('sessions').selectAll().where('tenant_id', '=', tenantId)
+    if (after) {
+      // Keyset on (created_at, id): sessions created meanwhile sort before the cursor, so the
+      // remaining pages neither skip nor repeat rows.
+      query = query.where(({ eb, refTuple, tuple }) =>
+        eb(refTuple('created_at', 'id'), '<', tuple(after.createdAt, after.id)),
+      )
+    }
+    const rows = await query
+      .orderBy('created_at', 'desc')
+      .orderBy('id', 'desc')
+      .limit(opts.limit + 1)
+      .execute()
+    const hasMore = rows.length > opts.limit
+    const page = rows.slice(0, opts.limit)
+    const last = page.at(-1)
+    return { items: page.map(toSession), nextCursor: hasMore && last ? encodeCursor(last) : null }
+  }
+
+  async updateSession(
+    tenantId: string,
+    id: string,
+    patch: { title?: string | null; metadata?: Record<string, unknown> },
+  ): Promise<SessionRecord | undefined> {
+    const sessionId = uuidOrUndefined(id)
+    if (!sessionId) return undefined
+    const row = await this.#db
+      .updateTable('sessions')
+      .set({
+        updated_at: now(),
+        ...(patch.title !== undefined && { title: patch.title }),
+        ...(patch.metadata !== undefined && { metadata: JSON.stringify(patch.metadata) }),
+      })
+      .where('id', '=', sessionId)
+      .where('tenant_id', '=', tenantId)
+      .returningAll()
+      .executeTakeFirst()
+    return row && toSession(row)
+  }
+
+  async deleteSession(tenantId: string, id: string): Promise<boolean> {
+    const sessionId = uuidOrUndefined(id)
+    if (!sessionId) return false
+    return this.#db.transaction().execute(async (trx) => {
+      // A no-op update takes the row lock first (SQLite has no SELECT … FOR UPDATE): an append
+      // racing with the delete either commits before it or finds no session, never leaves orphans.
+      const locked = await trx
+        .updateTable('sessions')
+        .set((eb) => ({ updated_at: eb.ref('updated_at') }))
+        .where('id', '=', sessionId)
+        .where('tenant_id', '=', tenantId)
+        .returning('id')
+        .executeTakeFirst()
+      if (!locked) return false
+      await trx.deleteFrom('messages').where('session_id', '=', sessionId).execute()
+      await trx.deleteFrom('events').where('session_id', '=', sessionId).execute()
+      await trx.deleteFrom('sessions').where('id', '=', sessionId).execute()
+      return true
+    })
+  }
+
+  async listIdleSessions(before: string, limit: number): Promise<{ id: string; tenantId: string }[]> {
+    const rows = await this.#db
+      .selectFrom('sessions')
+      .select(['id', 'tenant_id'])
+      .where('updated_at', '<', before)
+      .orderBy('updated_at')
+      .limit(limit)
+      .execute()
+    return rows.map((row) => ({ id: row.id, tenantId: row.tenant_id }))
+  }
+
+  async appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) throw sessionNotFound()
+    return this.#db.transaction().execute(async (trx) => {
+      const at = now()
+      // The increment is the lock: on PostgreSQL it holds the session row until commit, SQLite
+      // has a single writer, so concurrent replicas cannot hand out the same sequence number.
+      const seqs = await trx
+        .updateTable('sessions')
+        .set((eb) => ({
+          message_seq: eb('message_seq', '+', 1),
+          event_seq: eb('event_seq', '+', 1),
+          message_count: eb('message_count', '+', 1),
+          updated_at: at,
+        }))
+        .where('id', '=', id)
+        .returning(['message_seq', 'event_seq'])
+        .executeTakeFirst()
+      if (!seqs) throw sessionNotFound()
+      await trx
+        .insertInto('messages')
+        .values({
+          session_id: id,
+          seq: seqs.message_seq,
+          id: message.id,
+          role: message.role,
+          type: message.type,
+          format: message.format ?? null,
+          stream: message.stream ?? null,
+          recipient: message.recipient ?? null,
+          ...encodeContent(message.content),
+          created_at: message.created_at,
+        })
+        .execute()
+      return this.#insertEvent(trx, { session_id: id, id: seqs.event_seq, type: 'message', data: message, at })
+    })
+  }
+
+  async listMessages(
+    sessionId: string,
+    opts: { after?: string; limit: number },
+  ): Promise<{ messages: LmcMessage[]; hasMore: boolean }> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) return { messages: [], hasMore: false }
+    let afterSeq = 0
+    if (opts.after !== undefined) {
+      const afterId = uuidOrUndefined(opts.after)
+      // Ids are unique in practice; should one repeat, its latest copy is the position.
+      const anchor =
+        afterId &&
+        (await this.#db
+          .selectFrom('messages')
+          .select('seq')
+          .where('session_id', '=', id)
+          .where('id', '=', afterId)
+          .orderBy('seq', 'desc')
+          .limit(1)
+          .executeTakeFirst())
+      if (!anchor) throw invalidRequest('Unknown message id in after', 'after')
+      afterSeq = anchor.seq
+    }
+    const rows = await this.#db
+      .selectFrom('messages')
+      .selectAll()
+      .where('session_id', '=', id)
+      .where('seq', '>', afterSeq)
+      .orderBy('seq')
+      .limit(opts.limit + 1)
+      .execute()
+    return { messages: rows.slice(0, opts.limit).map(toMessage), hasMore: rows.length > opts.limit }
+  }
+
+  async allMessages(sessionId: string): Promise<LmcMessage[]> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) return []
+    const rows = await this.#db.selectFrom('messages').selectAll().where('session_id', '=', id).orderBy('seq').execute()
+    return rows.map(toMessage)
+  }
+
+  async clearMessages(sessionId: string): Promise<void> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) return
+    await this.#db.transaction().execute(async (trx) => {
+      const session = await trx
+        .updateTable('sessions')
+        .set({ message_count: 0, updated_at: now() })
+        .where('id', '=', id)
+        .returning('id')
+        .executeTakeFirst()
+      if (session) await trx.deleteFrom('messages').where('session_id', '=', id).execute()
+    })
+  }
+
+  async appendEvent(sessionId: string, type: string, data: unknown): Promise<EventRecord> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) throw sessionNotFound()
+    return this.#db.transaction().execute(async (trx) => {
+      const seq = await trx
+        .updateTable('sessions')
+        .set((eb) => ({ event_seq: eb('event_seq', '+', 1) }))
+        .where('id', '=', id)
+        .returning('event_seq')
+        .executeTakeFirst()
+      if (!seq) throw sessionNotFound()
+      return this.#insertEvent(trx, { session_id: id, id: seq.event_seq, type, data, at: now() })
+    })
+  }
+
+  async #insertEvent(
+    trx: Transaction<Database>,
+    event: { session_id: string; id: number; type: string; data: unknown; at: string },
+  ): Promise<EventRecord> {
+    const row = {
+      session_id: event.session_id,
+      id: event.id,
+      type: event.type,
+      data: JSON.stringify(event.data ?? null),
+      created_at: event.at,
+    }
+    await trx.insertInto('events').values(row).execute()
+    return toEvent(row)
+  }
+
+  /**
+   * `startId` is where the walk begins and `endId` where it stops, both inclusive: ascending
+   * from 1 by default, or descending from the newest event when `reverse` is set.
+   */
+  async listEvents(
+    sessionId: string,
+    opts: { startId?: number; endId?: number; reverse?: boolean; limit: number },
+  ): Promise<{ events: EventRecord[]; hasMore: boolean }> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) return { events: [], hasMore: false }
+    let query = this.#db.selectFrom('events').selectAll().where('session_id', '=', id)
+    if (opts.reverse) {
+      if (opts.startId !== undefined) query = query.where('id', '<=', opts.startId)
+      if (opts.endId !== undefined) query = query.where('id', '>=', opts.endId)
+    } else {
+      query = query.where('id', '>=', opts.startId ?? 1)
+      if (opts.endId !== undefined) query = query.where('id', '<=', opts.endId)
+    }
+    const rows = await query
+      .orderBy('id', opts.reverse ? 'desc' : 'asc')
+      .limit(opts.limit + 1)
+      .execute()
+    return { events: rows.slice(0, opts.limit).map(toEvent), hasMore: rows.length > opts.limit }
+  }
+
+  async createApiKey(key: ApiKeyRecord): Promise<void> {
+    await this.#db
+      .insertInto('api_keys')
+      .values({
+        id: key.id,
+        name: key.name,
+        prefix: key.prefix,
+        hash: key.hash,
+        created_at: key.createdAt,
+        expires_at: key.expiresAt,
+        last_used_at: key.lastUsedAt,
+      })
+      .execute()
+  }
+
+  async findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined> {
+    const row = await this.#db.selectFrom('api_keys').selectAll().where('hash', '=', hash).executeTakeFirst()
+    return row && toApiKey(row)
+  }
+
+  async listApiKeys(): Promise<ApiKeyRecord[]> {
+    const rows = await this.#db.selectFrom('api_keys').selectAll().orderBy('created_at').orderBy('id').execute()
+    return rows.map(toApiKey)
+  }
+
+  async deleteApiKey(id: string): Promise<boolean> {
+    const result = await this.#db.deleteFrom('api_keys').where('id', '=', id).executeTakeFirst()
+    return result.numDeletedRows > 0n
+  }
+
+  async markApiKeysUsed(used: { id: string; at: string }[]): Promise<void> {
+    const latest = new Map<string, string>()
+    for (const { id, at } of used) {
+      const seen = latest.get(id)
+      if (seen === undefined || at > seen) latest.set(id, at)
+    }
+    if (latest.size === 0) return
+    await this.#db.transaction().execute(async (trx) => {
+      for (const [id, at] of latest) {
+        // Replicas flush independently; an older batch must not move last_used_at backwards.
+        await trx
+          .updateTable('api_keys')
+          .set({ last_used_at: at })
+          .where('id', '=', id)
+          .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', at)]))
+          .execute()
+      }
+    })
+  }
+
+  async getSettings(tenantId: string): Promise<Record<string, unknown>> {
+    const row = await this.#db.selectFrom('settings').select('data').where('tenant_id', '=', tenantId).executeTakeFirst()
+    return row ? (JSON.parse(row.data) as Record<string, unknown>) : {}
+  }
+
+  async putSettings(tenantId: string, settings: Record<string, unknown>): Promise<void> {
+    const row = { tenant_id: tenantId, data: JSON.stringify(settings), updated_at: now() }
+    await this.#db
+      .insertInto('settings')
+      .values(row)
+      .onConflict((oc) => oc.column('tenant_id').doUpdateSet({ data: row.data, updated_at: row.updated_at }))
+      .execute()
+  }
+
+  async listSecrets(tenantId: string): Promise<SecretRecord[]> {
+    const rows = await this.#db
+      .selectFrom('secrets')
+      .select(['name', 'ciphertext', 'created_at', 'updated_at'])
+      .where('tenant_id', '=', tenantId)
+      .orderBy('name')
+      .execute()
+    return rows.map((row) => ({
+      name: row.name,
+      ciphertext: row.ciphertext,
+      createdAt: row.created_at,
+      updatedAt: row.updated_at,
+    }))
+  }
+
+  async putSecret(tenantId: string, name: string, ciphertext: string): Promise<void> {
+    const at = now()
+    await this.#db
+      .insertInto('secrets')
+      .values({ tenant_id: tenantId, name, ciphertext, created_at: at, updated_at: at })
+      .onConflict((oc) => oc.columns(['tenant_id', 'name']).doUpdateSet({ ciphertext, updated_at: at }))
+      .execute()
+  }
+
+  async deleteSecret(tenantId: string, name: string): Promise<boolean> {
+    const result = await this.#db
+      .deleteFrom('secrets')
+      .where('tenant_id', '=', tenantId)
+      .where('name', '=', name)
+      .executeTakeFirst()
+    return result.numDeletedRows > 0n
+  }
+}

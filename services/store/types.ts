@@ -1,0 +1,109 @@
+import type { LmcMessage } from '../../schemas/lmc.js'
+
+/**
+ * The one store interface. Two implementations (SQLite and PostgreSQL) share it and one contract
+ * test suite. Every session-scoped read takes the tenant id so ownership cannot be forgotten.
+ * Timestamps are ISO-8601 UTC strings with `Z`.
+ */
+export interface SessionRecord {
+  id: string
+  tenantId: string
+  title: string | null
+  metadata: Record<string, unknown>
+  model: string
+  createdAt: string
+  updatedAt: string
+  messageCount: number
+}
+
+export interface EventRecord {
+  /** Per-session increasing integer, starting at 1, no gaps. */
+  id: number
+  type: string
+  createdAt: string
+  data: unknown
+}
+
+export interface ApiKeyRecord {
+  id: string
+  name: string
+  /** Display prefix, e.g. `oik_AbCd1234` — never enough to authenticate. */
+  prefix: string
+  /** Hex SHA-256 of the full key. */
+  hash: string
+  createdAt: string
+  expiresAt: string | null
+  lastUsedAt: string | null
+}
+
+export interface SecretRecord {
+  name: string
+  /** Encrypted blob (see services/crypto.ts); the store never sees plaintext. */
+  ciphertext: string
+  createdAt: string
+  updatedAt: string
+}
+
+export interface Page<T> {
+  items: T[]
+  nextCursor: string | null
+}
+
+export interface Store {
+  readonly engine: 'sqlite' | 'postgres'
+  /** Runs pending migrations; called once at start. */
+  migrate(): Promise<void>
+  /** Throws when the database cannot be used (readiness check). */
+  ping(): Promise<void>
+  close(): Promise<void>
+
+  createSession(input: {
+    tenantId: string
+    title?: string | null
+    metadata?: Record<string, unknown>
+    model: string
+  }): Promise<SessionRecord>
+  getSession(tenantId: string, id: string): Promise<SessionRecord | undefined>
+  /** Newest first; the cursor is opaque and stable while sessions are being created. */
+  listSessions(tenantId: string, opts: { limit: number; cursor?: string }): Promise<Page<SessionRecord>>
+  updateSession(
+    tenantId: string,
+    id: string,
+    patch: { title?: string | null; metadata?: Record<string, unknown> },
+  ): Promise<SessionRecord | undefined>
+  /** Removes the session with its messages and events. */
+  deleteSession(tenantId: string, id: string): Promise<boolean>
+  /** Sessions whose updated_at is older than `before`. */
+  listIdleSessions(before: string, limit: number): Promise<{ id: string; tenantId: string }[]>
+
+  /**
+   * Stores one message and its `message` event in one transaction (bumps updated_at and
+   * message_count) and returns the event.
+   */
+  appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord>
+  /** Oldest first; `after` is a message id. */
+  listMessages(sessionId: string, opts: { after?: string; limit: number }): Promise<{ messages: LmcMessage[]; hasMore: boolean }>
+  /** Every message of the session, oldest first (the agent's context). */
+  allMessages(sessionId: string): Promise<LmcMessage[]>
+  clearMessages(sessionId: string): Promise<void>
+
+  appendEvent(sessionId: string, type: string, data: unknown): Promise<EventRecord>
+  /** `endId` is inclusive; `reverse` returns newest first. */
+  listEvents(
+    sessionId: string,
+    opts: { startId?: number; endId?: number; reverse?: boolean; limit: number },
+  ): Promise<{ events: EventRecord[]; hasMore: boolean }>
+
+  createApiKey(key: ApiKeyRecord): Promise<void>
+  findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined>
+  listApiKeys(): Promise<ApiKeyRecord[]>
+  deleteApiKey(id: string): Promise<boolean>
+  markApiKeysUsed(used: { id: string; at: string }[]): Promise<void>
+
+  getSettings(tenantId: string): Promise<Record<string, unknown>>
+  putSettings(tenantId: string, settings: Record<string, unknown>): Promise<void>
+
+  listSecrets(tenantId: string): Promise<SecretRecord[]>
+  putSecret(tenantId: string, name: string, ciphertext: string): Promise<void>
+  deleteSecret(tenantId: string, name: string): Promise<boolean>
+}
