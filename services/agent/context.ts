@@ -1,0 +1,204 @@
+import type { ChatCompletionFunctionTool, ChatCompletionMessageParam } from 'openai/resources/chat/completions'
+import type { LmcMessage } from '../../schemas/lmc.js'
+import type { Language } from '../kernels/types.js'
+
+export const EXECUTE_TOOL = 'execute'
+export const WORKSPACE_DIR = '/workspace'
+
+export interface ContextOptions {
+  languages: Language[]
+  /** Offer the `execute` tool; without it code travels as fenced blocks in the text. */
+  tools: boolean
+  /** Replaces the default system prompt. */
+  systemMessage?: string
+  customInstructions?: string
+  maxOutputChars: number
+  capForModel: (text: string, maxChars: number) => string
+  redact: (text: string) => string
+}
+
+export function defaultSystemMessage(languages: Language[], tools: boolean): string {
+  const how = tools
+    ? `Run code with the \`${EXECUTE_TOOL}\` tool: give it a \`language\` and the \`code\`.`
+    : `To run code, write it in a fenced block tagged with its language (${languages.map((l) => `\`\`\`${l}`).join(', ')}). The first such block in your reply runs as soon as it is closed and its output comes back in the next message, so write one block at a time and stop after it.`
+  return [
+    'You are Open Interpreter, a world-class programmer who can complete any goal by writing and running code.',
+    how,
+    `Available languages: ${languages.join(', ')}.`,
+    `Code runs on the user's machine in a sandbox, in one persistent session per language: variables, imports, the current directory and exported variables survive between runs. The working directory is ${WORKSPACE_DIR}; files the user shares are there, and files you create there are the user's.`,
+    'First write a short plan, then work in small steps: run code, read its output, fix errors before moving on. Prefer printing what you need to see. The user sees your code and its output.',
+    'When the goal is reached, or when no code is needed, answer plainly in Markdown without running code.',
+  ].join('\n\n')
+}
+
+export function executeTool(languages: Language[]): ChatCompletionFunctionTool {
+  return {
+    type: 'function',
+    function: {
+      name: EXECUTE_TOOL,
+      description: `Runs code in a persistent session on the user's machine (working directory ${WORKSPACE_DIR}) and returns its output.`,
+      parameters: {
+        type: 'object',
+        properties: {
+          language: { type: 'string', enum: languages, description: 'The language of the code.' },
+          code: { type: 'string', description: 'The code to run.' },
+        },
+        required: ['language', 'code'],
+      },
+    },
+  }
+}
+
+/** Stable across rebuilds so the same history always yields the same request. */
+export function toolCallId(messageId: string): string {
+  return `call_${messageId.replaceAll('-', '')}`
+}
+
+type Block =
+  | { kind: 'user'; message: LmcMessage }
+  | { kind: 'text'; text: string }
+  | { kind: 'code'; id: string; language: string; code: string; outputs: string[]; confirmationAsked: boolean; result?: string }
+  | { kind: 'orphan'; output: string }
+
+const NO_OUTPUT = 'No output.'
+const NOT_APPROVED = 'The code was not run: the user did not approve it.'
+const INTERRUPTED = 'The code was interrupted before it produced any output.'
+
+/**
+ * Turns the stored LMC history into the upstream `messages`. Every code message becomes one tool
+ * call immediately followed by its result, which upstreams require even when the code never ran:
+ * then the result says why (declined, interrupted), read from what the history shows.
+ */
+export function buildMessages(history: LmcMessage[], opts: ContextOptions): ChatCompletionMessageParam[] {
+  const system = [opts.systemMessage ?? defaultSystemMessage(opts.languages, opts.tools), opts.customInstructions]
+    .filter((part) => part?.trim())
+    .join('\n\n')
+  const messages: ChatCompletionMessageParam[] = [{ role: 'system', content: opts.redact(system) }]
+  const blocks = toBlocks(history)
+  const output = (block: Extract<Block, { kind: 'code' }>) =>
+    opts.redact(block.result ?? opts.capForModel(block.outputs.join(''), opts.maxOutputChars))
+
+  let assistant: { text: string[]; call?: Extract<Block, { kind: 'code' }> } | undefined
+  const flush = () => {
+    if (!assistant) return
+    const { text, call } = assistant
+    assistant = undefined
+    if (!opts.tools) {
+      const parts = [...text.map((part) => part.trim()), ...(call ? [fence(call.language, call.code)] : [])]
+      messages.push({ role: 'assistant', content: opts.redact(parts.join('\n\n')) })
+      if (call) messages.push({ role: 'user', content: `Code output:\n${fence('output', output(call))}` })
+      return
+    }
+    const content = text.length > 0 ? opts.redact(text.join('\n\n')) : null
+    if (!call) {
+      messages.push({ role: 'assistant', content })
+      return
+    }
+    const id = toolCallId(call.id)
+    messages.push({
+      role: 'assistant',
+      content,
+      tool_calls: [
+        {
+          id,
+          type: 'function',
+          function: { name: EXECUTE_TOOL, arguments: opts.redact(JSON.stringify({ language: call.language, code: call.code })) },
+        },
+      ],
+    })
+    messages.push({ role: 'tool', tool_call_id: id, content: output(call) })
+  }
+
+  for (const block of blocks) {
+    if (block.kind === 'text') {
+      if (assistant?.call) flush()
+      assistant ??= { text: [] }
+      assistant.text.push(block.text)
+    } else if (block.kind === 'code') {
+      if (assistant?.call) flush()
+      assistant ??= { text: [] }
+      assistant.call = block
+    } else {
+      flush()
+      if (block.kind === 'user') messages.push(userMessage(block.message, opts.redact))
+      else messages.push({ role: 'user', content: opts.redact(`Computer output:\n${opts.capForModel(block.output, opts.maxOutputChars)}`) })
+    }
+  }
+  flush()
+  return messages
+}
+
+function toBlocks(history: LmcMessage[]): Block[] {
+  const blocks: Block[] = []
+  let call: Extract<Block, { kind: 'code' }> | undefined
+  for (const message of history) {
+    if (message.role === 'computer') {
+      if (message.type === 'confirmation') {
+        if (call) call.confirmationAsked = true
+        continue
+      }
+      const text = outputText(message)
+      if (text === undefined) continue
+      if (call) call.outputs.push(separated(call.outputs, text))
+      else blocks.push({ kind: 'orphan', output: text })
+      continue
+    }
+    if (message.type === 'confirmation') continue
+    if (call) settle(call, message.role === 'user')
+    call = undefined
+    if (message.role === 'user') blocks.push({ kind: 'user', message })
+    else if (message.type === 'code') {
+      call = { kind: 'code', id: message.id, language: message.format ?? 'python', code: stringContent(message), outputs: [], confirmationAsked: false }
+      blocks.push(call)
+    } else if (message.type === 'message') {
+      const text = stringContent(message)
+      if (text.trim()) blocks.push({ kind: 'text', text })
+    }
+  }
+  if (call) settle(call, false)
+  return blocks
+}
+
+/**
+ * Decides what the model is told for code that left no output. When the turn went on the code
+ * simply printed nothing; when a user message comes next the turn ended there.
+ */
+function settle(call: Extract<Block, { kind: 'code' }>, turnEnded: boolean): void {
+  if (call.outputs.length > 0) return
+  if (call.confirmationAsked && turnEnded) call.result = NOT_APPROVED
+  else if (turnEnded) call.result = INTERRUPTED
+  else call.result = NO_OUTPUT
+}
+
+function outputText(message: LmcMessage): string | undefined {
+  if (message.type === 'image') return '[image output]'
+  if (message.type === 'console' && message.format === 'active_line') return undefined
+  if (message.type === 'file') return `[file: ${stringContent(message)}]`
+  return stringContent(message)
+}
+
+/** Console pieces arrive split at stream switches; results and notices start on their own line. */
+function separated(previous: string[], text: string): string {
+  const last = previous.at(-1)
+  return last && !last.endsWith('\n') ? `\n${text}` : text
+}
+
+function userMessage(message: LmcMessage, redact: (text: string) => string): ChatCompletionMessageParam {
+  if (message.type === 'image') {
+    const mime = message.format === 'base64.jpeg' ? 'image/jpeg' : 'image/png'
+    return { role: 'user', content: [{ type: 'image_url', image_url: { url: `data:${mime};base64,${stringContent(message)}` } }] }
+  }
+  if (message.type === 'file') return { role: 'user', content: redact(`[file: ${stringContent(message)}]`) }
+  return { role: 'user', content: redact(stringContent(message)) }
+}
+
+function stringContent(message: LmcMessage): string {
+  return typeof message.content === 'string' ? message.content : JSON.stringify(message.content)
+}
+
+/** A fence longer than any backtick run inside, so the content cannot close it early. */
+export function fence(tag: string, body: string): string {
+  const longest = Math.max(0, ...(body.match(/`+/g) ?? []).map((run) => run.length))
+  const ticks = '`'.repeat(Math.max(3, longest + 1))
+  return `${ticks}${tag}\n${body}\n${ticks}`
+}
