@@ -10,10 +10,12 @@ import metricsPlugin from './plugins/metrics.js'
 import rateLimitPlugin from './plugins/rate-limit.js'
 import readinessPlugin from './plugins/readiness.js'
 import redisPlugin from './plugins/redis.js'
+import sessionsPlugin from './plugins/sessions.js'
 import storePlugin from './plugins/store.js'
 import swaggerPlugin from './plugins/swagger.js'
 import healthRoutes from './routes/health.js'
 import metricsRoutes from './routes/metrics.js'
+import sessionRoutes from './routes/sessions.js'
 import { ErrorResponse } from './schemas/common.js'
 import { LmcMessage } from './schemas/lmc.js'
 import type { Store } from './services/store/types.js'
@@ -66,11 +68,13 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
   await app.register(errorsPlugin)
   await app.register(storePlugin, { databaseUrl: config.DATABASE_URL, dataDir: config.DATA_DIR, store: opts.store })
   await app.register(authPlugin, { adminKeys: config.adminKeys })
+  await app.register(sessionsPlugin, { defaultModel: config.LITELLM_MODEL, ttlHours: config.SESSION_TTL_HOURS })
 
   await app.register(healthRoutes, { model: config.LITELLM_MODEL })
   await app.register(async (api) => {
     await api.register(protect)
     await api.register(metricsRoutes)
+    await api.register(sessionRoutes)
   })
 
   return app

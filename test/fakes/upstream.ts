@@ -137,7 +137,9 @@ export async function startFakeUpstream(): Promise<FakeUpstream> {
         aborted: false,
       }
       requests.push(record)
-      const done = handle(record, res).catch(() => res.destroy())
+      const done = handle(record, res).catch(() => {
+        res.destroy()
+      })
       inFlight.add(done)
       done.finally(() => inFlight.delete(done))
     })

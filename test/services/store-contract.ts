@@ -170,12 +170,17 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     t.strictSame(rest, { messages: sent.slice(4), hasMore: false }, 'exactly limit left: no more')
     t.strictSame(await store.listMessages(session.id, { limit: 10, after: sent[5]?.id }), { messages: [], hasMore: false })
     for (const bad of [randomUUID(), 'not-an-id']) {
-      await t.rejects(store.listMessages(session.id, { limit: 10, after: bad }), { statusCode: 400, param: 'after' })
+      await t.rejects(store.listMessages(session.id, { limit: 10, after: bad }), {
+        statusCode: 400,
+        code: 'invalid_request',
+        param: 'after',
+        message: /after/,
+      })
     }
     const otherSession = await store.createSession({ tenantId: owner, model: 'm' })
     await t.rejects(
       store.listMessages(otherSession.id, { limit: 10, after: sent[0]?.id }),
-      { param: 'after' },
+      { param: 'after', message: /after/ },
       'after must name a message of this session',
     )
 
@@ -304,6 +309,7 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     const cutoff = iso()
     await sleep(5)
     const fresh = await store.createSession({ tenantId: owner, model: 'm' })
+    await sleep(5)
     await store.appendMessage(touched.id, message())
 
     const ours = new Set([old.id, touched.id, fresh.id])

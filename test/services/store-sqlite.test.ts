@@ -82,7 +82,9 @@ t.test('createStore picks the engine from DATABASE_URL', async (t) => {
   t.equal(store.engine, 'sqlite')
   t.ok(existsSync(join(dataDir, 'oi-server.db')))
   t.equal(statSync(dataDir).mode & 0o777, 0o700, 'the data directory is private')
-  t.equal(createStore({ databaseUrl: '', dataDir }).engine, 'sqlite', 'an empty URL means SQLite')
+  const fallback = createStore({ databaseUrl: '', dataDir })
+  t.equal(fallback.engine, 'sqlite', 'an empty URL means SQLite')
+  await fallback.close()
 
   t.throws(() => createStore({ databaseUrl: 'mysql://localhost/db', dataDir }), /postgres:\/\//)
   const postgres = createStore({ databaseUrl: 'postgresql://user@127.0.0.1:1/none', dataDir })

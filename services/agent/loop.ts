@@ -1,0 +1,674 @@
+import { randomUUID } from 'node:crypto'
+import OpenAI, { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai'
+import type { ChatCompletionChunk, ChatCompletionCreateParamsStreaming } from 'openai/resources/chat/completions'
+import type { CompletionUsage } from 'openai/resources/completions'
+import type { LmcChunk, LmcMessage } from '../../schemas/lmc.js'
+import { ApiError } from '../errors.js'
+import type { ExecResult, KernelOutput, Language } from '../kernels/types.js'
+import { capForModel } from './cap.js'
+import { buildMessages, EXECUTE_TOOL, executeTool } from './context.js'
+import { FenceSplitter, languageFromTag } from './fences.js'
+import { PartialJsonStrings } from './partial-json.js'
+
+export type Executor = (
+  language: Language,
+  code: string,
+  onOutput: (output: KernelOutput) => void,
+  signal: AbortSignal,
+) => Promise<ExecResult>
+
+export interface TurnOptions {
+  client: OpenAI
+  model: string
+  temperature: number
+  maxTokens: number
+  /** Upstream calls allowed in one turn. */
+  maxIterations: number
+  systemMessage?: string
+  customInstructions?: string
+  /** Stored history, already including this turn's user messages. */
+  history: LmcMessage[]
+  /** What the `execute` tool (or a fenced block) may ask for. */
+  languages: Language[]
+  /** LLM_TOOLS: offer the `execute` tool; when false, fenced code blocks in the reply are run. */
+  tools: boolean
+  autoRun: boolean
+  execute: Executor
+  /** Asked after the confirmation message was emitted, when `autoRun` is false. */
+  confirm: (code: LmcMessage) => Promise<boolean>
+  /** Called as soon as each message is complete, so a crash keeps everything before it. */
+  persist: (message: LmcMessage) => Promise<void>
+  emit: (chunk: LmcChunk) => void
+  /** Masks secrets; applied to everything sent upstream, emitted or persisted. */
+  redact: (text: string) => string
+  signal: AbortSignal
+  /** Budget for each code result shown to the model. */
+  maxOutputChars: number
+}
+
+export interface TokenUsage {
+  prompt_tokens: number
+  completion_tokens: number
+  total_tokens: number
+}
+
+export interface TurnResult {
+  /** Everything produced this turn, in order, as persisted. */
+  messages: LmcMessage[]
+  /**
+   * The last assistant text message. A turn stopped before any text gets an empty one that is
+   * neither emitted nor persisted.
+   */
+  final: LmcMessage
+  /** Summed over every upstream call that reported usage. */
+  usage: TokenUsage
+  stopped: boolean
+}
+
+export async function runTurn(opts: TurnOptions): Promise<TurnResult> {
+  return new Turn(opts).run()
+}
+
+/**
+ * The upstream failure as the API reports it. Upstream messages can quote the key that was
+ * refused, so it is masked along with anything the redactor knows.
+ */
+export function upstreamError(err: unknown, apiKey: string | null, redact: (text: string) => string = (t) => t): ApiError {
+  if (err instanceof ApiError) return err
+  const clean = (message: string) => {
+    let text = apiKey ? message.replaceAll(apiKey, '***') : message
+    text = text.replace(/\b(sk|pk|rk)-[\w*-]{4,}/g, '$1-***').replace(/Bearer\s+\S+/gi, 'Bearer ***')
+    return redact(text)
+  }
+  if (err instanceof APIConnectionTimeoutError) return upstreamTimeout()
+  if (err instanceof APIConnectionError) {
+    return new ApiError(502, 'upstream_error', 'llm_error', clean(`Could not reach the model: ${err.message}`))
+  }
+  if (err instanceof APIError) {
+    const detail = (err.error as { message?: unknown } | undefined)?.message
+    const message = typeof detail === 'string' && detail ? detail : err.message
+    const prefix = err.status ? `The model provider answered ${err.status}` : 'The model provider reported an error'
+    return new ApiError(502, 'upstream_error', 'llm_error', clean(`${prefix}: ${message}`))
+  }
+  return brokenStream()
+}
+
+const upstreamTimeout = () => new ApiError(504, 'upstream_error', 'llm_timeout', 'The model did not answer in time')
+const brokenStream = () =>
+  new ApiError(502, 'upstream_error', 'llm_error', 'The connection to the model broke before the answer was complete')
+
+type Head = Pick<LmcMessage, 'role' | 'type' | 'format' | 'stream'>
+
+interface Io {
+  emit: (chunk: LmcChunk) => void
+  persist: (message: LmcMessage) => Promise<void>
+  redact: (text: string) => string
+  messages: LmcMessage[]
+  open: Set<Draft>
+}
+
+/**
+ * One message being streamed. Content goes out in pieces cut after whitespace, so a secret is
+ * always redacted whole rather than leaking half before its end arrives.
+ */
+class Draft {
+  readonly id = randomUUID()
+  readonly createdAt = new Date().toISOString()
+  private raw = ''
+  private pending = ''
+  private done: Promise<LmcMessage> | undefined
+
+  constructor(
+    private readonly io: Io,
+    readonly head: Head,
+  ) {
+    io.open.add(this)
+    io.emit({ ...this.frame(), start: true })
+  }
+
+  get ended(): boolean {
+    return this.done !== undefined
+  }
+
+  get text(): string {
+    return this.raw
+  }
+
+  append(text: string): void {
+    if (!text || this.done) return
+    this.raw += text
+    this.pending += text
+    const cut = lastWhitespace(this.pending)
+    if (cut === -1) return
+    this.send(this.pending.slice(0, cut + 1))
+    this.pending = this.pending.slice(cut + 1)
+  }
+
+  end(content?: Record<string, unknown>): Promise<LmcMessage> {
+    this.done ??= this.finish(content)
+    return this.done
+  }
+
+  private async finish(content: Record<string, unknown> | undefined): Promise<LmcMessage> {
+    if (content) this.io.emit({ ...this.frame(), content })
+    else if (this.pending) this.send(this.pending)
+    this.pending = ''
+    this.io.emit({ ...this.frame(), end: true })
+    this.io.open.delete(this)
+    const message: LmcMessage = { id: this.id, ...this.fields(), content: content ?? this.io.redact(this.raw), created_at: this.createdAt }
+    this.io.messages.push(message)
+    await this.io.persist(message)
+    return message
+  }
+
+  private send(text: string): void {
+    this.io.emit({ ...this.frame(), content: this.io.redact(text) })
+  }
+
+  private fields(): Head {
+    const { role, type, format, stream } = this.head
+    return { role, type, ...(format ? { format } : {}), ...(stream ? { stream } : {}) }
+  }
+
+  private frame(): LmcChunk {
+    return { id: this.id, ...this.fields(), created_at: this.createdAt }
+  }
+}
+
+function lastWhitespace(text: string): number {
+  for (let i = text.length - 1; i >= 0; i--) {
+    const c = text.charCodeAt(i)
+    if (c === 0x20 || c === 0x0a || c === 0x09 || c === 0x0d) return i
+  }
+  return -1
+}
+
+const ASSISTANT_TEXT: Head = { role: 'assistant', type: 'message', format: 'text' }
+const consoleHead = (stream: 'stdout' | 'stderr'): Head => ({ role: 'computer', type: 'console', format: 'output', stream })
+
+/** Code the model asked to run, once its message is complete. */
+interface PendingCode {
+  message: LmcMessage
+  language: Language | undefined
+  code: string
+  /** Why it cannot run, told to the model instead of running it. */
+  problem?: string
+}
+
+interface Reply {
+  /** Returns true when the rest of the upstream answer is not wanted. */
+  delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean>
+  /** Completes the open messages and lists the code to run, in order. */
+  finish(): Promise<PendingCode[]>
+  /** Prose that came after the tool calls, said once the code ran so tool results stay paired. */
+  trailingText(): string
+}
+
+class Turn {
+  private readonly messages: LmcMessage[] = []
+  private readonly io: Io
+  private readonly usage: TokenUsage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }
+  private readonly aborted: Promise<void>
+
+  constructor(private readonly opts: TurnOptions) {
+    this.io = { emit: opts.emit, persist: opts.persist, redact: opts.redact, messages: this.messages, open: new Set() }
+    this.aborted = new Promise((resolve) => {
+      if (opts.signal.aborted) resolve()
+      else opts.signal.addEventListener('abort', () => resolve(), { once: true })
+    })
+  }
+
+  async run(): Promise<TurnResult> {
+    try {
+      for (let iteration = 0; iteration < this.opts.maxIterations; iteration++) {
+        if (this.opts.signal.aborted) return this.stop()
+        const reply = this.opts.tools ? new ToolReply(this) : new FencedReply(this)
+        await this.ask(reply)
+        if (this.opts.signal.aborted) return this.stop()
+        const pending = await reply.finish()
+        for (const item of pending) {
+          await this.runCode(item)
+          if (this.opts.signal.aborted) return this.stop()
+        }
+        const trailing = reply.trailingText().trim()
+        if (trailing) await this.say(ASSISTANT_TEXT, trailing)
+        if (pending.length === 0) return this.done()
+      }
+      await this.say(
+        ASSISTANT_TEXT,
+        `I stopped after ${this.opts.maxIterations} steps because the iteration limit was reached. Ask me to continue if you want me to keep going.`,
+      )
+      return this.done()
+    } catch (err) {
+      await this.closeOpen()
+      if (this.opts.signal.aborted) return this.result(true)
+      throw err
+    }
+  }
+
+  open(head: Head): Draft {
+    return new Draft(this.io, head)
+  }
+
+  /** A message known whole at once: framed and persisted like a streamed one. */
+  say(head: Head, content: string | Record<string, unknown>): Promise<LmcMessage> {
+    const draft = this.open(head)
+    if (typeof content === 'string') {
+      draft.append(content)
+      return draft.end()
+    }
+    return draft.end(content)
+  }
+
+  get languages(): Language[] {
+    return this.opts.languages
+  }
+
+  /** Streams one upstream answer into `reply`. Returns quietly when the turn was aborted. */
+  private async ask(reply: Reply): Promise<void> {
+    const { client, signal } = this.opts
+    const controller = new AbortController()
+    const cancel = () => controller.abort()
+    signal.addEventListener('abort', cancel, { once: true })
+    // The client's timeout only covers the wait for headers; a stream that stalls is caught here.
+    let idle: NodeJS.Timeout | undefined
+    let stalled = false
+    const arm = () => {
+      clearTimeout(idle)
+      idle = setTimeout(() => {
+        stalled = true
+        controller.abort()
+      }, client.timeout)
+    }
+    // Only failures of the upstream itself are mapped; a failing store or executor is not the model's fault.
+    const failed = (err: unknown) => {
+      if (signal.aborted) return undefined
+      return stalled ? upstreamTimeout() : upstreamError(err, client.apiKey, this.opts.redact)
+    }
+    try {
+      let stream: AsyncIterator<ChatCompletionChunk>
+      try {
+        const response = await client.chat.completions.create(this.request(), { signal: controller.signal })
+        stream = response[Symbol.asyncIterator]()
+      } catch (err) {
+        const mapped = failed(err)
+        if (mapped) throw mapped
+        return
+      }
+      let finished = false
+      arm()
+      for (;;) {
+        let next: IteratorResult<ChatCompletionChunk>
+        try {
+          next = await stream.next()
+        } catch (err) {
+          const mapped = failed(err)
+          if (mapped) throw mapped
+          return
+        }
+        if (next.done) break
+        arm()
+        const chunk = next.value
+        if (chunk.usage) this.addUsage(chunk.usage)
+        const choice = chunk.choices[0]
+        if (!choice) continue
+        if (choice.finish_reason) finished = true
+        if (await reply.delta(choice.delta)) {
+          controller.abort()
+          return
+        }
+      }
+      if (signal.aborted) return
+      if (stalled) throw upstreamTimeout()
+      if (!finished) throw brokenStream()
+    } finally {
+      clearTimeout(idle)
+      signal.removeEventListener('abort', cancel)
+    }
+  }
+
+  private request(): ChatCompletionCreateParamsStreaming {
+    const { opts } = this
+    return {
+      model: opts.model,
+      messages: buildMessages([...opts.history, ...this.messages], {
+        languages: opts.languages,
+        tools: opts.tools,
+        systemMessage: opts.systemMessage,
+        customInstructions: opts.customInstructions,
+        maxOutputChars: opts.maxOutputChars,
+        capForModel,
+        redact: opts.redact,
+      }),
+      temperature: opts.temperature,
+      max_tokens: opts.maxTokens,
+      stream: true,
+      stream_options: { include_usage: true },
+      ...(opts.tools ? { tools: [executeTool(opts.languages)] } : {}),
+    }
+  }
+
+  private addUsage(usage: CompletionUsage): void {
+    this.usage.prompt_tokens += usage.prompt_tokens ?? 0
+    this.usage.completion_tokens += usage.completion_tokens ?? 0
+    this.usage.total_tokens += usage.total_tokens ?? 0
+  }
+
+  private async runCode(item: PendingCode): Promise<void> {
+    if (item.problem || !item.language) {
+      await this.say(consoleHead('stderr'), item.problem ?? 'The code was not run.')
+      return
+    }
+    if (!this.opts.autoRun) {
+      await this.say(
+        { role: 'computer', type: 'confirmation', format: 'execution' },
+        { type: 'code', format: item.language, content: this.opts.redact(item.code) },
+      )
+      const approved = await Promise.race([this.opts.confirm(item.message), this.aborted.then(() => false)])
+      if (this.opts.signal.aborted) return
+      if (!approved) {
+        await this.say(consoleHead('stdout'), 'The user declined to run this code.')
+        return
+      }
+    }
+    const sink = new OutputSink(this)
+    let result: ExecResult
+    try {
+      result = await this.opts.execute(item.language, item.code, (output) => sink.push(output), this.opts.signal)
+    } catch (err) {
+      await sink.finish()
+      throw err
+    }
+    await sink.finish(result)
+  }
+
+  private async closeOpen(): Promise<void> {
+    for (const draft of [...this.io.open]) {
+      try {
+        await draft.end()
+      } catch {
+        // The failure being reported matters more than a partial message that could not be saved.
+      }
+    }
+  }
+
+  private async stop(): Promise<TurnResult> {
+    await this.closeOpen()
+    return this.result(true)
+  }
+
+  private async done(): Promise<TurnResult> {
+    if (!this.lastText()) await this.say(ASSISTANT_TEXT, '')
+    return this.result(false)
+  }
+
+  private lastText(): LmcMessage | undefined {
+    return this.messages.findLast((m) => m.role === 'assistant' && m.type === 'message')
+  }
+
+  private result(stopped: boolean): TurnResult {
+    const final = this.lastText() ?? {
+      id: randomUUID(),
+      ...ASSISTANT_TEXT,
+      content: '',
+      created_at: new Date().toISOString(),
+    }
+    return { messages: [...this.messages], final, usage: { ...this.usage }, stopped }
+  }
+}
+
+/** Prose streamed as one assistant message, opened only once something visible arrives. */
+class ProseWriter {
+  private draft: Draft | undefined
+
+  constructor(private readonly turn: Turn) {}
+
+  write(text: string): void {
+    if (!this.draft) {
+      const visible = text.trimStart()
+      if (!visible) return
+      this.draft = this.turn.open(ASSISTANT_TEXT)
+      this.draft.append(visible)
+      return
+    }
+    this.draft.append(text)
+  }
+
+  async close(): Promise<void> {
+    const draft = this.draft
+    this.draft = undefined
+    await draft?.end()
+  }
+}
+
+interface CallState {
+  index: number
+  name: string
+  args: string
+  reader: PartialJsonStrings
+  draft?: Draft
+  /** How much of the streamed `code` the draft already holds. */
+  shown: number
+}
+
+/** An answer from a model offered the `execute` tool. */
+class ToolReply implements Reply {
+  private readonly prose: ProseWriter
+  private readonly calls: CallState[] = []
+  private trailing = ''
+
+  constructor(private readonly turn: Turn) {
+    this.prose = new ProseWriter(turn)
+  }
+
+  async delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean> {
+    if (delta.content) {
+      if (this.calls.length > 0) this.trailing += delta.content
+      else this.prose.write(delta.content)
+    }
+    for (const part of delta.tool_calls ?? []) {
+      let call = this.calls.find((c) => c.index === part.index)
+      if (!call) {
+        await this.prose.close()
+        call = { index: part.index, name: '', args: '', reader: new PartialJsonStrings(), shown: 0 }
+        this.calls.push(call)
+      }
+      if (part.function?.name && !call.name) call.name = part.function.name
+      if (part.function?.arguments) {
+        call.args += part.function.arguments
+        call.reader.feed(part.function.arguments)
+      }
+      // Only the first call streams live: the others would land between a code message and its
+      // output, so they are shown when their turn to run comes.
+      if (call === this.calls[0]) await this.stream(call)
+    }
+    return false
+  }
+
+  async finish(): Promise<PendingCode[]> {
+    await this.prose.close()
+    const pending: PendingCode[] = []
+    for (const call of this.calls) pending.push(await this.settle(call))
+    return pending
+  }
+
+  trailingText(): string {
+    return this.trailing
+  }
+
+  private async stream(call: CallState): Promise<void> {
+    if (call.draft?.ended) return
+    if (!call.draft) {
+      const language = call.reader.complete.has('language') ? call.reader.values.get('language') : languageNamedByTool(call.name)
+      if (language === undefined) return
+      call.draft = this.turn.open({ role: 'assistant', type: 'code', format: languageFromTag(language) ?? 'text' })
+    }
+    const code = call.reader.values.get('code') ?? ''
+    call.draft.append(code.slice(call.shown))
+    call.shown = code.length
+    if (call.reader.complete.has('code')) await call.draft.end()
+  }
+
+  /** Parses the complete arguments; only now is the code trusted enough to run. */
+  private async settle(call: CallState): Promise<PendingCode> {
+    const args = parseArguments(call.args)
+    const code = typeof args?.code === 'string' ? args.code : (call.reader.values.get('code') ?? '')
+    const named = typeof args?.language === 'string' ? args.language : languageNamedByTool(call.name)
+    const language = languageFromTag(named)
+    let message: LmcMessage
+    if (call.draft) {
+      if (code.startsWith(call.draft.text)) call.draft.append(code.slice(call.draft.text.length))
+      message = await call.draft.end()
+    } else {
+      message = await this.turn.say({ role: 'assistant', type: 'code', format: language ?? 'text' }, code)
+    }
+    let problem: string | undefined
+    if (!args) {
+      problem = 'The tool call arguments were not valid JSON (the answer may have been cut off by the token limit); the code was not run.'
+    } else if (call.name !== EXECUTE_TOOL && !languageNamedByTool(call.name)) {
+      problem = `There is no tool named "${call.name}"; the only tool is "${EXECUTE_TOOL}". The code was not run.`
+    } else if (!language || !this.turn.languages.includes(language)) {
+      problem = `The language "${named ?? ''}" is not available; use one of: ${this.turn.languages.join(', ')}. The code was not run.`
+    } else if (!code.trim()) {
+      problem = 'No code was given.'
+    }
+    return { message, language, code, problem }
+  }
+}
+
+/** Models often call a tool after the language instead of `execute` (`python`, `shell`…). */
+function languageNamedByTool(name: string): string | undefined {
+  return name !== EXECUTE_TOOL && languageFromTag(name) ? name : undefined
+}
+
+function parseArguments(args: string): Record<string, unknown> | undefined {
+  try {
+    const parsed: unknown = JSON.parse(args)
+    return parsed && typeof parsed === 'object' && !Array.isArray(parsed) ? (parsed as Record<string, unknown>) : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * An answer from a model without tool calling. As in Open Interpreter the answer is cut at the
+ * end of the first runnable block: the model cannot know the output yet, so what follows is guesswork.
+ */
+class FencedReply implements Reply {
+  private readonly prose: ProseWriter
+  private readonly splitter: FenceSplitter
+  private code: { draft: Draft; language: Language } | undefined
+  private pending: PendingCode | undefined
+
+  constructor(private readonly turn: Turn) {
+    this.prose = new ProseWriter(turn)
+    this.splitter = new FenceSplitter((tag) => {
+      const language = languageFromTag(tag)
+      return language && turn.languages.includes(language) ? language : undefined
+    })
+  }
+
+  async delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean> {
+    if (!delta.content || this.pending) return this.pending !== undefined
+    await this.apply(this.splitter.feed(delta.content))
+    return this.pending !== undefined
+  }
+
+  async finish(): Promise<PendingCode[]> {
+    if (!this.pending) await this.apply(this.splitter.finish())
+    await this.prose.close()
+    return this.pending ? [this.pending] : []
+  }
+
+  trailingText(): string {
+    return ''
+  }
+
+  private async apply(events: ReturnType<FenceSplitter['feed']>): Promise<void> {
+    for (const event of events) {
+      if (this.pending) return
+      if (event.kind === 'text') this.prose.write(event.text)
+      else if (event.kind === 'codeStart') {
+        await this.prose.close()
+        this.code = { draft: this.turn.open({ role: 'assistant', type: 'code', format: event.language }), language: event.language }
+      } else if (event.kind === 'code') this.code?.draft.append(event.text)
+      else if (this.code) {
+        const { draft, language } = this.code
+        this.code = undefined
+        const message = await draft.end()
+        this.pending = { message, language, code: draft.text }
+      }
+    }
+  }
+}
+
+/**
+ * Turns kernel output into console and image messages as it arrives. Kernel callbacks are
+ * synchronous while persisting is not, so output is handled through one ordered chain.
+ */
+class OutputSink {
+  private chain: Promise<void> = Promise.resolve()
+  private current: Draft | undefined
+  private stderr = ''
+  private noticed = false
+  private failure: unknown
+
+  constructor(private readonly turn: Turn) {}
+
+  push(output: KernelOutput): void {
+    this.chain = this.chain
+      .then(() => this.handle(output))
+      .catch((err: unknown) => {
+        this.failure ??= err
+      })
+  }
+
+  async finish(result?: ExecResult): Promise<void> {
+    await this.chain
+    await this.closeCurrent()
+    if (this.failure) throw this.failure
+    if (!result) return
+    if (result.error) {
+      const traceback = result.error.traceback.trim() || `${result.error.name}: ${result.error.value}`
+      if (!this.stderr.includes(traceback)) await this.turn.say(consoleHead('stderr'), traceback)
+    }
+    const note = this.noticed ? undefined : describe(result)
+    if (note) await this.turn.say(consoleHead('stderr'), note)
+  }
+
+  private async handle(output: KernelOutput): Promise<void> {
+    if (output.type === 'stream') {
+      if (this.current?.head.stream !== output.stream) {
+        await this.closeCurrent()
+        this.current = this.turn.open(consoleHead(output.stream))
+      }
+      this.current.append(output.text)
+      if (output.stream === 'stderr') this.stderr += output.text
+      return
+    }
+    await this.closeCurrent()
+    if (output.type === 'image') await this.turn.say({ role: 'computer', type: 'image', format: output.format }, output.data)
+    else if (output.type === 'result') await this.turn.say(consoleHead('stdout'), output.text)
+    else {
+      this.noticed = true
+      await this.turn.say(consoleHead('stderr'), output.text)
+    }
+  }
+
+  private async closeCurrent(): Promise<void> {
+    const current = this.current
+    this.current = undefined
+    await current?.end()
+  }
+}
+
+/** What the user and the model should know about how the run ended, when the kernel said nothing. */
+function describe(result: ExecResult): string | undefined {
+  const lost = result.stateLost ? ' The kernel was restarted: variables and imports are lost.' : ''
+  const notes: string[] = []
+  if (result.timedOut) notes.push(`Execution timed out after ${Math.round(result.durationMs / 1000)} s.${lost}`)
+  else if (result.interrupted) notes.push(`Execution was interrupted.${lost}`)
+  else if (lost) notes.push(lost.trim())
+  if (result.truncated) notes.push('The output went past the limit and was cut.')
+  return notes.length > 0 ? notes.join(' ') : undefined
+}

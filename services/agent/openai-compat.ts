@@ -1,0 +1,348 @@
+import { randomBytes } from 'node:crypto'
+import type { ChatCompletion, ChatCompletionChunk } from 'openai/resources/chat/completions'
+import type { LmcChunk, LmcInput, LmcMessage } from '../../schemas/lmc.js'
+import { invalidRequest } from '../errors.js'
+import { languageFromTag } from './fences.js'
+import type { TokenUsage } from './loop.js'
+
+/** A Chat Completions request message, or an LMC message sent through the same route. */
+export interface CompatMessage {
+  role: string
+  content?: unknown
+  type?: string
+  format?: string
+  tool_calls?: unknown
+  [field: string]: unknown
+}
+
+export interface CompatConversation {
+  inputs: LmcInput[]
+  /** The request's system and developer messages, which replace the default system prompt. */
+  systemMessage?: string
+}
+
+const LMC_ROLES = new Set(['user', 'assistant', 'computer'])
+const LMC_TYPES = new Set(['message', 'code', 'image', 'console', 'file', 'confirmation'])
+const LMC_FORMATS = new Set([
+  'text',
+  'python',
+  'javascript',
+  'shell',
+  'html',
+  'path',
+  'base64.png',
+  'base64.jpeg',
+  'output',
+  'active_line',
+  'execution',
+])
+const DATA_IMAGE = /^data:image\/(png|jpe?g);base64,(.*)$/s
+
+/** Converts a Chat Completions `messages` array into LMC inputs for the agent. */
+export function fromChatMessages(messages: CompatMessage[]): CompatConversation {
+  const inputs: LmcInput[] = []
+  const system: string[] = []
+  messages.forEach((message, i) => {
+    const at = `messages[${i}]`
+    if (typeof message?.type === 'string' && LMC_TYPES.has(message.type)) {
+      inputs.push(lmcInput(message, at))
+      return
+    }
+    switch (message?.role) {
+      case 'system':
+      case 'developer':
+        system.push(textOf(message.content, `${at}.content`))
+        return
+      case 'user':
+        inputs.push(...userInputs(message.content, `${at}.content`))
+        return
+      case 'assistant':
+        inputs.push(...assistantInputs(message, at))
+        return
+      case 'tool':
+      case 'function':
+        inputs.push({ role: 'computer', type: 'console', format: 'output', content: textOf(message.content, `${at}.content`) })
+        return
+      default:
+        throw invalidRequest(`Unknown message role "${String(message?.role)}"`, `${at}.role`, 'invalid_message')
+    }
+  })
+  const systemMessage = system.filter((text) => text.trim()).join('\n\n')
+  return systemMessage ? { inputs, systemMessage } : { inputs }
+}
+
+function lmcInput(message: CompatMessage, at: string): LmcInput {
+  if (!LMC_ROLES.has(message.role)) throw invalidRequest(`Unknown LMC role "${message.role}"`, `${at}.role`, 'invalid_message')
+  if (message.format !== undefined && !LMC_FORMATS.has(message.format)) {
+    throw invalidRequest(`Unknown LMC format "${message.format}"`, `${at}.format`, 'invalid_message')
+  }
+  const { content } = message
+  if (typeof content !== 'string' && (typeof content !== 'object' || content === null || Array.isArray(content))) {
+    throw invalidRequest('LMC content must be a string or an object', `${at}.content`, 'invalid_message')
+  }
+  return {
+    role: message.role as LmcInput['role'],
+    type: message.type as LmcInput['type'],
+    ...(message.format ? { format: message.format as LmcInput['format'] } : {}),
+    content: content as LmcInput['content'],
+  }
+}
+
+/** Text of a string or of the text parts of a parts array. */
+function textOf(content: unknown, at: string): string {
+  if (content === null || content === undefined) return ''
+  if (typeof content === 'string') return content
+  if (!Array.isArray(content)) throw invalidRequest('Content must be a string or an array of parts', at, 'invalid_message')
+  return content
+    .map((part, j) => {
+      if (part?.type === 'text' && typeof part.text === 'string') return part.text
+      if (part?.type === 'refusal' && typeof part.refusal === 'string') return part.refusal
+      throw invalidRequest(`Unsupported content part "${String(part?.type)}" here`, `${at}[${j}]`, 'invalid_message')
+    })
+    .join('\n')
+}
+
+function userInputs(content: unknown, at: string): LmcInput[] {
+  if (!Array.isArray(content)) return [{ role: 'user', type: 'message', format: 'text', content: textOf(content, at) }]
+  const inputs: LmcInput[] = []
+  let text: string[] = []
+  const flush = () => {
+    if (text.length > 0) inputs.push({ role: 'user', type: 'message', format: 'text', content: text.join('\n') })
+    text = []
+  }
+  content.forEach((part, j) => {
+    if (part?.type === 'text' && typeof part.text === 'string') {
+      text.push(part.text)
+      return
+    }
+    if (part?.type === 'image_url') {
+      // Fetching remote URLs from the server would let a caller reach internal hosts.
+      const match = DATA_IMAGE.exec(String(part.image_url?.url ?? ''))
+      if (!match) {
+        throw invalidRequest('Images must be base64 data URLs (PNG or JPEG)', `${at}[${j}].image_url.url`, 'invalid_message')
+      }
+      flush()
+      inputs.push({ role: 'user', type: 'image', format: match[1] === 'png' ? 'base64.png' : 'base64.jpeg', content: match[2] })
+      return
+    }
+    throw invalidRequest(`Unsupported content part "${String(part?.type)}"`, `${at}[${j}]`, 'invalid_message')
+  })
+  flush()
+  return inputs
+}
+
+function assistantInputs(message: CompatMessage, at: string): LmcInput[] {
+  const inputs: LmcInput[] = []
+  const text = textOf(message.content, `${at}.content`)
+  if (text) inputs.push({ role: 'assistant', type: 'message', format: 'text', content: text })
+  const calls = Array.isArray(message.tool_calls) ? message.tool_calls : []
+  for (const call of calls) {
+    const name = String(call?.function?.name ?? '')
+    const raw = String(call?.function?.arguments ?? '')
+    let args: { language?: unknown; code?: unknown } | undefined
+    try {
+      args = JSON.parse(raw)
+    } catch {
+      args = undefined
+    }
+    if (args && typeof args.code === 'string') {
+      const language = languageFromTag(typeof args.language === 'string' ? args.language : name) ?? 'python'
+      inputs.push({ role: 'assistant', type: 'code', format: language, content: args.code })
+    } else {
+      inputs.push({ role: 'assistant', type: 'message', format: 'text', content: `[called ${name || 'a tool'} with ${raw}]` })
+    }
+  }
+  return inputs
+}
+
+type Block = 'text' | 'code' | 'output' | 'image'
+
+function blockOf(chunk: Pick<LmcChunk, 'role' | 'type' | 'format'>): Block | undefined {
+  if (chunk.role === 'user' || chunk.type === 'confirmation' || chunk.format === 'active_line') return undefined
+  if (chunk.type === 'code') return 'code'
+  if (chunk.type === 'image') return 'image'
+  if (chunk.type === 'console' || chunk.role === 'computer') return 'output'
+  return 'text'
+}
+
+/**
+ * Renders LMC chunks as the Markdown of one assistant `content`: code in a fence tagged with its
+ * language, consecutive console messages merged into one ```output fence. Newlines at the end
+ * of a fenced block are held back until more content shows they were not the last.
+ */
+class ContentRenderer {
+  private wrote = false
+  private current: Block | undefined
+  private fenced: { kind: 'code' | 'output'; ticks: string } | undefined
+  private held = ''
+  private lastChar = ''
+  private breakBeforeOutput = false
+
+  start(chunk: LmcChunk, ticks = '```'): string {
+    const block = blockOf(chunk)
+    this.current = block
+    if (!block) return ''
+    if (block === 'output' && this.fenced?.kind === 'output') {
+      this.breakBeforeOutput = this.held === '' && this.lastChar !== '\n'
+      return ''
+    }
+    let out = this.close()
+    if (this.wrote) out += '\n\n'
+    if (block === 'code' || block === 'output') {
+      out += `${ticks}${block === 'code' ? (chunk.format ?? '') : 'output'}\n`
+      this.fenced = { kind: block, ticks }
+    }
+    return this.write(out)
+  }
+
+  content(chunk: LmcChunk): string {
+    const block = this.current
+    if (!block || typeof chunk.content !== 'string' || chunk.content === '') return ''
+    if (block === 'text') return this.write(chunk.content)
+    if (block === 'image') {
+      const mime = chunk.format === 'base64.jpeg' ? 'image/jpeg' : 'image/png'
+      return this.write(`![image](data:${mime};base64,${chunk.content})`)
+    }
+    const text = (this.breakBeforeOutput ? '\n' : '') + this.held + chunk.content
+    this.breakBeforeOutput = false
+    const body = text.replace(/\n+$/, '')
+    this.held = text.slice(body.length)
+    return body ? this.write(body) : ''
+  }
+
+  end(): string {
+    const block = this.current
+    this.current = undefined
+    return block === 'code' ? this.close() : ''
+  }
+
+  /** Closes the open fence; call before the answer ends. */
+  close(): string {
+    if (!this.fenced) return ''
+    const out = `\n${this.fenced.ticks}`
+    this.fenced = undefined
+    this.held = ''
+    this.breakBeforeOutput = false
+    return this.write(out)
+  }
+
+  private write(text: string): string {
+    if (text) {
+      this.wrote = true
+      this.lastChar = text.at(-1) ?? ''
+    }
+    return text
+  }
+}
+
+/** The whole turn as one assistant `content` string. */
+export function renderContent(messages: LmcMessage[]): string {
+  const renderer = new ContentRenderer()
+  let out = ''
+  messages.forEach((message, i) => {
+    const chunk: LmcChunk = {
+      id: message.id,
+      role: message.role,
+      type: message.type,
+      format: message.format,
+      content: message.content,
+      created_at: message.created_at,
+    }
+    out += renderer.start(chunk, ticksFor(blockRun(messages, i)))
+    out += renderer.content(chunk)
+    out += renderer.end()
+  })
+  return out + renderer.close()
+}
+
+/** The messages sharing a fence with `messages[i]`: console output runs share one. */
+function blockRun(messages: LmcMessage[], i: number): LmcMessage[] {
+  if (blockOf(messages[i]) !== 'output') return [messages[i]]
+  const run: LmcMessage[] = []
+  for (let j = i; j < messages.length; j++) {
+    const block = blockOf(messages[j])
+    if (block === undefined) continue
+    if (block !== 'output') break
+    run.push(messages[j])
+  }
+  return run
+}
+
+/** Longer than any backtick run inside, so the content cannot close the fence early. */
+function ticksFor(messages: LmcMessage[]): string {
+  let longest = 0
+  for (const { content } of messages) {
+    if (typeof content !== 'string') continue
+    for (const run of content.match(/`{3,}/g) ?? []) longest = Math.max(longest, run.length)
+  }
+  return '`'.repeat(Math.max(3, longest + 1))
+}
+
+export function completionId(): string {
+  return `chatcmpl-${randomBytes(12).toString('base64url')}`
+}
+
+export interface CompletionMeta {
+  id: string
+  /** Unix seconds. */
+  created: number
+  model: string
+}
+
+export function buildCompletion(
+  meta: CompletionMeta,
+  content: string,
+  usage: TokenUsage,
+  finishReason: ChatCompletion.Choice['finish_reason'] = 'stop',
+): ChatCompletion {
+  return {
+    id: meta.id,
+    object: 'chat.completion',
+    created: meta.created,
+    model: meta.model,
+    choices: [{ index: 0, message: { role: 'assistant', content, refusal: null }, logprobs: null, finish_reason: finishReason }],
+    usage: { ...usage },
+  }
+}
+
+/**
+ * Builds the `chat.completion.chunk` stream of one turn from its LMC chunks, as they arrive:
+ * `start()` once, `push()` per LMC chunk, `finish()`, then `usage()` when the client asked.
+ */
+export class CompletionChunks {
+  private readonly renderer = new ContentRenderer()
+
+  constructor(private readonly meta: CompletionMeta) {}
+
+  /** Opens the stream with the role, as OpenAI does. */
+  start(): ChatCompletionChunk {
+    return this.chunk({ role: 'assistant', content: '' })
+  }
+
+  push(lmc: LmcChunk): ChatCompletionChunk[] {
+    let text: string
+    if (lmc.start) text = this.renderer.start(lmc)
+    else if (lmc.end) text = this.renderer.end()
+    else text = this.renderer.content(lmc)
+    return text ? [this.chunk({ content: text })] : []
+  }
+
+  finish(reason: ChatCompletionChunk.Choice['finish_reason'] = 'stop'): ChatCompletionChunk[] {
+    const closing = this.renderer.close()
+    return [...(closing ? [this.chunk({ content: closing })] : []), this.chunk({}, reason)]
+  }
+
+  usage(usage: TokenUsage): ChatCompletionChunk {
+    return { id: this.meta.id, object: 'chat.completion.chunk', created: this.meta.created, model: this.meta.model, choices: [], usage: { ...usage } }
+  }
+
+  private chunk(delta: ChatCompletionChunk.Choice.Delta, finishReason: ChatCompletionChunk.Choice['finish_reason'] = null): ChatCompletionChunk {
+    return {
+      id: this.meta.id,
+      object: 'chat.completion.chunk',
+      created: this.meta.created,
+      model: this.meta.model,
+      choices: [{ index: 0, delta, logprobs: null, finish_reason: finishReason }],
+    }
+  }
+}
