@@ -30,6 +30,7 @@ t.test('Swagger UI: authorize with a bearer key, try a protected route, see 200'
     ],
   })
   let page: Page | undefined
+  let failed = false
   try {
     page = await browser.newPage()
     page.setDefaultTimeout(TIMEOUT)
@@ -41,32 +42,36 @@ t.test('Swagger UI: authorize with a bearer key, try a protected route, see 200'
     const keyInput = page.locator('.modal-ux .auth-container input').first()
     await keyInput.fill(ADMIN_KEY)
     await page.click('.modal-ux .auth-btn-wrapper button.authorize')
-    await page.waitForSelector('.modal-ux .auth-btn-wrapper button.logout')
+    // once applied, Swagger UI swaps "Authorize" for "Logout" and masks the value
+    await page.waitForSelector('.modal-ux .auth-btn-wrapper button[aria-label="Remove authorization"]')
     await page.click('.modal-ux button.btn-done')
     await page.waitForSelector('.modal-ux', { state: 'detached' })
 
     const operation = page.locator('.opblock-get').filter({ has: page.locator('.opblock-summary-path[data-path="/metrics"]') })
     await operation.locator('.opblock-summary').first().click()
-    await operation.locator('button.try-out__btn').click()
+    // tryItOutEnabled opens operations in "Try it out" mode already; the button then reads "Cancel"
+    const tryOut = operation.locator('button.try-out__btn')
+    if ((await tryOut.textContent())?.trim() === 'Try it out') await tryOut.click()
     await operation.locator('button.execute').click()
 
     const status = operation.locator('.live-responses-table .response .response-col_status').first()
     await status.waitFor()
     t.equal((await status.textContent())?.trim(), '200', 'the rendered response shows 200')
-    const body = await operation.locator('.live-responses-table .response-col_description').first().textContent()
+    const body = await operation.locator('.live-responses-table .response .response-col_description').first().textContent()
     t.match(body, /oi_http_requests_total/, 'the metrics body is shown')
     const curl = await operation.locator('.curl-command').first().textContent()
     t.match(curl, /Authorization: Bearer/, 'the request carried the bearer key')
   } catch (err) {
-    if (page) {
-      const dir = t.testdir({})
-      const file = join(dir, 'docs-failure.png')
-      await page.screenshot({ path: file, fullPage: true }).catch(() => {})
-      t.saveFixture = true
-      t.comment(`screenshot saved to ${file}`)
-    }
+    failed = true
     throw err
   } finally {
+    if (page && (failed || !t.passing())) {
+      // kept after the test (the fixture dir is otherwise removed at its end)
+      t.saveFixture = true
+      const file = join(t.testdir({}), 'docs-failure.png')
+      await page.screenshot({ path: file, fullPage: true }).catch(() => {})
+      t.comment(`screenshot saved to ${file}`)
+    }
     await browser.close()
   }
 })

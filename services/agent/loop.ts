@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
-import OpenAI, { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai'
+import type OpenAI from 'openai'
+import { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai'
 import type { ChatCompletionChunk, ChatCompletionCreateParamsStreaming } from 'openai/resources/chat/completions'
 import type { CompletionUsage } from 'openai/resources/completions'
 import type { LmcChunk, LmcMessage } from '../../schemas/lmc.js'
@@ -198,8 +199,13 @@ interface PendingCode {
 interface Reply {
   /** Returns true when the rest of the upstream answer is not wanted. */
   delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean>
-  /** Completes the open messages and lists the code to run, in order. */
-  finish(): Promise<PendingCode[]>
+  /** Completes the open messages once the answer is over. */
+  finish(): Promise<void>
+  /**
+   * The code to run, in order. Lazy: a code message not yet shown is emitted only when its
+   * turn comes, after the output of the code before it.
+   */
+  pending(): AsyncIterable<PendingCode>
   /** Prose that came after the tool calls, said once the code ran so tool results stay paired. */
   trailingText(): string
 }
@@ -225,14 +231,16 @@ class Turn {
         const reply = this.opts.tools ? new ToolReply(this) : new FencedReply(this)
         await this.ask(reply)
         if (this.opts.signal.aborted) return this.stop()
-        const pending = await reply.finish()
-        for (const item of pending) {
+        await reply.finish()
+        let ran = false
+        for await (const item of reply.pending()) {
+          ran = true
           await this.runCode(item)
           if (this.opts.signal.aborted) return this.stop()
         }
         const trailing = reply.trailingText().trim()
         if (trailing) await this.say(ASSISTANT_TEXT, trailing)
-        if (pending.length === 0) return this.done()
+        if (!ran) return this.done()
       }
       await this.say(
         ASSISTANT_TEXT,
@@ -307,16 +315,17 @@ class Turn {
           return
         }
         if (next.done) break
-        arm()
+        // Paused while the chunk is handled: a slow store is not a stalled model.
+        clearTimeout(idle)
         const chunk = next.value
         if (chunk.usage) this.addUsage(chunk.usage)
         const choice = chunk.choices[0]
-        if (!choice) continue
-        if (choice.finish_reason) finished = true
-        if (await reply.delta(choice.delta)) {
+        if (choice?.finish_reason) finished = true
+        if (choice && (await reply.delta(choice.delta))) {
           controller.abort()
           return
         }
+        arm()
       }
       if (signal.aborted) return
       if (stalled) throw upstreamTimeout()
@@ -485,11 +494,12 @@ class ToolReply implements Reply {
     return false
   }
 
-  async finish(): Promise<PendingCode[]> {
+  async finish(): Promise<void> {
     await this.prose.close()
-    const pending: PendingCode[] = []
-    for (const call of this.calls) pending.push(await this.settle(call))
-    return pending
+  }
+
+  async *pending(): AsyncIterable<PendingCode> {
+    for (const call of this.calls) yield await this.settle(call)
   }
 
   trailingText(): string {
@@ -558,7 +568,7 @@ class FencedReply implements Reply {
   private readonly prose: ProseWriter
   private readonly splitter: FenceSplitter
   private code: { draft: Draft; language: Language } | undefined
-  private pending: PendingCode | undefined
+  private found: PendingCode | undefined
 
   constructor(private readonly turn: Turn) {
     this.prose = new ProseWriter(turn)
@@ -569,15 +579,18 @@ class FencedReply implements Reply {
   }
 
   async delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean> {
-    if (!delta.content || this.pending) return this.pending !== undefined
+    if (!delta.content || this.found) return this.found !== undefined
     await this.apply(this.splitter.feed(delta.content))
-    return this.pending !== undefined
+    return this.found !== undefined
   }
 
-  async finish(): Promise<PendingCode[]> {
-    if (!this.pending) await this.apply(this.splitter.finish())
+  async finish(): Promise<void> {
+    if (!this.found) await this.apply(this.splitter.finish())
     await this.prose.close()
-    return this.pending ? [this.pending] : []
+  }
+
+  async *pending(): AsyncIterable<PendingCode> {
+    if (this.found) yield this.found
   }
 
   trailingText(): string {
@@ -586,7 +599,7 @@ class FencedReply implements Reply {
 
   private async apply(events: ReturnType<FenceSplitter['feed']>): Promise<void> {
     for (const event of events) {
-      if (this.pending) return
+      if (this.found) return
       if (event.kind === 'text') this.prose.write(event.text)
       else if (event.kind === 'codeStart') {
         await this.prose.close()
@@ -596,7 +609,7 @@ class FencedReply implements Reply {
         const { draft, language } = this.code
         this.code = undefined
         const message = await draft.end()
-        this.pending = { message, language, code: draft.text }
+        this.found = { message, language, code: draft.text }
       }
     }
   }

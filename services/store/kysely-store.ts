@@ -85,8 +85,16 @@ function uuidOrUndefined(id: string): string | undefined {
   return UUID.test(id) ? id.toLowerCase() : undefined
 }
 
-/** `toISOString()` is fixed-width, so text order is time order on both engines. */
-const now = () => new Date().toISOString()
+/**
+ * `toISOString()` is fixed-width, so text order is time order on both engines. Strictly
+ * increasing within the process, so "newest first" is exact even for rows written in the same
+ * millisecond (a burst of more than 1000 writes a second runs ahead of the clock by a few ms).
+ */
+let last = 0
+const now = () => {
+  last = Math.max(Date.now(), last + 1)
+  return new Date(last).toISOString()
+}
 
 function encodeCursor(row: { created_at: string; id: string }): string {
   return Buffer.from(JSON.stringify([row.created_at, row.id])).toString('base64url')
@@ -396,14 +404,16 @@ export class KyselyStore implements Store {
     const id = uuidOrUndefined(sessionId)
     if (!id) throw sessionNotFound()
     return this.#db.transaction().execute(async (trx) => {
+      const at = now()
+      // Any event is activity: a session used only through /execute must not be swept as idle.
       const seq = await trx
         .updateTable('sessions')
-        .set((eb) => ({ event_seq: eb('event_seq', '+', 1) }))
+        .set((eb) => ({ event_seq: eb('event_seq', '+', 1), updated_at: at }))
         .where('id', '=', id)
         .returning('event_seq')
         .executeTakeFirst()
       if (!seq) throw sessionNotFound()
-      return this.#insertEvent(trx, { session_id: id, id: seq.event_seq, type, data, at: now() })
+      return this.#insertEvent(trx, { session_id: id, id: seq.event_seq, type, data, at })
     })
   }
 
@@ -422,10 +432,6 @@ export class KyselyStore implements Store {
     return toEvent(row)
   }
 
-  /**
-   * `startId` is where the walk begins and `endId` where it stops, both inclusive: ascending
-   * from 1 by default, or descending from the newest event when `reverse` is set.
-   */
   async listEvents(
     sessionId: string,
     opts: { startId?: number; endId?: number; reverse?: boolean; limit: number },

@@ -88,7 +88,10 @@ export interface Store {
   clearMessages(sessionId: string): Promise<void>
 
   appendEvent(sessionId: string, type: string, data: unknown): Promise<EventRecord>
-  /** `endId` is inclusive; `reverse` returns newest first. */
+  /**
+   * Walks from `startId` to `endId`, both inclusive: ascending from 1 by default, or newest first
+   * from the latest event when `reverse` is set (then `startId` is the upper bound).
+   */
   listEvents(
     sessionId: string,
     opts: { startId?: number; endId?: number; reverse?: boolean; limit: number },

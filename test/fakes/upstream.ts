@@ -42,6 +42,7 @@ export interface RecordedRequest {
   path: string
   headers: IncomingMessage['headers']
   /** Parsed JSON body, or the raw text when it is not JSON, or undefined when empty. */
+  // biome-ignore lint/suspicious/noExplicitAny: tests reach deep into whatever JSON the client sent
   body: any
   /** The client closed the connection before the response was complete. */
   aborted: boolean
@@ -77,6 +78,14 @@ export const httpError = (status: number, message: string, options: Delivery & {
   ...options,
 })
 
+/** The fields of a chat completion request the fake looks at. */
+interface ChatBody {
+  model?: unknown
+  messages?: unknown
+  stream?: unknown
+  stream_options?: { include_usage?: unknown }
+}
+
 const DEFAULT_STEP: Step = { kind: 'text', text: 'ok' }
 const MODELS = ['fake-model', 'gpt-4o-mini']
 
@@ -89,8 +98,8 @@ function split(value: string, parts: number): string[] {
   return pieces
 }
 
-function estimateUsage(body: any, completionChars: number): Usage {
-  const prompt = Math.max(1, Math.ceil(JSON.stringify(body?.messages ?? []).length / 4))
+function estimateUsage(body: ChatBody, completionChars: number): Usage {
+  const prompt = Math.max(1, Math.ceil(JSON.stringify(body.messages ?? []).length / 4))
   const completion = Math.max(1, Math.ceil(completionChars / 4))
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
 }
@@ -113,7 +122,13 @@ const sleep = (ms: number | undefined, signal: AbortSignal) =>
     )
   })
 
-export async function startFakeUpstream(): Promise<FakeUpstream> {
+export interface FakeUpstreamOptions {
+  /** Keep every request in `requests` (default). Benchmarks turn it off so memory stays flat. */
+  record?: boolean
+}
+
+export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Promise<FakeUpstream> {
+  const keep = options.record ?? true
   const queue: Step[] = []
   const requests: RecordedRequest[] = []
   const inFlight = new Set<Promise<void>>()
@@ -123,21 +138,21 @@ export async function startFakeUpstream(): Promise<FakeUpstream> {
     req.on('data', (chunk: Buffer) => chunks.push(chunk))
     req.on('end', () => {
       const raw = Buffer.concat(chunks).toString('utf8')
-      let body: any
+      let body: unknown
       try {
         body = raw ? JSON.parse(raw) : undefined
       } catch {
         body = raw
       }
-      const record: RecordedRequest = {
+      const entry: RecordedRequest = {
         method: req.method ?? 'GET',
         path: req.url ?? '/',
         headers: req.headers,
         body,
         aborted: false,
       }
-      requests.push(record)
-      const done = handle(record, res).catch(() => {
+      if (keep) requests.push(entry)
+      const done = handle(entry, res).catch(() => {
         res.destroy()
       })
       inFlight.add(done)
@@ -169,13 +184,13 @@ export async function startFakeUpstream(): Promise<FakeUpstream> {
         error: { message: step.message, type: step.type ?? 'server_error', code: step.code ?? null, param: null },
       })
     }
-    const body = record.body ?? {}
+    const body: ChatBody = typeof record.body === 'object' && record.body !== null ? record.body : {}
     const model = typeof body.model === 'string' ? body.model : 'fake-model'
     if (body.stream === true) return stream(step, body, model, res, closed.signal)
     return json(res, 200, completion(step, body, model))
   }
 
-  function completion(step: Extract<Step, { kind: 'text' | 'tool' }>, body: any, model: string) {
+  function completion(step: Extract<Step, { kind: 'text' | 'tool' }>, body: ChatBody, model: string) {
     const content = step.kind === 'text' ? step.text : (step.text ?? null)
     const toolCalls =
       step.kind === 'tool'
@@ -205,7 +220,7 @@ export async function startFakeUpstream(): Promise<FakeUpstream> {
 
   async function stream(
     step: Extract<Step, { kind: 'text' | 'tool' }>,
-    body: any,
+    body: ChatBody,
     model: string,
     res: ServerResponse,
     closed: AbortSignal,

@@ -39,10 +39,10 @@ t.test('list pagination: newest first, cursor neither skips nor repeats while cr
   const seen: string[] = []
   let cursor: string | null = null
   do {
-    const res = await app.inject({ url: `/v1/sessions?limit=5${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`, headers: auth() })
+    const res: { statusCode: number; json(): { sessions: { session_id: string }[]; next_cursor: string | null } } = await app.inject({ url: `/v1/sessions?limit=5${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`, headers: auth() })
     t.equal(res.statusCode, 200)
     const page = res.json()
-    seen.push(...page.sessions.map((s: { session_id: string }) => s.session_id))
+    seen.push(...page.sessions.map((s) => s.session_id))
     cursor = page.next_cursor
     await app.inject({ method: 'POST', url: '/v1/sessions', headers: auth() })
   } while (cursor)
