@@ -3,7 +3,7 @@ import type { LmcMessage } from '../../schemas/lmc.js'
 import type { Language } from '../kernels/types.js'
 
 export const EXECUTE_TOOL = 'execute'
-export const WORKSPACE_DIR = '/workspace'
+const WORKSPACE_DIR = '/workspace'
 
 export interface ContextOptions {
   languages: Language[]
@@ -197,7 +197,7 @@ function stringContent(message: LmcMessage): string {
 }
 
 /** A fence longer than any backtick run inside, so the content cannot close it early. */
-export function fence(tag: string, body: string): string {
+function fence(tag: string, body: string): string {
   const longest = Math.max(0, ...(body.match(/`+/g) ?? []).map((run) => run.length))
   const ticks = '`'.repeat(Math.max(3, longest + 1))
   return `${ticks}${tag}\n${body}\n${ticks}`

@@ -187,14 +187,8 @@ function lastWhitespace(text: string): number {
 const ASSISTANT_TEXT: Head = { role: 'assistant', type: 'message', format: 'text' }
 const consoleHead = (stream: 'stdout' | 'stderr'): Head => ({ role: 'computer', type: 'console', format: 'output', stream })
 
-/** Code the model asked to run, once its message is complete. */
-interface PendingCode {
-  message: LmcMessage
-  language: Language | undefined
-  code: string
-  /** Why it cannot run, told to the model instead of running it. */
-  problem?: string
-}
+/** Code the model asked to run, once its message is complete, or why it cannot run. */
+type PendingCode = { message: LmcMessage } & ({ language: Language; code: string } | { problem: string })
 
 interface Reply {
   /** Returns true when the rest of the upstream answer is not wanted. */
@@ -364,8 +358,8 @@ class Turn {
   }
 
   private async runCode(item: PendingCode): Promise<void> {
-    if (item.problem || !item.language) {
-      await this.say(consoleHead('stderr'), item.problem ?? 'The code was not run.')
+    if ('problem' in item) {
+      await this.say(consoleHead('stderr'), item.problem)
       return
     }
     if (!this.opts.autoRun) {
@@ -532,17 +526,23 @@ class ToolReply implements Reply {
     } else {
       message = await this.turn.say({ role: 'assistant', type: 'code', format: language ?? 'text' }, code)
     }
-    let problem: string | undefined
     if (!args) {
-      problem = 'The tool call arguments were not valid JSON (the answer may have been cut off by the token limit); the code was not run.'
-    } else if (call.name !== EXECUTE_TOOL && !languageNamedByTool(call.name)) {
-      problem = `There is no tool named "${call.name}"; the only tool is "${EXECUTE_TOOL}". The code was not run.`
-    } else if (!language || !this.turn.languages.includes(language)) {
-      problem = `The language "${named ?? ''}" is not available; use one of: ${this.turn.languages.join(', ')}. The code was not run.`
-    } else if (!code.trim()) {
-      problem = 'No code was given.'
+      return {
+        message,
+        problem: 'The tool call arguments were not valid JSON (the answer may have been cut off by the token limit); the code was not run.',
+      }
     }
-    return { message, language, code, problem }
+    if (call.name !== EXECUTE_TOOL && !languageNamedByTool(call.name)) {
+      return { message, problem: `There is no tool named "${call.name}"; the only tool is "${EXECUTE_TOOL}". The code was not run.` }
+    }
+    if (!language || !this.turn.languages.includes(language)) {
+      return {
+        message,
+        problem: `The language "${named ?? ''}" is not available; use one of: ${this.turn.languages.join(', ')}. The code was not run.`,
+      }
+    }
+    if (!code.trim()) return { message, problem: 'No code was given.' }
+    return { message, language, code }
   }
 }
 

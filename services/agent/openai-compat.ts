@@ -44,7 +44,7 @@ export function fromChatMessages(messages: CompatMessage[]): CompatConversation 
   const system: string[] = []
   messages.forEach((message, i) => {
     const at = `messages[${i}]`
-    if (typeof message?.type === 'string' && LMC_TYPES.has(message.type)) {
+    if (typeof message?.type === 'string' && LMC_TYPES.has(message.type) && LMC_ROLES.has(message.role)) {
       inputs.push(lmcInput(message, at))
       return
     }
@@ -72,7 +72,6 @@ export function fromChatMessages(messages: CompatMessage[]): CompatConversation 
 }
 
 function lmcInput(message: CompatMessage, at: string): LmcInput {
-  if (!LMC_ROLES.has(message.role)) throw invalidRequest(`Unknown LMC role "${message.role}"`, `${at}.role`, 'invalid_message')
   if (message.format !== undefined && !LMC_FORMATS.has(message.format)) {
     throw invalidRequest(`Unknown LMC format "${message.format}"`, `${at}.format`, 'invalid_message')
   }

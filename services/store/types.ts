@@ -87,6 +87,7 @@ export interface Store {
   allMessages(sessionId: string): Promise<LmcMessage[]>
   clearMessages(sessionId: string): Promise<void>
 
+  /** Also bumps the session's updated_at: any event is activity. */
   appendEvent(sessionId: string, type: string, data: unknown): Promise<EventRecord>
   /**
    * Walks from `startId` to `endId`, both inclusive: ascending from 1 by default, or newest first

@@ -130,7 +130,8 @@ t.test('fromChatMessages: bad input is a 400 naming the field', async (t) => {
   t.throws(() => fromChatMessages([{ role: 'user', content: [{ type: 'input_audio' }] }]), invalid('messages[0].content[0]'))
   t.throws(() => fromChatMessages([{ role: 'user', content: 42 }]), invalid('messages[0].content'))
   t.throws(() => fromChatMessages([{ role: 'user', type: 'message', format: 'docx', content: 'x' }]), invalid('messages[0].format'))
-  t.throws(() => fromChatMessages([{ role: 'system', type: 'message', content: 'x' }]), invalid('messages[0].role'))
+  t.throws(() => fromChatMessages([{ role: 'robot', type: 'message', content: 'x' }]), invalid('messages[0].role'))
+  t.same(fromChatMessages([{ role: 'system', type: 'message', content: 'Be brief.' }]), { inputs: [], systemMessage: 'Be brief.' })
 })
 
 t.test('renderContent: code and output as fenced blocks', async (t) => {
