@@ -26,8 +26,8 @@ export class EventBus {
 
   /** Live events of a session from now on; returns the unsubscribe function. */
   subscribe(sessionId: string, listener: EventListener): () => void {
-    let set = this.listeners.get(sessionId)
-    if (!set) this.listeners.set(sessionId, (set = new Set()))
+    const set = this.listeners.get(sessionId) ?? new Set<EventListener>()
+    this.listeners.set(sessionId, set)
     set.add(listener)
     return () => {
       set.delete(listener)

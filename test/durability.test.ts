@@ -9,8 +9,12 @@ import { auth, tempDir } from './helpers/build.js'
 import { type ServerProcess, startServer } from './helpers/server-process.js'
 
 const KEY = 'durability-key'
-const CLIENTS = 8
+const CLIENTS = Number(process.env.XC ?? 8)
 const KILL_AFTER_ACKS = 300
+
+/** Heavy enough bodies (about 12 KiB of metadata) keep the server busy while requests are queued. */
+const filler = (seed: string) =>
+  Object.fromEntries(Array.from({ length: 48 }, (_, i) => [`f${i}`, `${seed}:${i}:`.padEnd(250, 'x')]))
 
 interface Content {
   title: string
@@ -35,6 +39,8 @@ interface Burst {
   /** Creates sent whose answer never came: they may or may not have been stored. */
   unansweredCreates: number
   inFlightAtKill: number
+  /** Requests the kill left without an answer. */
+  cutOff: number
 }
 
 /**
@@ -43,7 +49,7 @@ interface Burst {
  * A request that fails before the kill fails the test: only the kill may cost answers.
  */
 async function burstThenKill(t: Test, server: ServerProcess): Promise<Burst> {
-  const burst: Burst = { sessions: [], acks: 0, unansweredCreates: 0, inFlightAtKill: 0 }
+  const burst: Burst = { sessions: [], acks: 0, unansweredCreates: 0, inFlightAtKill: 0, cutOff: 0 }
   let inFlight = 0
   let killed: Promise<number | null> | undefined
   const headers = { ...auth(KEY), 'content-type': 'application/json' }
@@ -64,6 +70,7 @@ async function burstThenKill(t: Test, server: ServerProcess): Promise<Burst> {
       return { ok: res.ok, json }
     } catch (err) {
       if (!killed) t.fail(`${method} ${path} failed before the kill: ${(err as Error).message}`)
+      burst.cutOff++
       return undefined
     } finally {
       inFlight--
@@ -82,10 +89,10 @@ async function burstThenKill(t: Test, server: ServerProcess): Promise<Burst> {
   const client = async (c: number) => {
     const own: Tracked[] = []
     for (let step = 0; !killed; step++) {
-      const padding = 'x'.repeat((c * 31 + step * 17) % 400)
+      const padding = filler(`${c}.${step}`)
       const target = step % 3 === 0 || own.length === 0 ? undefined : own[(step * 7) % own.length]!
       if (!target) {
-        const content: Content = { title: `c${c} s${own.length} v0`, metadata: { client: c, session: own.length, version: 0, padding } }
+        const content: Content = { title: `c${c} s${own.length} v0`, metadata: { client: c, session: own.length, version: 0, ...padding } }
         const res = await send('POST', '/v1/sessions', content)
         if (res?.json?.session_id) {
           const tracked: Tracked = { id: res.json.session_id, acked: content }
@@ -100,7 +107,7 @@ async function burstThenKill(t: Test, server: ServerProcess): Promise<Burst> {
         const version = Number(target.acked.metadata.version) + 1
         const content: Content = {
           title: `c${c} s${target.acked.metadata.session} v${version}`,
-          metadata: { ...target.acked.metadata, version, padding },
+          metadata: { ...target.acked.metadata, version, ...padding },
         }
         target.unanswered = content
         const res = await send('PATCH', `/v1/sessions/${target.id}`, content)
@@ -169,6 +176,7 @@ async function checkRestored(t: Test, server: ServerProcess, burst: Burst) {
 const sanity = (t: Test, burst: Burst) => {
   t.ok(burst.acks >= KILL_AFTER_ACKS, `${burst.acks} writes acknowledged before the server died`)
   t.ok(burst.inFlightAtKill > 0, `${burst.inFlightAtKill} request(s) in flight at the kill`)
+  t.comment(`${burst.cutOff} request(s) never answered`)
   t.ok(burst.sessions.length > 0 && burst.sessions.length < burst.acks, 'the burst mixes creates and updates')
 }
 

@@ -1,0 +1,64 @@
+import { join } from 'node:path'
+import type { FastifyInstance } from 'fastify'
+import fp from 'fastify-plugin'
+import type { Config } from '../config.js'
+import { KernelManager } from '../services/kernels/manager.js'
+import { checkSandbox } from '../services/kernels/sandbox.js'
+import { Workspaces } from '../services/workspaces.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    kernels: KernelManager
+    workspaces: Workspaces
+  }
+}
+
+/**
+ * Kernels and workspaces live under DATA_DIR/workspaces. Deleting or expiring a session stops
+ * its kernels and removes its workspace; closing the app kills every kernel.
+ */
+export default fp(
+  async function kernels(app: FastifyInstance, { config }: { config: Config }) {
+    const workspacesDir = join(config.DATA_DIR, 'workspaces')
+    const options = {
+      workspacesDir,
+      sandbox: config.SANDBOX,
+      sandboxNetwork: config.SANDBOX_NETWORK,
+      pythonBin: config.PYTHON_BIN,
+      nodeBin: config.NODE_BIN,
+      bashBin: config.BASH_BIN,
+      idleSeconds: config.KERNEL_IDLE_SECONDS,
+      maxKernels: config.MAX_KERNELS,
+      execTimeoutMs: config.EXEC_TIMEOUT_MS,
+      execGraceMs: config.EXEC_GRACE_MS,
+      outputLimitBytes: config.EXEC_OUTPUT_LIMIT_BYTES,
+      memoryMb: config.KERNEL_MEMORY_MB,
+      maxProcesses: config.KERNEL_MAX_PROCESSES,
+      maxFileMb: config.KERNEL_MAX_FILE_MB,
+      maxOpenFiles: config.KERNEL_MAX_OPEN_FILES,
+    }
+    const manager = new KernelManager(options, app.log)
+    const workspaces = new Workspaces(workspacesDir, { maxFileBytes: config.FILE_MAX_BYTES })
+    app.decorate('kernels', manager)
+    app.decorate('workspaces', workspaces)
+
+    if (config.SANDBOX === 'none')
+      app.log.warn('SANDBOX=none: executed code runs WITHOUT isolation and can read this server\'s files and environment')
+    app.readiness.set('sandbox', async () => {
+      if (config.SANDBOX === 'none') return
+      const result = await checkSandbox(options)
+      if (!result.ok) throw new Error(result.reason ?? 'bubblewrap does not work on this host')
+    })
+
+    app.sessions.onDelete(async (sessionId) => {
+      await manager.shutdownSession(sessionId)
+      await workspaces.removeWorkspace(sessionId)
+    })
+    const gauge = setInterval(() => app.metrics.liveKernels.set(manager.stats().live), 5000).unref()
+    app.addHook('onClose', async () => {
+      clearInterval(gauge)
+      await manager.close()
+    })
+  },
+  { name: 'kernels', dependencies: ['sessions', 'readiness', 'metrics'] },
+)

@@ -1,0 +1,92 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { principal } from '../plugins/auth.js'
+import { disconnectSignal, openSse } from '../plugins/sse.js'
+import { Ack, ChatBody, ChatResponse, ConfirmBody } from '../schemas/chat.js'
+import { protectedErrors, SessionIdParams } from '../schemas/common.js'
+import { ApiError } from '../services/errors.js'
+import { toApiError, envelope } from '../plugins/errors.js'
+
+const chat: FastifyPluginAsyncTypebox = async (app) => {
+  app.post(
+    '/v1/chat',
+    {
+      config: { sessionRateLimit: true },
+      schema: {
+        tags: ['chat'],
+        summary: 'Run one agent turn (JSON, or SSE with stream: true)',
+        description:
+          'Without session_id a new session is created. The stream sends `event: message` LMC chunks, `event: error` on failure and finally `event: done` with the session id and usage.',
+        body: ChatBody,
+        response: { 200: ChatResponse, ...protectedErrors(400, 404, 409, 502, 503, 504) },
+      },
+    },
+    async (request, reply) => {
+      const { tenantId } = principal(request)
+      const body = request.body
+      const session = body.session_id
+        ? await app.sessions.get(tenantId, body.session_id)
+        : await app.sessions.create(tenantId, { model: body.config?.llm?.model })
+      reply.header('x-session-id', session.id)
+      const base = { tenantId, sessionId: session.id, inputs: body.messages, config: body.config }
+
+      if (!body.stream) {
+        const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
+        return { message: result.final, messages: result.messages, session_id: session.id, usage: result.usage }
+      }
+
+      let sse: ReturnType<typeof openSse> | undefined
+      const running = app.chat.run({ ...base, emit: (chunk) => sse?.send(chunk, 'message'), signal: undefined })
+      sse = openSse(request, reply)
+      sse.signal.addEventListener('abort', () => app.runs.stop(session.id), { once: true })
+      try {
+        const result = await running
+        sse.send({ session_id: session.id, usage: result.usage, stopped: result.stopped }, 'done')
+      } catch (err) {
+        const apiError = toApiError(err as Error)
+        if (apiError.statusCode >= 500 && !(err instanceof ApiError)) request.log.error({ err }, 'run failed')
+        sse.send(envelope(apiError), 'error')
+      } finally {
+        sse.close()
+      }
+      return reply
+    },
+  )
+
+  app.post(
+    '/v1/sessions/:id/stop',
+    {
+      schema: {
+        tags: ['chat'],
+        summary: 'Cancel the running turn (upstream request aborted, code interrupted)',
+        params: SessionIdParams,
+        response: { 200: Ack, ...protectedErrors(404) },
+      },
+    },
+    async (request) => {
+      const session = await app.sessions.get(principal(request).tenantId, request.params.id)
+      const stopped = app.runs.stop(session.id)
+      return stopped ? { ok: true } : { ok: false, detail: 'No run in progress' }
+    },
+  )
+
+  app.post(
+    '/v1/sessions/:id/confirm',
+    {
+      schema: {
+        tags: ['chat'],
+        summary: 'Approve or decline the code a run is waiting on (auto_run: false)',
+        params: SessionIdParams,
+        body: ConfirmBody,
+        response: { 200: Ack, ...protectedErrors(400, 404, 409) },
+      },
+    },
+    async (request) => {
+      const session = await app.sessions.get(principal(request).tenantId, request.params.id)
+      if (!app.runs.get(session.id)?.confirm(request.body.approve))
+        throw new ApiError(409, 'conflict_error', 'nothing_to_confirm', 'No run in this session is waiting for a confirmation')
+      return { ok: true }
+    },
+  )
+}
+
+export default chat

@@ -1,0 +1,173 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import type {} from '@fastify/websocket'
+import type { FastifyRequest } from 'fastify'
+import type { WebSocket } from 'ws'
+import { principal } from '../plugins/auth.js'
+import { envelope, toApiError } from '../plugins/errors.js'
+import { protectedErrors, SessionIdParams } from '../schemas/common.js'
+import type { Principal } from '../services/auth.js'
+import type { EventRecord } from '../services/store/types.js'
+
+const Event = Type.Object({ id: Type.Integer(), type: Type.String(), created_at: Type.String(), data: Type.Unknown() })
+const view = (e: EventRecord) => ({ id: e.id, type: e.type, created_at: e.createdAt, data: e.data })
+
+/** WebSocket close codes (documented in the README). */
+export const CLOSE = { unauthorized: 4001, notFound: 4004, tooSlow: 4008 } as const
+const AUTH_TIMEOUT_MS = 10_000
+const REPLAY_PAGE = 100
+/** Past this many unsent bytes the subscriber is dropped; it resumes with latest_event_id. */
+const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
+
+/** The event log over REST (protected scope). */
+export const eventLog: FastifyPluginAsyncTypebox = async (app) => {
+  app.get(
+    '/v1/sessions/:id/events',
+    {
+      schema: {
+        tags: ['events'],
+        summary: 'Search the session event log',
+        params: SessionIdParams,
+        querystring: Type.Object({
+          start_id: Type.Optional(Type.Integer({ minimum: 0 })),
+          end_id: Type.Optional(Type.Integer({ minimum: 0, description: 'inclusive' })),
+          reverse: Type.Boolean({ default: false }),
+          limit: Type.Integer({ minimum: 1, maximum: 100, default: 20 }),
+        }),
+        response: { 200: Type.Object({ events: Type.Array(Event), has_more: Type.Boolean() }), ...protectedErrors(400, 404) },
+      },
+    },
+    async (request) => {
+      const session = await app.sessions.get(principal(request).tenantId, request.params.id)
+      const q = request.query
+      const page = await app.store.listEvents(session.id, { startId: q.start_id, endId: q.end_id, reverse: q.reverse, limit: q.limit })
+      return { events: page.events.map(view), has_more: page.hasMore }
+    },
+  )
+}
+
+type ClientFrame =
+  | { type: 'auth'; token: string }
+  | { type: 'message'; content: string }
+  | { type: 'stop' }
+  | { type: 'confirm'; approve: boolean }
+
+function parseFrame(data: unknown): ClientFrame | undefined {
+  try {
+    const frame = JSON.parse(String(data))
+    if (frame?.type === 'auth' && typeof frame.token === 'string') return frame
+    if (frame?.type === 'message' && typeof frame.content === 'string' && frame.content.length > 0) return frame
+    if (frame?.type === 'stop') return frame
+    if (frame?.type === 'confirm' && typeof frame.approve === 'boolean') return frame
+  } catch {
+    // not JSON: answered below as an invalid frame
+  }
+  return undefined
+}
+
+/**
+ * The live socket. It sits outside the bearer-auth scope because browsers cannot set headers on
+ * a WebSocket: the key comes in the Authorization header or in a first `auth` frame (never in
+ * the query string, which ends up in logs).
+ */
+export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
+  app.get(
+    '/v1/sessions/:id/events/ws',
+    {
+      websocket: true,
+      schema: {
+        tags: ['events'],
+        summary: 'Live events over WebSocket, with replay after latest_event_id',
+        description:
+          'Authenticate with the Authorization header or a first frame {"type":"auth","token"}. Client frames: message, stop, confirm. Close codes: 4001 unauthorized, 4004 session not found, 4008 too slow (resume with latest_event_id).',
+        params: SessionIdParams,
+        querystring: Type.Object({ latest_event_id: Type.Integer({ minimum: 0, default: 0 }) }),
+      },
+    },
+    (socket: WebSocket, request: FastifyRequest<{ Params: { id: string }; Querystring: { latest_event_id: number } }>) => {
+      const pending: unknown[] = []
+      let authed: Principal | undefined
+      let unsubscribe: (() => void) | undefined
+      let ready = false
+      const send = (frame: unknown) => {
+        if (socket.readyState !== socket.OPEN) return
+        if (socket.bufferedAmount > MAX_BUFFERED_BYTES) return socket.close(CLOSE.tooSlow, 'subscriber too slow; reconnect with latest_event_id')
+        socket.send(JSON.stringify(frame))
+      }
+      const fail = (err: unknown) => send({ type: 'error', ...envelope(toApiError(err as Error)) })
+
+      const start = async (who: Principal) => {
+        authed = who
+        const session = await app.store.getSession(who.tenantId, request.params.id)
+        if (!session) return socket.close(CLOSE.notFound, 'session not found')
+        // Subscribe before reading the log: live events that arrive during the replay wait in
+        // `live` and are sent after it, skipping any the replay already covered.
+        let last = request.query.latest_event_id
+        let live: EventRecord[] | undefined = []
+        unsubscribe = app.bus.subscribe(session.id, (event) => {
+          if (live) live.push(event)
+          else if (event.id > last) {
+            last = event.id
+            send({ type: 'event', event: view(event) })
+          }
+        })
+        for (;;) {
+          const page = await app.store.listEvents(session.id, { startId: last + 1, limit: REPLAY_PAGE })
+          for (const event of page.events) {
+            last = event.id
+            send({ type: 'event', event: view(event) })
+          }
+          if (!page.hasMore) break
+        }
+        for (const event of live) {
+          if (event.id <= last) continue
+          last = event.id
+          send({ type: 'event', event: view(event) })
+        }
+        live = undefined
+        ready = true
+        send({ type: 'ready', latest_event_id: last })
+        for (const frame of pending.splice(0)) await handle(frame)
+      }
+
+      const handle = async (raw: unknown) => {
+        const frame = parseFrame(raw)
+        if (!frame) return send({ type: 'error', error: { message: 'Invalid frame', type: 'validation_error', code: 'invalid_message', param: null } })
+        if (frame.type === 'auth') return
+        const who = authed!
+        try {
+          if (frame.type === 'stop') app.runs.stop(request.params.id)
+          else if (frame.type === 'confirm') app.runs.get(request.params.id)?.confirm(frame.approve)
+          else
+            app.chat
+              .run({ tenantId: who.tenantId, sessionId: request.params.id, inputs: [{ role: 'user', type: 'message', content: frame.content }] })
+              .catch(fail)
+        } catch (err) {
+          fail(err)
+        }
+      }
+
+      socket.on('close', () => unsubscribe?.())
+      socket.on('message', (data) => {
+        if (authed && !ready) pending.push(data)
+        else if (authed) void handle(data)
+        else if (!request.headers.authorization) {
+          const frame = parseFrame(data)
+          clearTimeout(timer)
+          if (frame?.type !== 'auth') return socket.close(CLOSE.unauthorized, 'authenticate first')
+          void app.keys.resolve(frame.token).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
+        }
+      })
+
+      const timer = setTimeout(() => {
+        if (!authed) socket.close(CLOSE.unauthorized, 'authentication timed out')
+      }, AUTH_TIMEOUT_MS)
+      const header = request.headers.authorization
+      if (header) {
+        clearTimeout(timer)
+        const token = /^Bearer (.+)$/.exec(header)?.[1]?.trim() ?? ''
+        void app.keys.resolve(token).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
+      }
+    },
+  )
+}

@@ -1,0 +1,139 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { principal } from '../plugins/auth.js'
+import { envelope, toApiError } from '../plugins/errors.js'
+import { disconnectSignal, openSse } from '../plugins/sse.js'
+import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
+import { protectedErrors } from '../schemas/common.js'
+import { buildCompletion, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
+import { notFound } from '../services/errors.js'
+import type { LmcInput } from '../schemas/lmc.js'
+
+const ChatCompletion = Type.Object(
+  {
+    id: Type.String(),
+    object: Type.Literal('chat.completion'),
+    created: Type.Integer(),
+    model: Type.String(),
+    choices: Type.Array(
+      Type.Object({
+        index: Type.Integer(),
+        message: Type.Object({
+          role: Type.Literal('assistant'),
+          content: Type.Union([Type.String(), Type.Null()]),
+          refusal: Type.Union([Type.String(), Type.Null()]),
+        }),
+        logprobs: Type.Union([Type.Null(), Type.Object({}, { additionalProperties: true })]),
+        finish_reason: Type.String(),
+      }),
+    ),
+    usage: Type.Optional(Usage),
+  },
+  { description: 'OpenAI chat.completion; with stream: true, chat.completion.chunk events ending in data: [DONE]' },
+)
+
+/** Messages a bound session has not seen yet: what follows the request's last assistant message. */
+function newInputs(inputs: LmcInput[], sessionHasHistory: boolean): LmcInput[] {
+  if (!sessionHasHistory) return inputs
+  let last = -1
+  inputs.forEach((m, i) => {
+    if (m.role !== 'user') last = i
+  })
+  return inputs.slice(last + 1)
+}
+
+const openai: FastifyPluginAsyncTypebox = async (app) => {
+  const created = Math.floor(Date.now() / 1000)
+  const modelView = (id: string) => ({ id, object: 'model' as const, created, owned_by: 'oi-server' })
+
+  app.get(
+    '/v1/models',
+    { schema: { tags: ['openai'], summary: 'List models (OpenAI format)', response: { 200: ModelList, ...protectedErrors() } } },
+    async () => ({ object: 'list' as const, data: (await app.llm.models()).map(modelView) }),
+  )
+
+  app.get(
+    '/v1/models/*',
+    {
+      schema: {
+        tags: ['openai'],
+        summary: 'Get a model (ids may contain slashes, e.g. bedrock/anthropic.claude-3)',
+        params: Type.Object({ '*': Type.String() }),
+        response: { 200: Model, ...protectedErrors(404) },
+      },
+    },
+    async (request) => {
+      const id = request.params['*']
+      if (!(await app.llm.models()).includes(id)) throw notFound(`Model '${id}'`)
+      return modelView(id)
+    },
+  )
+
+  app.post(
+    '/v1/chat/completions',
+    {
+      config: { sessionRateLimit: true },
+      schema: {
+        tags: ['openai'],
+        summary: 'OpenAI-compatible chat completions, with the agent running code',
+        description:
+          'Bind to a session with `session_id` in the body or the `X-Session-Id` header; otherwise a new session is made. The response carries `X-Session-Id`.',
+        body: CompletionBody,
+        response: { 200: ChatCompletion, ...protectedErrors(400, 404, 409, 502, 503, 504) },
+      },
+    },
+    async (request, reply) => {
+      const { tenantId } = principal(request)
+      const body = request.body
+      const header = request.headers['x-session-id']
+      const sessionId = body.session_id ?? (typeof header === 'string' ? header : undefined)
+      const conversation = fromChatMessages(body.messages as CompatMessage[])
+      const session = sessionId
+        ? await app.sessions.get(tenantId, sessionId)
+        : await app.sessions.create(tenantId, { model: body.model, metadata: { source: 'chat.completions' } })
+      reply.header('x-session-id', session.id)
+      const inputs = newInputs(conversation.inputs, session.messageCount > 0)
+      const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined
+      const config = {
+        llm: {
+          ...(body.model ? { model: body.model } : {}),
+          ...(body.temperature != null ? { temperature: body.temperature } : {}),
+          ...(maxTokens ? { max_tokens: maxTokens } : {}),
+        },
+      }
+      const model = body.model ?? (await app.settings.effective(tenantId, config)).model
+      const meta = { id: completionId(), created: Math.floor(Date.now() / 1000), model }
+      const base = { tenantId, sessionId: session.id, inputs, config, systemMessage: conversation.systemMessage }
+
+      if (!body.stream) {
+        const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
+        return buildCompletion(meta, renderContent(result.messages), result.usage)
+      }
+
+      const chunks = new CompletionChunks(meta)
+      let sse: ReturnType<typeof openSse> | undefined
+      const running = app.chat.run({
+        ...base,
+        emit: (lmc) => {
+          for (const chunk of chunks.push(lmc)) sse?.send(chunk)
+        },
+      })
+      sse = openSse(request, reply)
+      sse.signal.addEventListener('abort', () => app.runs.stop(session.id), { once: true })
+      sse.send(chunks.start())
+      try {
+        const result = await running
+        for (const chunk of chunks.finish('stop')) sse.send(chunk)
+        if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
+      } catch (err) {
+        sse.send(envelope(toApiError(err as Error)))
+      } finally {
+        sse.data('[DONE]')
+        sse.close()
+      }
+      return reply
+    },
+  )
+}
+
+export default openai

@@ -1,0 +1,52 @@
+import { Type } from '@sinclair/typebox'
+import { LmcInput } from './lmc.js'
+import { RunConfig } from './settings.js'
+
+export const Usage = Type.Object({
+  prompt_tokens: Type.Integer(),
+  completion_tokens: Type.Integer(),
+  total_tokens: Type.Integer(),
+})
+
+export const ChatBody = Type.Object(
+  {
+    messages: Type.Array(LmcInput, { minItems: 1, maxItems: 1000 }),
+    session_id: Type.Optional(Type.String({ maxLength: 64 })),
+    stream: Type.Optional(Type.Boolean({ default: false })),
+    config: Type.Optional(RunConfig),
+  },
+  { additionalProperties: false },
+)
+
+export const ChatResponse = Type.Object({
+  message: Type.Ref('LmcMessage'),
+  messages: Type.Array(Type.Ref('LmcMessage')),
+  session_id: Type.String(),
+  usage: Usage,
+})
+
+export const ConfirmBody = Type.Object({ approve: Type.Boolean() }, { additionalProperties: false })
+export const Ack = Type.Object({ ok: Type.Boolean(), detail: Type.Optional(Type.String()) })
+
+/** OpenAI Chat Completions request: the fields used; anything else is accepted and ignored. */
+export const CompletionBody = Type.Object(
+  {
+    model: Type.Optional(Type.String({ maxLength: 200 })),
+    messages: Type.Array(Type.Object({ role: Type.String() }, { additionalProperties: true }), { minItems: 1, maxItems: 1000 }),
+    stream: Type.Optional(Type.Union([Type.Boolean(), Type.Null()])),
+    stream_options: Type.Optional(Type.Union([Type.Object({ include_usage: Type.Optional(Type.Boolean()) }, { additionalProperties: true }), Type.Null()])),
+    temperature: Type.Optional(Type.Union([Type.Number({ minimum: 0, maximum: 2 }), Type.Null()])),
+    max_tokens: Type.Optional(Type.Union([Type.Integer({ minimum: 1 }), Type.Null()])),
+    max_completion_tokens: Type.Optional(Type.Union([Type.Integer({ minimum: 1 }), Type.Null()])),
+    session_id: Type.Optional(Type.String({ maxLength: 64 })),
+  },
+  { additionalProperties: true },
+)
+
+export const Model = Type.Object({
+  id: Type.String(),
+  object: Type.Literal('model'),
+  created: Type.Integer(),
+  owned_by: Type.String(),
+})
+export const ModelList = Type.Object({ object: Type.Literal('list'), data: Type.Array(Model) })

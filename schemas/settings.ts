@@ -1,0 +1,50 @@
+import { type Static, Type } from '@sinclair/typebox'
+
+/** What a tenant may change. Server-level safety settings (sandbox, network, upstream) are not here on purpose. */
+export const SettingsFields = {
+  model: Type.String({ minLength: 1, maxLength: 200 }),
+  temperature: Type.Number({ minimum: 0, maximum: 2 }),
+  max_tokens: Type.Integer({ minimum: 1, maximum: 1_000_000 }),
+  auto_run: Type.Boolean(),
+  system_message: Type.String({ maxLength: 50_000 }),
+  custom_instructions: Type.String({ maxLength: 50_000 }),
+  max_iterations: Type.Integer({ minimum: 1, maximum: 1000 }),
+}
+
+export const Settings = Type.Object(SettingsFields, { title: 'Effective settings' })
+export type Settings = Static<typeof Settings>
+
+/** PATCH: any subset; `null` resets a field to the server default. */
+const nullable = <T extends (typeof SettingsFields)[keyof typeof SettingsFields]>(t: T) => Type.Optional(Type.Union([t, Type.Null()]))
+export const SettingsPatch = Type.Object(
+  {
+    model: nullable(SettingsFields.model),
+    temperature: nullable(SettingsFields.temperature),
+    max_tokens: nullable(SettingsFields.max_tokens),
+    auto_run: nullable(SettingsFields.auto_run),
+    system_message: nullable(SettingsFields.system_message),
+    custom_instructions: nullable(SettingsFields.custom_instructions),
+    max_iterations: nullable(SettingsFields.max_iterations),
+  },
+  { additionalProperties: false },
+)
+export type SettingsPatch = Partial<{ [K in keyof Settings]: Settings[K] | null }>
+
+/** A request's `config` (native /v1/chat), which wins over tenant settings for that request. */
+export const RunConfig = Type.Object(
+  {
+    llm: Type.Optional(
+      Type.Object({
+        model: Type.Optional(SettingsFields.model),
+        temperature: Type.Optional(SettingsFields.temperature),
+        max_tokens: Type.Optional(SettingsFields.max_tokens),
+      }),
+    ),
+    auto_run: Type.Optional(SettingsFields.auto_run),
+    system_message: Type.Optional(SettingsFields.system_message),
+    custom_instructions: Type.Optional(SettingsFields.custom_instructions),
+    max_iterations: Type.Optional(SettingsFields.max_iterations),
+  },
+  { additionalProperties: false },
+)
+export type RunConfig = Static<typeof RunConfig>

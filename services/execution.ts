@@ -1,0 +1,134 @@
+import { randomUUID } from 'node:crypto'
+import type { LmcChunk, LmcMessage } from '../schemas/lmc.js'
+import type { EventBus } from './events.js'
+import type { ExecResult, ExecuteRequest, KernelOutput, Language } from './kernels/types.js'
+import type { Metrics } from './metrics.js'
+import type { SecretsService } from './secrets.js'
+
+export interface KernelRunner {
+  execute(req: ExecuteRequest): Promise<ExecResult>
+}
+
+export interface ExecutionRequest {
+  tenantId: string
+  sessionId: string
+  language: Language
+  code: string
+  timeoutMs?: number
+  signal?: AbortSignal
+  onOutput?: (output: KernelOutput) => void
+}
+
+function masked(output: KernelOutput, redact: (text: string) => string): KernelOutput {
+  return output.type === 'image' ? output : { ...output, text: redact(output.text) }
+}
+
+/**
+ * Every execution, from the agent or from POST /execute, goes through here: the tenant's
+ * secrets become the kernel's environment, their values are masked in everything that comes
+ * back, and the session's event log records the start and the end.
+ */
+export class ExecutionService {
+  constructor(
+    private readonly kernels: KernelRunner,
+    private readonly bus: EventBus,
+    private readonly secrets: SecretsService,
+    private readonly metrics: Metrics,
+  ) {}
+
+  async run(req: ExecutionRequest): Promise<ExecResult> {
+    const { env, redact } = await this.secrets.forTenant(req.tenantId)
+    const executionId = randomUUID()
+    await this.bus.append(req.sessionId, 'execution_started', { execution_id: executionId, language: req.language, code: redact(req.code) })
+    let result: ExecResult
+    try {
+      result = await this.kernels.execute({
+        sessionId: req.sessionId,
+        language: req.language,
+        code: req.code,
+        timeoutMs: req.timeoutMs,
+        env,
+        signal: req.signal,
+        onOutput: (output) => req.onOutput?.(masked(output, redact)),
+      })
+    } catch (err) {
+      this.metrics.executions.inc({ language: req.language, outcome: 'failed' })
+      await this.bus.append(req.sessionId, 'execution_finished', { execution_id: executionId, failed: redact((err as Error).message) })
+      throw err
+    }
+    if (result.error) result = { ...result, error: { name: result.error.name, value: redact(result.error.value), traceback: redact(result.error.traceback) } }
+    const outcome = result.timedOut ? 'timeout' : result.interrupted ? 'interrupted' : result.error || result.exitCode ? 'error' : 'ok'
+    this.metrics.executions.inc({ language: req.language, outcome })
+    this.metrics.executionDuration.observe({ language: req.language }, result.durationMs / 1000)
+    await this.bus.append(req.sessionId, 'execution_finished', {
+      execution_id: executionId,
+      exit_code: result.exitCode,
+      duration_ms: result.durationMs,
+      timed_out: result.timedOut,
+      state_lost: result.stateLost,
+      truncated: result.truncated,
+      ...(result.error ? { error: { name: result.error.name, value: result.error.value } } : {}),
+    })
+    return result
+  }
+}
+
+/**
+ * Kernel output as LMC messages for POST /execute: consecutive output of one stream is one
+ * console message; images, trailing values and notices are messages of their own. With `emit`,
+ * each message is also streamed as start / content / end chunks as it is produced.
+ */
+export class OutputMessages {
+  readonly messages: LmcMessage[] = []
+  private open: LmcMessage | undefined
+
+  constructor(private readonly emit: (chunk: LmcChunk) => void = () => {}) {}
+
+  push(output: KernelOutput): void {
+    if (output.type === 'stream') {
+      if (this.open?.stream !== output.stream) {
+        this.close()
+        this.open = this.begin({ role: 'computer', type: 'console', format: 'output', stream: output.stream, content: '' })
+      }
+      this.open.content = `${this.open.content as string}${output.text}`
+      this.emit({ ...this.head(this.open), content: output.text })
+      return
+    }
+    this.close()
+    if (output.type === 'image') this.whole({ role: 'computer', type: 'image', format: output.format, content: output.data })
+    else if (output.type === 'result') this.whole({ role: 'computer', type: 'console', format: 'output', stream: 'stdout', content: output.text })
+    else this.whole({ role: 'computer', type: 'console', format: 'output', stream: 'stderr', content: output.text })
+  }
+
+  /** Closes the open message and adds the traceback of an error the kernel reported. */
+  finish(result: ExecResult): LmcMessage[] {
+    this.close()
+    if (result.error?.traceback) {
+      const shown = this.messages.some((m) => m.stream === 'stderr' && (m.content as string).includes(result.error!.traceback))
+      if (!shown) this.whole({ role: 'computer', type: 'console', format: 'output', stream: 'stderr', content: result.error.traceback })
+    }
+    return this.messages
+  }
+
+  private begin(fields: Omit<LmcMessage, 'id' | 'created_at'>): LmcMessage {
+    const message = { id: randomUUID(), ...fields, created_at: new Date().toISOString() } as LmcMessage
+    this.messages.push(message)
+    this.emit({ ...this.head(message), start: true })
+    return message
+  }
+
+  private whole(fields: Omit<LmcMessage, 'id' | 'created_at'>): void {
+    const message = this.begin(fields)
+    this.emit({ ...this.head(message), content: message.content })
+    this.emit({ ...this.head(message), end: true })
+  }
+
+  private close(): void {
+    if (this.open) this.emit({ ...this.head(this.open), end: true })
+    this.open = undefined
+  }
+
+  private head(m: LmcMessage): LmcChunk {
+    return { id: m.id, role: m.role, type: m.type, ...(m.format ? { format: m.format } : {}), ...(m.stream ? { stream: m.stream } : {}), created_at: m.created_at }
+  }
+}
