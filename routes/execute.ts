@@ -1,0 +1,146 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { principal } from '../plugins/auth.js'
+import { envelope, toApiError } from '../plugins/errors.js'
+import { disconnectSignal, openSse } from '../plugins/sse.js'
+import { Ack } from '../schemas/chat.js'
+import { protectedErrors, SessionIdParams } from '../schemas/common.js'
+import { invalidRequest } from '../services/errors.js'
+import { OutputMessages } from '../services/execution.js'
+import { resolveLanguage } from '../services/kernels/manager.js'
+import type { ExecResult, Language } from '../services/kernels/types.js'
+
+const ExecuteBody = Type.Object(
+  {
+    language: Type.String({ minLength: 1, maxLength: 32, description: 'python, shell or javascript (aliases: py, bash, sh, js, node)' }),
+    code: Type.String({ maxLength: 1_000_000 }),
+    timeout_ms: Type.Optional(Type.Integer({ minimum: 1, description: 'capped at EXEC_TIMEOUT_MS' })),
+    stream: Type.Optional(Type.Boolean({ default: false })),
+  },
+  { additionalProperties: false },
+)
+
+const ExecuteResponse = Type.Object({
+  outputs: Type.Array(Type.Ref('LmcMessage')),
+  exit_code: Type.Union([Type.Integer(), Type.Null()]),
+  error: Type.Optional(Type.Object({ name: Type.String(), value: Type.String(), traceback: Type.String() })),
+  duration_ms: Type.Number(),
+  timed_out: Type.Boolean(),
+  state_lost: Type.Boolean(),
+  truncated: Type.Boolean(),
+})
+
+const Language = Type.Object({
+  name: Type.String(),
+  aliases: Type.Array(Type.String()),
+  version: Type.Union([Type.String(), Type.Null()]),
+  available: Type.Boolean(),
+})
+
+const summary = (r: ExecResult) => ({
+  exit_code: r.exitCode,
+  ...(r.error ? { error: r.error } : {}),
+  duration_ms: r.durationMs,
+  timed_out: r.timedOut,
+  state_lost: r.stateLost,
+  truncated: r.truncated,
+})
+
+/** Code straight into the session's kernel, no model involved. */
+const execute: FastifyPluginAsyncTypebox = async (app) => {
+  const usable = async (name: string): Promise<Language> => {
+    const language = resolveLanguage(name)
+    const info = (await app.kernels.languages()).find((l) => l.name === language)
+    if (!language || !info?.available) throw invalidRequest(`Language '${name}' is not available on this server (see GET /v1/languages)`, 'language')
+    return language
+  }
+
+  app.get(
+    '/v1/languages',
+    {
+      schema: {
+        tags: ['execute'],
+        summary: 'Languages this host can run, with versions',
+        response: { 200: Type.Object({ languages: Type.Array(Language) }), ...protectedErrors() },
+      },
+    },
+    async () => ({ languages: await app.kernels.languages() }),
+  )
+
+  app.post(
+    '/v1/sessions/:id/execute',
+    {
+      config: { sessionRateLimit: true },
+      schema: {
+        tags: ['execute'],
+        summary: 'Run code in the session kernel (JSON, or SSE of LMC chunks with stream: true)',
+        params: SessionIdParams,
+        body: ExecuteBody,
+        response: { 200: ExecuteResponse, ...protectedErrors(400, 404) },
+      },
+    },
+    async (request, reply) => {
+      const { tenantId } = principal(request)
+      const session = await app.sessions.get(tenantId, request.params.id)
+      const language = await usable(request.body.language)
+      const base = { tenantId, sessionId: session.id, language, code: request.body.code, timeoutMs: request.body.timeout_ms }
+
+      if (!request.body.stream) {
+        const outputs = new OutputMessages()
+        const result = await app.execution.run({ ...base, signal: disconnectSignal(reply), onOutput: (o) => outputs.push(o) })
+        return { outputs: outputs.finish(result), ...summary(result) }
+      }
+
+      const sse = openSse(request, reply)
+      const outputs = new OutputMessages((chunk) => sse.send(chunk, 'message'))
+      try {
+        const result = await app.execution.run({ ...base, signal: sse.signal, onOutput: (o) => outputs.push(o) })
+        outputs.finish(result)
+        sse.send(summary(result), 'done')
+      } catch (err) {
+        sse.send(envelope(toApiError(err as Error)), 'error')
+      } finally {
+        sse.close()
+      }
+      return reply
+    },
+  )
+
+  app.post(
+    '/v1/sessions/:id/interrupt',
+    {
+      config: { sessionRateLimit: true },
+      schema: { tags: ['execute'], summary: 'Interrupt the running execution', params: SessionIdParams, response: { 200: Ack, ...protectedErrors(404) } },
+    },
+    async (request) => {
+      const session = await app.sessions.get(principal(request).tenantId, request.params.id)
+      const interrupted = await app.kernels.interrupt(session.id)
+      return interrupted ? { ok: true } : { ok: false, detail: 'Nothing was running' }
+    },
+  )
+
+  app.post(
+    '/v1/sessions/:id/restart',
+    {
+      config: { sessionRateLimit: true },
+      schema: {
+        tags: ['execute'],
+        summary: "Restart the session's kernels (variables are lost; files stay)",
+        params: SessionIdParams,
+        body: Type.Optional(Type.Object({ language: Type.Optional(Type.String({ maxLength: 32 })) }, { additionalProperties: false })),
+        response: { 200: Ack, ...protectedErrors(400, 404) },
+      },
+      preValidation: async (request) => {
+        request.body ??= {}
+      },
+    },
+    async (request) => {
+      const session = await app.sessions.get(principal(request).tenantId, request.params.id)
+      const name = request.body?.language
+      await app.kernels.restart(session.id, name ? await usable(name) : undefined)
+      return { ok: true }
+    },
+  )
+}
+
+export default execute

@@ -1,0 +1,157 @@
+import { basename } from 'node:path'
+import type { Readable } from 'node:stream'
+import multipart from '@fastify/multipart'
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { principal } from '../plugins/auth.js'
+import { protectedErrors, SessionIdParams } from '../schemas/common.js'
+import { ApiError, invalidRequest } from '../services/errors.js'
+
+const PathQuery = Type.Object({ path: Type.String({ maxLength: 4096, description: 'Relative to the workspace' }) })
+const DirQuery = Type.Object({ path: Type.String({ maxLength: 4096, default: '' }) })
+const Entry = Type.Object({
+  name: Type.String(),
+  path: Type.String(),
+  type: Type.Union([Type.Literal('file'), Type.Literal('directory'), Type.Literal('symlink')]),
+  size: Type.Integer(),
+  modified_at: Type.String(),
+})
+
+/**
+ * The session workspace (what the kernels see as /workspace). Content is streamed both ways
+ * and binary-safe: in this scope every request body, whatever its content type, reaches the
+ * handler as the raw stream (multipart uploads excepted).
+ */
+const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, opts) => {
+  app.removeAllContentTypeParsers()
+  await app.register(multipart, { limits: { fileSize: opts.maxFileBytes, files: 100, fields: 10 }, throwFileSizeLimit: true })
+  app.addContentTypeParser('*', (_request, payload, done) => done(null, payload))
+
+  const owned = async (tenantId: string, id: string) => (await app.sessions.get(tenantId, id)).id
+
+  app.get(
+    '/v1/sessions/:id/files',
+    {
+      schema: {
+        tags: ['files'],
+        summary: 'List a workspace directory',
+        params: SessionIdParams,
+        querystring: DirQuery,
+        response: { 200: Type.Object({ path: Type.String(), entries: Type.Array(Entry) }), ...protectedErrors(400, 404) },
+      },
+    },
+    async (request) => {
+      const id = await owned(principal(request).tenantId, request.params.id)
+      return { path: request.query.path, entries: await app.workspaces.list(id, request.query.path) }
+    },
+  )
+
+  app.get(
+    '/v1/sessions/:id/files/content',
+    {
+      schema: {
+        tags: ['files'],
+        summary: 'Download a file',
+        params: SessionIdParams,
+        querystring: PathQuery,
+        response: { 200: Type.String({ format: 'binary' }), ...protectedErrors(400, 404) },
+      },
+    },
+    async (request, reply) => {
+      const id = await owned(principal(request).tenantId, request.params.id)
+      const stream = await app.workspaces.readStream(id, request.query.path)
+      reply.type('application/octet-stream')
+      reply.header('content-disposition', `attachment; filename*=UTF-8''${encodeURIComponent(basename(request.query.path))}`)
+      return reply.send(stream)
+    },
+  )
+
+  app.put(
+    '/v1/sessions/:id/files/content',
+    {
+      schema: {
+        tags: ['files'],
+        summary: 'Upload a file as the raw request body (parents are created)',
+        params: SessionIdParams,
+        querystring: PathQuery,
+        response: { 201: Type.Object({ path: Type.String(), size: Type.Integer() }), ...protectedErrors(400, 404, 413) },
+      },
+      preValidation: async (request) => {
+        request.body ??= undefined
+      },
+    },
+    async (request, reply) => {
+      const id = await owned(principal(request).tenantId, request.params.id)
+      const body = request.body as Readable | undefined
+      if (!body || typeof (body as Readable).pipe !== 'function') throw invalidRequest('Send the file as the request body', 'body')
+      const size = await app.workspaces.write(id, request.query.path, body)
+      return reply.code(201).send({ path: request.query.path, size })
+    },
+  )
+
+  app.delete(
+    '/v1/sessions/:id/files/content',
+    {
+      schema: {
+        tags: ['files'],
+        summary: 'Delete a file or directory',
+        params: SessionIdParams,
+        querystring: PathQuery,
+        response: { 204: Type.Null(), ...protectedErrors(400, 404) },
+      },
+    },
+    async (request, reply) => {
+      const id = await owned(principal(request).tenantId, request.params.id)
+      await app.workspaces.remove(id, request.query.path)
+      return reply.code(204).send(null)
+    },
+  )
+
+  app.post(
+    '/v1/sessions/:id/files/upload',
+    {
+      schema: {
+        tags: ['files'],
+        summary: 'Multipart upload of one or more files into a directory (?path=)',
+        params: SessionIdParams,
+        querystring: DirQuery,
+        consumes: ['multipart/form-data'],
+        response: {
+          201: Type.Object({ files: Type.Array(Type.Object({ path: Type.String(), size: Type.Integer() })) }),
+          ...protectedErrors(400, 404, 413, 415),
+        },
+      },
+    },
+    async (request, reply) => {
+      const id = await owned(principal(request).tenantId, request.params.id)
+      if (!request.isMultipart()) throw new ApiError(415, 'validation_error', 'unsupported_media_type', 'Send multipart/form-data')
+      const written: { path: string; size: number }[] = []
+      for await (const part of request.files()) {
+        const path = [request.query.path, basename(part.filename || part.fieldname)].filter(Boolean).join('/')
+        written.push({ path, size: await app.workspaces.write(id, path, part.file) })
+      }
+      if (written.length === 0) throw invalidRequest('No file in the upload', 'file')
+      return reply.code(201).send({ files: written })
+    },
+  )
+
+  app.get(
+    '/v1/sessions/:id/files/archive',
+    {
+      schema: {
+        tags: ['files'],
+        summary: 'The whole workspace as a zip',
+        params: SessionIdParams,
+        response: { 200: Type.String({ format: 'binary' }), ...protectedErrors(404) },
+      },
+    },
+    async (request, reply) => {
+      const id = await owned(principal(request).tenantId, request.params.id)
+      reply.type('application/zip')
+      reply.header('content-disposition', `attachment; filename="workspace-${id}.zip"`)
+      return reply.send(app.workspaces.archive(id))
+    },
+  )
+}
+
+export default files
