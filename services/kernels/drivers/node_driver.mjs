@@ -1,0 +1,126 @@
+// JavaScript kernel driver: a persistent REPL context with top-level await and declarations that
+// survive between cells. Same protocol as the Python driver: `NONCE BASE64(code)` lines, JSON
+// reports on fd 3, a nonce sentinel on fds 1 and 2 after each execution. Runs under plain node,
+// without any node_modules.
+//
+// Node cannot dup file descriptors, so its launcher moves the command channel from stdin to fd 8
+// and gives this process /dev/null as stdin before node starts.
+import fs from 'node:fs'
+import net from 'node:net'
+import readline from 'node:readline'
+import repl from 'node:repl'
+import { PassThrough } from 'node:stream'
+import util from 'node:util'
+
+const REPORT_FD = 3
+const COMMAND_FD = 8
+const INTERNAL_FRAME = /^\s+at .*(?:node:internal|node:repl|node:vm|node:domain|sigintHandlersWrap|node_driver\.mjs)/
+
+// Values made by user code come from the REPL context's realm, where `instanceof Object` is false.
+const isObject = (value) => (typeof value === 'object' && value !== null) || typeof value === 'function'
+const report = (message) => fs.writeSync(REPORT_FD, `${JSON.stringify(message)}\n`)
+
+function describeError(err) {
+  if (err instanceof repl.Recoverable) err = err.err
+  if (err?.code === 'ERR_SCRIPT_EXECUTION_INTERRUPTED')
+    return { name: 'KeyboardInterrupt', value: 'Execution interrupted', traceback: '' }
+  if (!isObject(err) || !('stack' in err))
+    return { name: 'Error', value: `Uncaught ${util.inspect(err)}`, traceback: '' }
+  const stack = typeof err.stack === 'string' ? err.stack : `${err.name}: ${err.message}`
+  // A syntax error has no frame of the user's: the REPL drops them all too.
+  const dropped = err.name === 'SyntaxError' ? /^\s+at / : INTERNAL_FRAME
+  const traceback = stack
+    .split('\n')
+    .filter((line) => !dropped.test(line))
+    .join('\n')
+  return { name: err.name ?? 'Error', value: String(err.message ?? ''), traceback }
+}
+
+// The cell being evaluated, if any: its errors and interrupts settle it.
+let settle = null
+// Errors thrown later by callbacks of earlier cells (timers, events) belong to no cell.
+const strayErrors = new WeakSet()
+const printUncaught = (value) =>
+  process.stderr.write(`Uncaught ${isObject(value) && typeof value.stack === 'string' ? value.stack : util.inspect(value)}\n`)
+
+const output = new PassThrough()
+output.resume()
+const server = repl.start({
+  input: new PassThrough(),
+  output,
+  terminal: false,
+  prompt: '',
+  useGlobal: false,
+  ignoreUndefined: true,
+  breakEvalOnSigint: true,
+  // The REPL hands errors thrown by evaluated code to its writer instead of the eval callback.
+  writer: (value) => {
+    if (settle && !(isObject(value) && strayErrors.has(value))) settle(value)
+    else printUncaught(value)
+    return util.inspect(value)
+  },
+})
+// The REPL's own handler erases the mark the domain puts on errors it caught as uncaught.
+server._domain.prependListener('error', (err) => {
+  if (isObject(err) && err.domainThrown) strayErrors.add(err)
+})
+// Left in place, the REPL would close itself on a second SIGINT.
+server.removeAllListeners('SIGINT')
+server.context.console = console
+
+const interruptError = Object.assign(new Error('Execution interrupted'), { code: 'ERR_SCRIPT_EXECUTION_INTERRUPTED' })
+const onSigint = () => settle?.(interruptError)
+process.on('SIGINT', onSigint)
+process.on('uncaughtException', printUncaught)
+process.on('unhandledRejection', (reason) => process.stderr.write(`Unhandled promise rejection: ${util.inspect(reason)}\n`))
+
+function evaluate(code, file) {
+  let resolve
+  const settled = new Promise((r) => {
+    resolve = r
+  })
+  const finish = (error, value, failed) => {
+    if (settle !== own) return
+    settle = null
+    resolve({ error, value, failed })
+  }
+  const own = (error) => finish(error, undefined, true)
+  settle = own
+  // The SIGINT watchdog of a synchronous evaluation restores the default disposition when it
+  // stops, which would drop a listener installed before it: reinstall it afterwards.
+  process.removeListener('SIGINT', onSigint)
+  try {
+    server.eval(code, server.context, file, (error, value) => finish(error, value, Boolean(error)))
+  } finally {
+    process.on('SIGINT', onSigint)
+  }
+  return settled
+}
+
+const writeAndWait = (stream, text) => new Promise((resolve) => stream.write(text, () => resolve()))
+
+async function execute(nonce, code, file) {
+  const { error, value, failed } = await evaluate(code, file)
+  let exitCode = 0
+  if (failed) {
+    const described = describeError(error)
+    report({ type: 'error', ...described })
+    exitCode = described.name === 'KeyboardInterrupt' ? 130 : 1
+  } else if (value !== undefined) {
+    report({ type: 'result', text: util.inspect(value) })
+  }
+  const sentinel = `\x02oi-end:${nonce}\x03`
+  await Promise.all([writeAndWait(process.stdout, sentinel), writeAndWait(process.stderr, sentinel)])
+  report({ type: 'done', nonce, exit_code: exitCode })
+}
+
+report({ type: 'ready', version: process.versions.node, pid: process.pid })
+const commands = readline.createInterface({ input: new net.Socket({ fd: COMMAND_FD, readable: true, writable: false }), crlfDelay: Infinity })
+let count = 0
+for await (const line of commands) {
+  const [nonce, payload = ''] = line.trim().split(' ')
+  if (!nonce) continue
+  count += 1
+  await execute(nonce, Buffer.from(payload, 'base64').toString('utf8'), `cell-${count}`)
+}
+process.exit(0)

@@ -1,0 +1,200 @@
+"""Python kernel driver: one persistent namespace fed cell by cell by the kernel manager.
+
+Protocol (shared with the shell and JavaScript drivers): commands arrive on the original stdin as
+`NONCE BASE64(code)` lines; reports leave on fd 3 as JSON lines; user output goes to the real
+fds 1 and 2, each closed per execution by a sentinel that carries the nonce.
+"""
+
+import ast
+import base64
+import builtins
+import inspect
+import io
+import json
+import linecache
+import os
+import signal
+import sys
+import traceback
+import types
+
+# The command channel and the report channel move to descriptors user code does not inherit
+# across exec; user code reads /dev/null so input() and `cat` return at once instead of waiting.
+REPORT_FD = os.dup(3)
+os.close(3)
+COMMANDS = os.fdopen(os.dup(0), "rb")
+_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
+
+DRIVER_PID = os.getpid()
+DRIVER_FILE = __file__
+COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+# Imports resolve from the working directory first, as in a Jupyter kernel, not from the driver's folder.
+sys.path[0] = ""
+
+_main = types.ModuleType("__main__")
+_main.__dict__["__builtins__"] = builtins
+sys.modules["__main__"] = _main
+NAMESPACE = _main.__dict__
+_event_loop = None
+
+
+def _no_input(prompt=""):
+    raise EOFError("input() is not available: this kernel has no interactive stdin, put the data in the code")
+
+
+builtins.input = _no_input
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def report(message):
+    _write_all(REPORT_FD, (json.dumps(message) + "\n").encode("ascii"))
+
+
+def _flush_user_streams():
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _user_traceback(exc):
+    if isinstance(exc, SyntaxError) and str(exc.filename).startswith("<cell-"):
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    tb = exc.__traceback__
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
+        tb = tb.tb_next
+    summary = traceback.TracebackException(type(exc), exc, tb or exc.__traceback__)
+    summary.stack = traceback.StackSummary.from_list([frame for frame in summary.stack if frame.filename != DRIVER_FILE])
+    return "".join(summary.format())
+
+
+def _run_code(code_obj):
+    global _event_loop
+    value = eval(code_obj, NAMESPACE)
+    if code_obj.co_flags & inspect.CO_COROUTINE:
+        import asyncio
+
+        if _event_loop is None:
+            _event_loop = asyncio.new_event_loop()
+        value = _event_loop.run_until_complete(value)
+    return value
+
+
+def run_cell(source, filename):
+    # Registered so tracebacks can quote the user's lines.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    tree = ast.parse(source, filename, "exec")
+    trailing = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        trailing = ast.Expression(tree.body.pop().value)
+    _run_code(compile(tree, filename, "exec", flags=COMPILE_FLAGS))
+    if trailing is None:
+        return None
+    return _run_code(compile(trailing, filename, "eval", flags=COMPILE_FLAGS))
+
+
+def _png_of_pil(value):
+    if not type(value).__module__.startswith("PIL.") or not hasattr(value, "save"):
+        return None
+    buffer = io.BytesIO()
+    value.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def report_value(value):
+    if value is None:
+        return
+    NAMESPACE["_"] = value
+    png = _png_of_pil(value)
+    if png is not None:
+        report({"type": "image", "format": "base64.png", "data": base64.b64encode(png).decode("ascii")})
+    else:
+        report({"type": "result", "text": repr(value)})
+
+
+def report_figures():
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return
+    try:
+        for number in pyplot.get_fignums():
+            buffer = io.BytesIO()
+            pyplot.figure(number).savefig(buffer, format="png", bbox_inches="tight")
+            report({"type": "image", "format": "base64.png", "data": base64.b64encode(buffer.getvalue()).decode("ascii")})
+    except Exception as exc:
+        print(f"Could not render a matplotlib figure: {exc!r}", file=sys.stderr)
+    finally:
+        pyplot.close("all")
+
+
+def report_error(exc):
+    report({"type": "error", "name": type(exc).__name__, "value": str(exc), "traceback": _user_traceback(exc)})
+
+
+def execute(source, filename):
+    """Runs one cell; returns its exit code (0 ok, 1 exception, 130 interrupted)."""
+    error = None
+    value = None
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        value = run_cell(source, filename)
+    except BaseException as exc:
+        error = exc
+    finally:
+        # A child forked by user code must not go on to act as the driver.
+        if os.getpid() != DRIVER_PID:
+            os._exit(1 if error is not None else 0)
+    _flush_user_streams()
+    if error is not None:
+        report_error(error)
+    else:
+        try:
+            report_value(value)
+        except Exception as exc:
+            report_error(exc)
+            error = exc
+    report_figures()
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return 0 if error is None else 1
+
+
+def finish(nonce, exit_code):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _flush_user_streams()
+    sentinel = b"\x02oi-end:" + nonce + b"\x03"
+    _write_all(1, sentinel)
+    _write_all(2, sentinel)
+    report({"type": "done", "nonce": nonce.decode("ascii"), "exit_code": exit_code})
+
+
+def main():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    report({"type": "ready", "version": sys.version.split()[0], "pid": DRIVER_PID})
+    count = 0
+    for line in COMMANDS:
+        nonce, _, payload = line.strip().partition(b" ")
+        if not nonce:
+            continue
+        count += 1
+        exit_code = 1
+        try:
+            exit_code = execute(base64.b64decode(payload).decode("utf-8", "replace"), f"<cell-{count}>")
+        except KeyboardInterrupt as exc:
+            # The interrupt landed after the user's code, while its output was being reported.
+            report_error(exc)
+            exit_code = 130
+        finally:
+            finish(nonce, exit_code)
+
+
+main()

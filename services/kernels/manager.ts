@@ -1,0 +1,332 @@
+import { lstat, mkdir } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
+import { performance } from 'node:perf_hooks'
+import { ApiError, invalidRequest } from '../errors.js'
+import { Kernel, type KernelExit, type KernelLogger, type RunOutcome } from './kernel.js'
+import { detectLanguages, LANGUAGES } from './languages.js'
+import { buildKernelCommand, chownWorkspace, kernelUid, SandboxRuntime } from './sandbox.js'
+import type { ExecResult, ExecuteRequest, KernelManagerOptions, KernelOutput, Language, LanguageInfo } from './types.js'
+
+export { capForModel } from '../agent/cap.js'
+export { resolveLanguage } from './languages.js'
+
+// Session ids name workspace directories: nothing that could climb out of the workspaces root.
+const SESSION_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/
+// Notices wait for a session's next execution; sessions that never come back must not pile up.
+const MAX_PENDING_NOTICES = 10_000
+const NAMES: Record<Language, string> = { python: 'Python', shell: 'shell', javascript: 'JavaScript' }
+const STATE_GONE = 'variables, imports and everything else from earlier executions are gone'
+
+const silentLogger: KernelLogger = { info() {}, warn() {}, error() {} }
+const noop = () => {}
+const keyOf = (sessionId: string, language: Language) => `${sessionId}\u0000${language}`
+const seconds = (ms: number) => `${Number((ms / 1000).toFixed(1))} s`
+const closedError = () => new ApiError(503, 'unavailable_error', 'shutting_down', 'The server is shutting down')
+
+function describeExit(code: number | null, signal: NodeJS.Signals | null): string {
+  if (signal) return `killed by ${signal}`
+  // 137 is how a sandbox reports a kernel that died of SIGKILL, usually the kernel's OOM killer.
+  return code === 137 ? 'exit code 137, killed, possibly out of memory' : `exit code ${code}`
+}
+
+interface Running {
+  interrupt(): void
+}
+
+/**
+ * Runs code for sessions in long-lived kernels: one process per (session, language), started on
+ * first use, fed one execution at a time in arrival order per session, while different sessions
+ * run in parallel. Idle kernels are stopped, and at most `maxKernels` live at once.
+ */
+export class KernelManager {
+  private readonly opts: KernelManagerOptions
+  // Insertion order is use order: the first entry is the least recently used kernel.
+  private readonly kernels = new Map<string, Kernel>()
+  private readonly queues = new Map<string, Promise<void>>()
+  // Bumped by shutdownSession so executions already queued for the session do not start kernels again.
+  private readonly epochs = new Map<string, number>()
+  private readonly running = new Map<string, Running>()
+  private readonly notices = new Map<string, string>()
+  private readonly dying = new Set<Promise<void>>()
+  private runtime: Promise<SandboxRuntime> | undefined
+  private languageInfo: Promise<LanguageInfo[]> | undefined
+  private readonly reaper: NodeJS.Timeout | undefined
+  private closing: Promise<void> | undefined
+
+  constructor(
+    opts: KernelManagerOptions,
+    private readonly log: KernelLogger = silentLogger,
+  ) {
+    // Kernels run with the workspace as their cwd: a relative root would resolve inside it.
+    this.opts = { ...opts, workspacesDir: resolve(opts.workspacesDir) }
+    if (opts.idleSeconds > 0) this.reaper = setInterval(() => this.reapIdle(), Math.min(opts.idleSeconds * 500, 30_000)).unref()
+  }
+
+  async execute(req: ExecuteRequest): Promise<ExecResult> {
+    if (!SESSION_ID.test(req.sessionId)) throw invalidRequest('Invalid session id', 'session_id')
+    if (!LANGUAGES.includes(req.language)) throw invalidRequest(`Unsupported language: ${req.language}`, 'language')
+    if (this.closing) throw closedError()
+    const sessionId = req.sessionId
+    const epoch = this.epochs.get(sessionId) ?? 0
+    const result = (this.queues.get(sessionId) ?? Promise.resolve()).then(() => this.runQueued(req, epoch))
+    const tail = result.then(noop, noop)
+    this.queues.set(sessionId, tail)
+    void tail.then(() => {
+      if (this.queues.get(sessionId) !== tail) return
+      this.queues.delete(sessionId)
+      this.epochs.delete(sessionId)
+    })
+    return result
+  }
+
+  /** Interrupts the execution running in the session, if any (killing the kernel after the grace period). */
+  async interrupt(sessionId: string): Promise<boolean> {
+    const running = this.running.get(sessionId)
+    running?.interrupt()
+    return running !== undefined
+  }
+
+  /** Stops the session's kernel for `language` (all of them without one); the next execution starts afresh. */
+  async restart(sessionId: string, language?: Language): Promise<void> {
+    await this.stopSession(sessionId, language, 'restart')
+  }
+
+  async shutdownSession(sessionId: string): Promise<void> {
+    if (this.queues.has(sessionId)) this.epochs.set(sessionId, (this.epochs.get(sessionId) ?? 0) + 1)
+    await this.stopSession(sessionId, undefined, 'shutdown')
+  }
+
+  /** Kills every kernel and waits until none of their processes is left. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      clearInterval(this.reaper)
+      for (const [key, kernel] of this.kernels) void this.retire(key, kernel, 'close')
+      await Promise.all(this.dying)
+      this.notices.clear()
+      const runtime = await this.runtime?.catch(() => undefined)
+      await runtime?.close()
+    })()
+    return this.closing
+  }
+
+  languages(): Promise<LanguageInfo[]> {
+    this.languageInfo ??= detectLanguages(this.opts)
+    return this.languageInfo
+  }
+
+  stats(): { live: number } {
+    return { live: this.kernels.size }
+  }
+
+  private async runQueued(req: ExecuteRequest, epoch: number): Promise<ExecResult> {
+    const started = performance.now()
+    const result: ExecResult = { exitCode: null, durationMs: 0, timedOut: false, stateLost: false, truncated: false, interrupted: false }
+    const emit = (output: KernelOutput) => {
+      try {
+        req.onOutput?.(output)
+      } catch (err) {
+        this.log.warn({ err }, 'onOutput callback failed')
+      }
+    }
+    if (this.closing) throw closedError()
+    if ((this.epochs.get(req.sessionId) ?? 0) !== epoch) {
+      emit({ type: 'notice', text: "The session's kernels were shut down before this code could run." })
+      result.interrupted = true
+    } else if (req.signal?.aborted) {
+      result.interrupted = true
+    } else {
+      const key = keyOf(req.sessionId, req.language)
+      await this.runOn(key, await this.kernelFor(key, req, emit), req, emit, result)
+    }
+    result.durationMs = Math.round(performance.now() - started)
+    return result
+  }
+
+  private async kernelFor(key: string, req: ExecuteRequest, emit: (output: KernelOutput) => void): Promise<Kernel> {
+    const notice = this.notices.get(key)
+    if (notice !== undefined) {
+      this.notices.delete(key)
+      emit({ type: 'notice', text: notice })
+    }
+    const existing = this.kernels.get(key)
+    if (existing) {
+      this.kernels.delete(key)
+      this.kernels.set(key, existing)
+      return existing
+    }
+    this.evictForRoom()
+    return this.startKernel(key, req)
+  }
+
+  private async startKernel(key: string, req: ExecuteRequest): Promise<Kernel> {
+    this.runtime ??= SandboxRuntime.create(this.opts)
+    const runtime = await this.runtime
+    const uid = kernelUid(req.sessionId)
+    const workspace = await this.prepareWorkspace(req.sessionId, uid)
+    const spec = await buildKernelCommand(this.opts, runtime, { language: req.language, workspace, uid, env: req.env })
+    if (this.closing) throw closedError()
+    const kernel = new Kernel(spec, this.log, `${req.sessionId}/${req.language}`)
+    this.kernels.set(key, kernel)
+    kernel.onExit = (exit) => this.onKernelExit(key, kernel, req.language, exit)
+    try {
+      await kernel.ready
+    } catch (err) {
+      if (this.kernels.get(key) === kernel) this.kernels.delete(key)
+      this.notices.delete(key)
+      this.log.error({ err, sessionId: req.sessionId, language: req.language }, 'kernel failed to start')
+      throw new ApiError(503, 'unavailable_error', 'kernel_unavailable', `The ${NAMES[req.language]} kernel could not start`)
+    }
+    return kernel
+  }
+
+  private async prepareWorkspace(sessionId: string, uid: number | undefined): Promise<string> {
+    await mkdir(this.opts.workspacesDir, { recursive: true, mode: 0o700 })
+    const dir = join(this.opts.workspacesDir, sessionId)
+    await mkdir(dir, { mode: 0o700 }).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'EEXIST') throw err
+    })
+    const stat = await lstat(dir)
+    if (!stat.isDirectory()) throw new Error(`workspace ${dir} is not a directory`)
+    // Files put there by the server (uploads) belong to root until the kernel's user takes them over.
+    if (uid !== undefined && stat.uid !== uid) await chownWorkspace(dir, uid)
+    return dir
+  }
+
+  private async runOn(key: string, kernel: Kernel, req: ExecuteRequest, emit: (output: KernelOutput) => void, result: ExecResult): Promise<void> {
+    const { execGraceMs, execTimeoutMs, outputLimitBytes } = this.opts
+    const timeoutMs = Math.max(1, Math.min(req.timeoutMs ?? execTimeoutMs, execTimeoutMs))
+    let forwarded = 0
+    let graceTimer: NodeJS.Timeout | undefined
+    let killing: Promise<void> | undefined
+    const kill = (reason: string) => {
+      killing ??= this.retire(key, kernel, reason)
+    }
+    const stop = () => {
+      if (graceTimer || killing) return
+      kernel.interrupt()
+      graceTimer = setTimeout(() => kill('no stop after interrupt'), execGraceMs)
+    }
+    const onOutput = (output: KernelOutput) => {
+      if (result.truncated) return
+      forwarded += output.type === 'image' ? output.data.length : Buffer.byteLength(output.text)
+      if (forwarded <= outputLimitBytes) return emit(output)
+      result.truncated = true
+      emit({ type: 'notice', text: `Output passed ${outputLimitBytes} bytes and was cut there; the kernel was stopped and ${STATE_GONE}.` })
+      kill('output limit')
+    }
+    const timer = setTimeout(() => {
+      result.timedOut = true
+      stop()
+    }, timeoutMs)
+    const interrupt = () => {
+      result.interrupted = true
+      stop()
+    }
+    req.signal?.addEventListener('abort', interrupt, { once: true })
+    this.running.set(req.sessionId, { interrupt })
+    let outcome: RunOutcome
+    try {
+      outcome = await kernel.run(req.code, onOutput)
+    } finally {
+      clearTimeout(timer)
+      clearTimeout(graceTimer)
+      req.signal?.removeEventListener('abort', interrupt)
+      this.running.delete(req.sessionId)
+    }
+    if (outcome.error) result.error = outcome.error
+    result.exitCode = outcome.exitCode
+    if (killing) {
+      await killing
+      result.exitCode = null
+    }
+    if (!outcome.exited && !killing) {
+      if (result.timedOut) emit({ type: 'notice', text: `Execution timed out after ${seconds(timeoutMs)} and was interrupted; the kernel kept its state.` })
+      return
+    }
+    result.stateLost = true
+    const notice = this.lostStateNotice(req.language, kernel, outcome, result, timeoutMs)
+    if (notice) emit({ type: 'notice', text: notice })
+  }
+
+  private lostStateNotice(language: Language, kernel: Kernel, outcome: RunOutcome, result: ExecResult, timeoutMs: number): string | undefined {
+    const grace = seconds(this.opts.execGraceMs)
+    switch (kernel.killReason) {
+      case 'output limit':
+        return undefined
+      case 'no stop after interrupt':
+        return result.timedOut
+          ? `Execution timed out after ${seconds(timeoutMs)} and did not stop within ${grace} of the interrupt, so the kernel was killed; ${STATE_GONE}.`
+          : `The code did not stop within ${grace} of the interrupt, so the kernel was killed; ${STATE_GONE}.`
+      case 'restart':
+        return `The kernel was restarted while this code was running; ${STATE_GONE}.`
+      case 'shutdown':
+      case 'close':
+        return `The kernel was shut down while this code was running; ${STATE_GONE}.`
+    }
+    const how = describeExit(outcome.exitCode, outcome.signal)
+    return language === 'shell'
+      ? `The shell exited (${how}). A new shell starts on the next execution: variables, functions, exported variables and the working directory are reset.`
+      : `The ${NAMES[language]} kernel stopped (${how}). A new one starts on the next execution; ${STATE_GONE}.`
+  }
+
+  private onKernelExit(key: string, kernel: Kernel, language: Language, exit: KernelExit): void {
+    if (this.kernels.get(key) === kernel) this.kernels.delete(key)
+    if (exit.requested || exit.duringRun || this.closing) return
+    this.setNotice(
+      key,
+      `The ${NAMES[language]} kernel stopped between executions (${describeExit(exit.code, exit.signal)}) and was restarted; ${STATE_GONE}.`,
+    )
+  }
+
+  private setNotice(key: string, text: string): void {
+    this.notices.delete(key)
+    if (this.notices.size >= MAX_PENDING_NOTICES) {
+      const oldest = this.notices.keys().next().value
+      if (oldest !== undefined) this.notices.delete(oldest)
+    }
+    this.notices.set(key, text)
+  }
+
+  private async stopSession(sessionId: string, language: Language | undefined, reason: string): Promise<void> {
+    const stops: Promise<void>[] = []
+    for (const lang of language ? [language] : LANGUAGES) {
+      const key = keyOf(sessionId, lang)
+      this.notices.delete(key)
+      const kernel = this.kernels.get(key)
+      if (kernel) stops.push(this.retire(key, kernel, reason))
+    }
+    await Promise.all(stops)
+  }
+
+  /** Takes a kernel out of service and kills it; close() waits for every such kill. */
+  private retire(key: string, kernel: Kernel, reason: string): Promise<void> {
+    if (this.kernels.get(key) === kernel) this.kernels.delete(key)
+    const killed = kernel.kill(reason).catch((err) => this.log.error({ err, kernel: key }, 'failed to kill kernel'))
+    this.dying.add(killed)
+    void killed.finally(() => this.dying.delete(killed))
+    return killed
+  }
+
+  private evictForRoom(): void {
+    for (const [key, kernel] of this.kernels) {
+      if (this.kernels.size < this.opts.maxKernels) return
+      if (kernel.busy) continue
+      const language = key.slice(key.indexOf('\u0000') + 1) as Language
+      this.setNotice(
+        key,
+        `The ${NAMES[language]} kernel of this session was stopped to make room for other sessions (at most ${this.opts.maxKernels} kernels run at once); ${STATE_GONE}.`,
+      )
+      void this.retire(key, kernel, 'evicted')
+    }
+  }
+
+  private reapIdle(): void {
+    const cutoff = Date.now() - this.opts.idleSeconds * 1000
+    for (const [key, kernel] of this.kernels) {
+      if (kernel.busy || kernel.lastUsed > cutoff) continue
+      const language = key.slice(key.indexOf('\u0000') + 1) as Language
+      this.setNotice(key, `The ${NAMES[language]} kernel was stopped after ${this.opts.idleSeconds} s without use; ${STATE_GONE}.`)
+      void this.retire(key, kernel, 'idle')
+    }
+  }
+}

@@ -1,0 +1,78 @@
+import { readdir, readFile } from 'node:fs/promises'
+
+interface ProcStat {
+  pid: number
+  ppid: number
+  state: string
+}
+
+async function readStat(pid: number): Promise<ProcStat | undefined> {
+  try {
+    const text = await readFile(`/proc/${pid}/stat`, 'utf8')
+    // The command name sits in parentheses and may itself contain spaces and parentheses.
+    const fields = text.slice(text.lastIndexOf(')') + 2).split(' ')
+    return { pid, state: fields[0] ?? '', ppid: Number(fields[1]) }
+  } catch {
+    return undefined
+  }
+}
+
+async function allProcesses(): Promise<ProcStat[]> {
+  const pids = (await readdir('/proc')).filter((name) => /^\d+$/.test(name)).map(Number)
+  return (await Promise.all(pids.map(readStat))).filter((stat): stat is ProcStat => stat !== undefined)
+}
+
+/** Every live process below `root` in the process tree (not `root` itself). */
+export async function descendants(root: number): Promise<number[]> {
+  const children = new Map<number, number[]>()
+  for (const { pid, ppid, state } of await allProcesses()) {
+    if (state === 'Z') continue
+    children.set(ppid, [...(children.get(ppid) ?? []), pid])
+  }
+  const found: number[] = []
+  const queue = [root]
+  for (let pid = queue.shift(); pid !== undefined; pid = queue.shift()) {
+    for (const child of children.get(pid) ?? []) {
+      found.push(child)
+      queue.push(child)
+    }
+  }
+  return found
+}
+
+/**
+ * The host pid of the process under `root` that sees itself as `nsPid` in its own pid namespace
+ * (the last NSpid entry): how the manager finds a sandboxed driver to signal it.
+ */
+export async function hostPidOf(root: number, nsPid: number): Promise<number | undefined> {
+  for (const pid of [root, ...(await descendants(root))]) {
+    try {
+      const status = await readFile(`/proc/${pid}/status`, 'utf8')
+      const line = status.split('\n').find((l) => l.startsWith('NSpid:'))
+      const ids = line?.slice('NSpid:'.length).trim().split(/\s+/).map(Number) ?? [pid]
+      if (ids.at(-1) === nsPid) return pid
+    } catch {
+      // The process ended while we looked.
+    }
+  }
+  return undefined
+}
+
+const isGone = async (pid: number) => {
+  const stat = await readStat(pid)
+  return stat === undefined || stat.state === 'Z'
+}
+
+/** Waits until none of `pids` is running (zombies count as gone); false on timeout. */
+export async function waitGone(pids: number[], timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs
+  let left = pids
+  while (left.length > 0) {
+    const alive = await Promise.all(left.map(async (pid) => ((await isGone(pid)) ? undefined : pid)))
+    left = alive.filter((pid): pid is number => pid !== undefined)
+    if (left.length === 0) return true
+    if (Date.now() > deadline) return false
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+  return true
+}

@@ -1,0 +1,147 @@
+import type { ExecError } from './types.js'
+
+/**
+ * The kernel protocol, shared by the three drivers. The server writes `NONCE BASE64(code)\n` to
+ * the kernel's stdin; the driver answers with JSON lines on fd 3 and, once the code has finished,
+ * writes `sentinel(nonce)` to fds 1 and 2 so the server knows it has every byte of output.
+ */
+export type Report =
+  | { type: 'ready'; version: string; pid: number | null }
+  | { type: 'image'; format: 'base64.png' | 'base64.jpeg'; data: string }
+  | { type: 'result'; text: string }
+  | ({ type: 'error' } & ExecError)
+  | { type: 'done'; nonce: string; exitCode: number | null }
+
+export const commandLine = (nonce: string, code: string) => `${nonce} ${Buffer.from(code, 'utf8').toString('base64')}\n`
+
+export const sentinel = (nonce: string) => Buffer.from(`\x02oi-end:${nonce}\x03`, 'latin1')
+
+const isString = (value: unknown): value is string => typeof value === 'string'
+
+/** Validates one fd-3 line; anything malformed is undefined (and logged by the caller). */
+export function parseReport(line: string): Report | undefined {
+  let message: unknown
+  try {
+    message = JSON.parse(line)
+  } catch {
+    return undefined
+  }
+  if (typeof message !== 'object' || message === null) return undefined
+  const m = message as Record<string, unknown>
+  switch (m.type) {
+    case 'ready':
+      return { type: 'ready', version: isString(m.version) ? m.version : '', pid: Number.isInteger(m.pid) ? (m.pid as number) : null }
+    case 'image':
+      if ((m.format !== 'base64.png' && m.format !== 'base64.jpeg') || !isString(m.data)) return undefined
+      return { type: 'image', format: m.format, data: m.data }
+    case 'result':
+      return isString(m.text) ? { type: 'result', text: m.text } : undefined
+    case 'error':
+      if (!isString(m.name) || !isString(m.value)) return undefined
+      return { type: 'error', name: m.name, value: m.value, traceback: isString(m.traceback) ? m.traceback : '' }
+    case 'done':
+      if (!isString(m.nonce)) return undefined
+      return { type: 'done', nonce: m.nonce, exitCode: Number.isInteger(m.exit_code) ? (m.exit_code as number) : null }
+    default:
+      return undefined
+  }
+}
+
+/**
+ * Splits a byte stream into lines, dropping (and reporting) any line longer than `maxLineBytes`
+ * so a runaway writer cannot make the server buffer without bound.
+ */
+export class LineSplitter {
+  private parts: Buffer[] = []
+  private size = 0
+  private overflowing = false
+
+  constructor(
+    private readonly maxLineBytes: number,
+    private readonly onLine: (line: string) => void,
+    private readonly onOverflow: (bytes: number) => void,
+  ) {}
+
+  push(chunk: Buffer): void {
+    let start = 0
+    for (let end = chunk.indexOf(10, start); end !== -1; end = chunk.indexOf(10, start)) {
+      this.append(chunk.subarray(start, end))
+      if (this.overflowing) this.onOverflow(this.size)
+      else this.onLine(Buffer.concat(this.parts).toString('utf8'))
+      this.parts = []
+      this.size = 0
+      this.overflowing = false
+      start = end + 1
+    }
+    this.append(chunk.subarray(start))
+  }
+
+  private append(piece: Buffer): void {
+    this.size += piece.length
+    if (this.size > this.maxLineBytes) {
+      this.overflowing = true
+      this.parts = []
+    } else if (piece.length > 0) {
+      this.parts.push(piece)
+    }
+  }
+}
+
+/**
+ * Watches one output stream for the current execution's sentinel. Bytes that could be the start
+ * of the sentinel are held back until the next chunk shows whether they are, so a sentinel split
+ * across reads is still found and never leaks into the output.
+ */
+export class SentinelScanner {
+  private held: Buffer = Buffer.alloc(0)
+  private expected: Buffer | undefined
+
+  constructor(
+    private readonly emit: (bytes: Buffer) => void,
+    private readonly onSentinel: () => void,
+  ) {}
+
+  expect(marker: Buffer): void {
+    this.expected = marker
+  }
+
+  push(chunk: Buffer): void {
+    const marker = this.expected
+    if (!marker) {
+      this.emit(chunk)
+      return
+    }
+    const data = this.held.length > 0 ? Buffer.concat([this.held, chunk]) : chunk
+    this.held = Buffer.alloc(0)
+    const at = data.indexOf(marker)
+    if (at !== -1) {
+      if (at > 0) this.emit(data.subarray(0, at))
+      this.expected = undefined
+      this.onSentinel()
+      const rest = data.subarray(at + marker.length)
+      if (rest.length > 0) this.emit(rest)
+      return
+    }
+    const keep = heldPrefixLength(data, marker)
+    if (data.length > keep) this.emit(data.subarray(0, data.length - keep))
+    if (keep > 0) this.held = Buffer.from(data.subarray(data.length - keep))
+  }
+
+  /** Releases held bytes, when the process is gone and no sentinel can come any more. */
+  flush(): void {
+    this.expected = undefined
+    if (this.held.length > 0) this.emit(this.held)
+    this.held = Buffer.alloc(0)
+  }
+}
+
+/** Length of the longest tail of `data` that is a proper prefix of `marker`. */
+function heldPrefixLength(data: Buffer, marker: Buffer): number {
+  const first = marker[0]
+  for (let length = Math.min(marker.length - 1, data.length); length > 0; length--) {
+    const start = data.length - length
+    if (data[start] !== first) continue
+    if (data.subarray(start).equals(marker.subarray(0, length))) return length
+  }
+  return 0
+}

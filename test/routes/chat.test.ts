@@ -1,0 +1,194 @@
+import t from 'tap'
+import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
+import { auth, build } from '../helpers/build.js'
+import { parseSse } from '../helpers/sse.js'
+
+const user = (content: string) => ({ role: 'user', type: 'message', content })
+
+async function setup(t: Parameters<Parameters<typeof t.test>[1]>[0], env: Record<string, string> = {}) {
+  const upstream = await startFakeUpstream()
+  t.teardown(() => upstream.close())
+  const app = await build(t, { LLM_BASE_URL: upstream.url, LLM_API_KEY: 'sk-upstream-secret', SANDBOX: 'none', ...env })
+  return { app, upstream }
+}
+
+t.test('no upstream configured → 503 llm_not_configured naming the variable', async (t) => {
+  const app = await build(t, { SANDBOX: 'none' })
+  const res = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('hi')] } })
+  t.equal(res.statusCode, 503)
+  t.match(res.json(), { error: { type: 'unavailable_error', code: 'llm_not_configured', message: /LLM_BASE_URL/ } })
+})
+
+t.test('plain answer: JSON shape, new session, history stored', async (t) => {
+  const { app, upstream } = await setup(t)
+  upstream.script(text('Hello there!', { usage: { prompt_tokens: 10, completion_tokens: 3, total_tokens: 13 } }))
+  const res = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('hi')] } })
+  t.equal(res.statusCode, 200)
+  const body = res.json()
+  t.match(body, {
+    message: { role: 'assistant', type: 'message', content: 'Hello there!', id: String, created_at: /Z$/ },
+    session_id: /^[0-9a-f-]{36}$/,
+    usage: { prompt_tokens: 10, completion_tokens: 3, total_tokens: 13 },
+  })
+  t.equal(res.headers['x-session-id'], body.session_id)
+  const stored = (await app.inject({ url: `/v1/sessions/${body.session_id}/messages`, headers: auth() })).json()
+  t.match(stored.messages, [{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'Hello there!' }])
+  t.equal(upstream.requests[0]!.headers.authorization, 'Bearer sk-upstream-secret')
+  t.equal(upstream.requests[0]!.body.model, 'gpt-4o-mini')
+})
+
+t.test('a tool call runs code in the session kernel and feeds the output back', async (t) => {
+  const { app, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'x = 6 * 7\nprint(x)' }), text('The answer is 42.'))
+  const res = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('compute')] } })
+  t.equal(res.statusCode, 200)
+  const { messages, message, session_id } = res.json()
+  t.match(messages, [
+    { role: 'assistant', type: 'code', format: 'python', content: 'x = 6 * 7\nprint(x)' },
+    { role: 'computer', type: 'console', format: 'output', stream: 'stdout', content: '42\n' },
+    { role: 'assistant', type: 'message', content: 'The answer is 42.' },
+  ])
+  t.equal(message.content, 'The answer is 42.')
+  const second = upstream.requests[1]!.body.messages
+  const tool = second.find((m: { role: string }) => m.role === 'tool')
+  t.match(tool.content, /42/)
+  // the kernel keeps state for the next turn
+  upstream.script(toolCall({ language: 'python', code: 'print(x + 1)' }), text('43'))
+  const next = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id, messages: [user('again')] } })
+  t.match(next.json().messages[1], { content: '43\n' })
+  const events = (await app.inject({ url: `/v1/sessions/${session_id}/events?limit=100`, headers: auth() })).json().events
+  const types = events.map((e: { type: string }) => e.type)
+  t.ok(types.includes('run_started'))
+  t.ok(types.includes('execution_started'))
+  t.ok(types.includes('execution_finished'))
+  t.ok(types.includes('run_finished'))
+})
+
+t.test('SSE: message chunks framed by start/end, then done; hook headers kept', async (t) => {
+  const { app, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'shell', code: 'echo streamed' }), text('Done streaming.'))
+  const res = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('go')], stream: true } })
+  t.equal(res.statusCode, 200)
+  t.match(res.headers['content-type'], /^text\/event-stream/)
+  t.ok(res.headers['x-request-id'])
+  t.ok(res.headers['x-ratelimit-limit'])
+  t.ok(res.headers['x-session-id'])
+  const events = parseSse(res.body)
+  const messages = events.filter((e) => e.event === 'message').map((e) => JSON.parse(e.data))
+  t.match(messages[0], { role: 'assistant', type: 'code', format: 'shell', start: true })
+  const console = messages.filter((c) => c.type === 'console' && c.content)
+  t.match(console.map((c) => c.content).join(''), /streamed/)
+  for (const c of messages) t.ok(c.id && c.created_at, 'every chunk has id and created_at')
+  const ids = new Set(messages.map((c) => c.id))
+  for (const id of ids) {
+    const own = messages.filter((c) => c.id === id)
+    t.ok(own[0].start && own.at(-1).end, 'each message starts and ends')
+  }
+  const done = events.at(-1)!
+  t.equal(done.event, 'done')
+  t.match(JSON.parse(done.data), { session_id: String, usage: { total_tokens: Number } })
+})
+
+t.test('one run per session: 409 session_busy; stop cancels the run', async (t) => {
+  const { app, upstream } = await setup(t)
+  const { session_id } = (await app.inject({ method: 'POST', url: '/v1/sessions', headers: auth() })).json()
+  upstream.script(text('slow answer', { firstByteMs: 1500 }))
+  const first = app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id, messages: [user('1')] } })
+  await new Promise((r) => setTimeout(r, 300))
+  const busy = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id, messages: [user('2')] } })
+  t.equal(busy.statusCode, 409)
+  t.match(busy.json(), { error: { code: 'session_busy', type: 'conflict_error' } })
+  const stop = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/stop`, headers: auth() })
+  t.same(stop.json(), { ok: true })
+  const res = await first
+  t.equal(res.statusCode, 200)
+  const idle = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/stop`, headers: auth() })
+  t.same(idle.json(), { ok: false, detail: 'No run in progress' })
+})
+
+t.test('auto_run false: confirmation message, then confirm approves the code', async (t) => {
+  const { app, upstream } = await setup(t)
+  const { session_id } = (await app.inject({ method: 'POST', url: '/v1/sessions', headers: auth() })).json()
+  upstream.script(toolCall({ language: 'python', code: 'print("approved")' }), text('ran it'))
+  const running = app.inject({
+    method: 'POST',
+    url: '/v1/chat',
+    headers: auth(),
+    payload: { session_id, messages: [user('run')], config: { auto_run: false } },
+  })
+  let confirmed = false
+  for (let i = 0; i < 50 && !confirmed; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    const res = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: true } })
+    confirmed = res.statusCode === 200
+  }
+  t.ok(confirmed, 'the run waited for a confirmation')
+  const { messages } = (await running).json()
+  t.match(messages, [
+    { type: 'code' },
+    { role: 'computer', type: 'confirmation', format: 'execution', content: { type: 'code', format: 'python', content: 'print("approved")' } },
+    { type: 'console', content: 'approved\n' },
+    { type: 'message', content: 'ran it' },
+  ])
+  const nothing = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: true } })
+  t.equal(nothing.statusCode, 409)
+})
+
+t.test('upstream failures: 502 llm_error without leaking the upstream key; event: error mid-stream', async (t) => {
+  const { app, upstream } = await setup(t)
+  upstream.script(httpError(500, 'upstream exploded with key sk-upstream-secret'), httpError(500, 'again sk-upstream-secret'))
+  const res = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('hi')] } })
+  t.equal(res.statusCode, 502)
+  t.match(res.json(), { error: { type: 'upstream_error', code: 'llm_error' } })
+  t.notMatch(res.body, /sk-upstream-secret/)
+
+  upstream.script(text('this stream breaks in the middle of a long answer', { breakAfterChunks: 2 }))
+  const broken = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('hi')], stream: true } })
+  const events = parseSse(broken.body)
+  const error = events.find((e) => e.event === 'error')
+  t.ok(error, 'an error event is sent')
+  t.match(JSON.parse(error!.data), { error: { code: 'llm_error' } })
+})
+
+t.test('a client that disconnects cancels the upstream request', async (t) => {
+  const { app, upstream } = await setup(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  upstream.script(text('a b c d e f g h i j k l m n o p', { chunkMs: 200 }))
+  const controller = new AbortController()
+  const res = await fetch(`http://127.0.0.1:${port}/v1/chat`, {
+    method: 'POST',
+    headers: { ...auth(), 'content-type': 'application/json' },
+    body: JSON.stringify({ messages: [user('hi')], stream: true }),
+    signal: controller.signal,
+  })
+  const reader = res.body!.getReader()
+  await reader.read()
+  controller.abort()
+  for (let i = 0; i < 40 && app.runs.size > 0; i++) await new Promise((r) => setTimeout(r, 100))
+  t.equal(app.runs.size, 0, 'the run ended')
+  await upstream.settled()
+  t.ok(upstream.requests[0]!.aborted, 'the upstream request was aborted')
+})
+
+t.test('bad input, 401 and 404', async (t) => {
+  const { app } = await setup(t)
+  t.equal((await app.inject({ method: 'POST', url: '/v1/chat', payload: { messages: [user('x')] } })).statusCode, 401)
+  const empty = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [] } })
+  t.equal(empty.statusCode, 400)
+  t.match(empty.json(), { error: { type: 'validation_error', param: 'messages' } })
+  const badRole = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [{ role: 'wizard', content: 'x' }] } })
+  t.equal(badRole.statusCode, 400)
+  const unknown = await app.inject({
+    method: 'POST',
+    url: '/v1/chat',
+    headers: auth(),
+    payload: { session_id: '00000000-0000-4000-8000-000000000000', messages: [user('x')] },
+  })
+  t.equal(unknown.statusCode, 404)
+  t.match(unknown.json(), { error: { code: 'session_not_found' } })
+  for (const path of ['stop', 'confirm']) {
+    const res = await app.inject({ method: 'POST', url: `/v1/sessions/nope/${path}`, headers: auth(), payload: { approve: true } })
+    t.equal(res.statusCode, 404, path)
+  }
+})

@@ -1,0 +1,134 @@
+import OpenAI from 'openai'
+import t from 'tap'
+import { startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
+import { ADMIN_KEY, build } from '../helpers/build.js'
+
+type Tap = Parameters<Parameters<typeof t.test>[1]>[0]
+
+/** The server on loopback and the real OpenAI SDK pointed at it, unmodified. */
+async function setup(t: Tap, env: Record<string, string> = {}) {
+  const upstream = await startFakeUpstream()
+  t.teardown(() => upstream.close())
+  const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none', MODELS: 'gpt-4o-mini,bedrock/anthropic.claude-3-sonnet-20240229-v1:0', ...env })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const baseURL = `http://127.0.0.1:${port}/v1`
+  const client = new OpenAI({ baseURL, apiKey: ADMIN_KEY, maxRetries: 0 })
+  return { app, upstream, client, baseURL }
+}
+
+t.test('create, non-stream: chat.completion shape with code rendered as fences', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'print(2 ** 10)' }), text('It is 1024.', { usage: { prompt_tokens: 5, completion_tokens: 4, total_tokens: 9 } }))
+  const { data, response } = await client.chat.completions
+    .create({ model: 'gpt-4o-mini', messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'What is 2^10?' }] })
+    .withResponse()
+  t.equal(data.object, 'chat.completion')
+  t.match(data.id, /^chatcmpl-/)
+  t.equal(data.model, 'gpt-4o-mini')
+  t.equal(data.choices[0]!.finish_reason, 'stop')
+  t.equal(data.choices[0]!.logprobs, null)
+  t.equal(data.choices[0]!.message.refusal, null)
+  const content = data.choices[0]!.message.content!
+  t.match(content, /```python\nprint\(2 \*\* 10\)\n```/)
+  t.match(content, /```output\n1024\n```/)
+  t.match(content, /It is 1024\./)
+  t.ok(data.usage!.total_tokens >= 9)
+  t.match(response.headers.get('x-session-id'), /^[0-9a-f-]{36}$/)
+  t.equal(upstream.requests[0]!.body.messages[0].content, 'Be brief.', 'system message passed as the system prompt')
+})
+
+t.test('create, stream: same id and created on every chunk, role first, finish_reason, usage chunk, [DONE]', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(text('Streaming works fine here.'))
+  const stream = await client.chat.completions.create({
+    model: 'gpt-4o-mini',
+    messages: [{ role: 'user', content: [{ type: 'text', text: 'hello' }] }],
+    stream: true,
+    stream_options: { include_usage: true },
+  })
+  const chunks = []
+  for await (const chunk of stream) chunks.push(chunk)
+  t.ok(chunks.length >= 3)
+  t.equal(new Set(chunks.map((c) => c.id)).size, 1)
+  t.equal(new Set(chunks.map((c) => c.created)).size, 1)
+  t.equal(chunks[0]!.choices[0]!.delta.role, 'assistant')
+  const finish = chunks.find((c) => c.choices[0]?.finish_reason)
+  t.equal(finish?.choices[0]!.finish_reason, 'stop')
+  const usage = chunks.at(-1)!
+  t.same(usage.choices, [])
+  t.ok(usage.usage!.total_tokens > 0)
+  t.equal(chunks.map((c) => c.choices[0]?.delta.content ?? '').join(''), 'Streaming works fine here.')
+})
+
+t.test('raw stream has no event: lines and ends with [DONE]', async (t) => {
+  const { baseURL, upstream } = await setup(t)
+  upstream.script(text('raw'))
+  const res = await fetch(`${baseURL}/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'm', messages: [{ role: 'user', content: 'x' }], stream: true, some_unknown_field: 1 }),
+  })
+  const body = await res.text()
+  t.notMatch(body, /^event:/m)
+  t.match(body, /data: \[DONE\]\n\n$/)
+  t.ok(res.headers.get('x-session-id'))
+})
+
+t.test('chat.completions.stream() helper and finalChatCompletion()', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(text('Final answer from helper.'))
+  const runner = client.chat.completions.stream({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] })
+  const deltas: string[] = []
+  runner.on('content', (delta) => deltas.push(delta))
+  const final = await runner.finalChatCompletion()
+  t.equal(final.choices[0]!.message.content, 'Final answer from helper.')
+  t.equal(deltas.join(''), 'Final answer from helper.')
+})
+
+t.test('session binding with X-Session-Id keeps the conversation (and the kernel)', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'secret_number = 7' }), text('Stored.'))
+  const first = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'remember 7' }] }).withResponse()
+  const sessionId = first.response.headers.get('x-session-id')!
+  upstream.script(toolCall({ language: 'python', code: 'print(secret_number)' }), text('It was 7.'))
+  const second = await client.chat.completions.create(
+    {
+      model: 'gpt-4o-mini',
+      messages: [
+        { role: 'user', content: 'remember 7' },
+        { role: 'assistant', content: first.data.choices[0]!.message.content },
+        { role: 'user', content: 'what was it?' },
+      ],
+    },
+    { headers: { 'X-Session-Id': sessionId } },
+  )
+  t.match(second.choices[0]!.message.content, /```output\n7\n```/)
+  const stored = (await app.inject({ url: `/v1/sessions/${sessionId}/messages?limit=100`, headers: { authorization: `Bearer ${ADMIN_KEY}` } })).json()
+  t.equal(stored.messages.filter((m: { role: string; content: string }) => m.role === 'user').length, 2, 'resent history is not stored twice')
+})
+
+t.test('models.list() and models.retrieve() with slashes in the id', async (t) => {
+  const { client } = await setup(t)
+  const ids = []
+  for await (const model of client.models.list()) ids.push(model.id)
+  t.same(ids, ['gpt-4o-mini', 'bedrock/anthropic.claude-3-sonnet-20240229-v1:0'])
+  const model = await client.models.retrieve('bedrock/anthropic.claude-3-sonnet-20240229-v1:0')
+  t.equal(model.object, 'model')
+})
+
+t.test("the SDK's error classes for 400, 401, 404 and 429", async (t) => {
+  const { client, baseURL } = await setup(t, { RATE_LIMIT_PER_MINUTE: '30' })
+  await t.rejects(client.chat.completions.create({ model: 'm', messages: [] }), OpenAI.BadRequestError)
+  const bad = new OpenAI({ baseURL, apiKey: 'wrong', maxRetries: 0 })
+  await t.rejects(bad.models.list(), OpenAI.AuthenticationError)
+  await t.rejects(client.models.retrieve('no-such-model'), OpenAI.NotFoundError)
+  await t.rejects(
+    client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'x' }] }, { headers: { 'X-Session-Id': 'nope' } }),
+    OpenAI.NotFoundError,
+  )
+  let limited: unknown
+  for (let i = 0; i < 40 && !limited; i++) await client.models.list().catch((err) => (limited = err))
+  t.type(limited, OpenAI.RateLimitError)
+  t.match((limited as InstanceType<typeof OpenAI.RateLimitError>).error, { code: 'rate_limit_exceeded', type: 'rate_limit_error' })
+})

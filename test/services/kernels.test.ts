@@ -1,0 +1,489 @@
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t from 'tap'
+import { capForModel, KernelManager, resolveLanguage } from '../../services/kernels/manager.js'
+import { descendants } from '../../services/kernels/processes.js'
+import { LineSplitter, parseReport, SentinelScanner, sentinel } from '../../services/kernels/protocol.js'
+import { checkSandbox } from '../../services/kernels/sandbox.js'
+import type { ExecResult, KernelManagerOptions, KernelOutput, Language } from '../../services/kernels/types.js'
+
+const workspacesDir = mkdtempSync(join(tmpdir(), 'oi-kernels-test-'))
+t.teardown(() => rmSync(workspacesDir, { recursive: true, force: true }))
+
+const options = (over: Partial<KernelManagerOptions> = {}): KernelManagerOptions => ({
+  workspacesDir,
+  sandbox: 'bwrap',
+  sandboxNetwork: false,
+  pythonBin: existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3',
+  nodeBin: process.execPath,
+  bashBin: '/bin/bash',
+  idleSeconds: 600,
+  maxKernels: 20,
+  execTimeoutMs: 15_000,
+  execGraceMs: 1_000,
+  outputLimitBytes: 1_000_000,
+  memoryMb: 1024,
+  maxProcesses: 64,
+  maxFileMb: 64,
+  maxOpenFiles: 256,
+  ...over,
+})
+
+const managers: KernelManager[] = []
+function manager(over: Partial<KernelManagerOptions> = {}): KernelManager {
+  const made = new KernelManager(options(over))
+  managers.push(made)
+  return made
+}
+t.teardown(() => Promise.all(managers.map((m) => m.close())))
+
+interface Run {
+  result: ExecResult
+  outputs: KernelOutput[]
+  stdout: string
+  stderr: string
+  notices: string[]
+  results: string[]
+  images: string[]
+}
+
+let sessions = 0
+const newSession = () => `session-${process.pid}-${++sessions}`
+
+async function run(m: KernelManager, sessionId: string, language: Language, code: string, extra: { timeoutMs?: number; signal?: AbortSignal; env?: Record<string, string> } = {}): Promise<Run> {
+  const outputs: KernelOutput[] = []
+  const result = await m.execute({ sessionId, language, code, ...extra, onOutput: (o) => outputs.push(o) })
+  const text = (stream: 'stdout' | 'stderr') =>
+    outputs
+      .filter((o) => o.type === 'stream' && o.stream === stream)
+      .map((o) => (o as { text: string }).text)
+      .join('')
+  return {
+    result,
+    outputs,
+    stdout: text('stdout'),
+    stderr: text('stderr'),
+    notices: outputs.filter((o) => o.type === 'notice').map((o) => (o as { text: string }).text),
+    results: outputs.filter((o) => o.type === 'result').map((o) => (o as { text: string }).text),
+    images: outputs.filter((o) => o.type === 'image').map((o) => (o as { data: string }).data),
+  }
+}
+
+const sandboxCheck = await checkSandbox(options())
+t.ok(sandboxCheck.ok, `bubblewrap works here: ${sandboxCheck.reason ?? 'ok'}`)
+
+t.test('protocol pieces', async (t) => {
+  t.test('a sentinel split across chunks is found and stripped', async (t) => {
+    const marker = sentinel('0123456789abcdef0123456789abcdef')
+    const data = Buffer.concat([Buffer.from('héllo \x02oi-end:not-it\x03 '), marker, Buffer.from('late')])
+    for (const size of [1, 2, 3, 7, 1000]) {
+      const out: Buffer[] = []
+      let seen = 0
+      const scanner = new SentinelScanner(
+        (b) => out.push(Buffer.from(b)),
+        () => seen++,
+      )
+      scanner.expect(marker)
+      for (let i = 0; i < data.length; i += size) scanner.push(data.subarray(i, i + size))
+      t.equal(seen, 1, `chunks of ${size}`)
+      t.equal(Buffer.concat(out).toString(), 'héllo \x02oi-end:not-it\x03 late')
+    }
+  })
+  t.test('report lines are bounded and validated', async (t) => {
+    const lines: string[] = []
+    const dropped: number[] = []
+    const splitter = new LineSplitter(
+      10,
+      (l) => lines.push(l),
+      (n) => dropped.push(n),
+    )
+    splitter.push(Buffer.from('short\nthis line is far too long\nok'))
+    splitter.push(Buffer.from('\n'))
+    t.same(lines, ['short', 'ok'])
+    t.same(dropped, [24])
+    t.equal(parseReport('{not json'), undefined)
+    t.equal(parseReport('{"type":"image","format":"gif","data":"x"}'), undefined)
+    t.same(parseReport('{"type":"done","nonce":"n","exit_code":3}'), { type: 'done', nonce: 'n', exitCode: 3 })
+  })
+})
+
+t.test('languages and aliases', async (t) => {
+  const m = manager()
+  const languages = await m.languages()
+  t.equal(await m.languages(), languages, 'detected once, then cached')
+  t.same(
+    languages.map((l) => [l.name, l.available]),
+    [
+      ['python', true],
+      ['shell', true],
+      ['javascript', true],
+    ],
+  )
+  t.match(languages.find((l) => l.name === 'javascript')?.version, process.versions.node)
+  for (const [alias, name] of [['py', 'python'], ['Python3', 'python'], ['bash', 'shell'], ['sh', 'shell'], ['js', 'javascript'], ['node', 'javascript'], ['ruby', undefined]])
+    t.equal(resolveLanguage(alias as string), name, alias)
+  t.equal(capForModel('x'.repeat(10), 2800), 'x'.repeat(10))
+  t.match(capForModel('a'.repeat(3000) + 'END', 2800), /^a+\n\[… \d+ characters cut …\]\na*END$/)
+})
+
+t.test('state persists per language', async (t) => {
+  const m = manager()
+  const id = newSession()
+  await run(m, id, 'python', 'import json\nx = 41')
+  t.same((await run(m, id, 'python', 'json.dumps({"x": x + 1})')).results, [`'{"x": 42}'`])
+  await run(m, id, 'shell', 'mkdir -p sub && cd sub && export GREETING=hi && COUNT=3')
+  const shell = await run(m, id, 'shell', 'echo "$(pwd) $GREETING $COUNT"; bash -c \'echo child sees $GREETING\'')
+  t.equal(shell.stdout, '/workspace/sub hi 3\nchild sees hi\n')
+  await run(m, id, 'javascript', 'const base = 40; let step = 1; var path = require("node:path")')
+  t.same((await run(m, id, 'javascript', 'base + step + 1')).results, ['42'])
+  t.same((await run(m, id, 'javascript', 'path.basename("/a/b.txt")')).results, ["'b.txt'"])
+  t.same((await run(m, id, 'python', 'x')).results, ['41'], 'python is untouched by the other languages')
+})
+
+t.test('trailing expressions and top-level await', async (t) => {
+  const m = manager()
+  const id = newSession()
+  t.same((await run(m, id, 'python', 'a = [1, 2]\na + [3]')).results, ['[1, 2, 3]'])
+  t.same((await run(m, id, 'python', 'None')).results, [], 'None shows nothing')
+  t.same((await run(m, id, 'python', 'print("side effect")')).results, [], 'a print call is not a value')
+  t.same((await run(m, id, 'python', 'import asyncio\nawait asyncio.sleep(0.01)\n"awaited"')).results, ["'awaited'"])
+  t.same((await run(m, id, 'javascript', '({ a: 1, b: [1, 2] })')).results, ['{ a: 1, b: [ 1, 2 ] }'])
+  t.same((await run(m, id, 'javascript', 'undefined')).results, [])
+  const awaited = await run(m, id, 'javascript', 'const v = await new Promise((r) => setTimeout(() => r(7), 50)); v * 6')
+  t.same(awaited.results, ['42'])
+  t.same((await run(m, id, 'javascript', 'v')).results, ['7'], 'a declaration made with top-level await persists')
+})
+
+t.test('stdout and stderr stay apart and stream as produced', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const py = await run(m, id, 'python', 'import sys, subprocess\nprint("out")\nprint("err", file=sys.stderr)\nsubprocess.run(["sh", "-c", "echo sub-out; echo sub-err >&2"])\nimport os\nos.write(1, b"c-level\\n")')
+  t.equal(py.stdout, 'out\nsub-out\nc-level\n')
+  t.equal(py.stderr, 'err\nsub-err\n')
+  const sh = await run(m, id, 'shell', 'echo o; echo e >&2')
+  t.equal(sh.stdout, 'o\n')
+  t.equal(sh.stderr, 'e\n')
+  const js = await run(m, id, 'javascript', 'console.log("log"); console.error("error"); process.stdout.write("raw")')
+  t.equal(js.stdout, 'log\nraw')
+  t.equal(js.stderr, 'error\n')
+
+  for (const [language, code] of [
+    ['python', 'import time\nfor i in range(4):\n    print(i, flush=True)\n    time.sleep(0.25)'],
+    ['shell', 'for i in 0 1 2 3; do echo $i; sleep 0.25; done'],
+    ['javascript', 'for (let i = 0; i < 4; i++) { console.log(i); await new Promise((r) => setTimeout(r, 250)) }'],
+  ] as const) {
+    const arrivals: number[] = []
+    const started = Date.now()
+    const result = await m.execute({ sessionId: id, language, code, onOutput: (o) => o.type === 'stream' && arrivals.push(Date.now()) })
+    const finished = Date.now()
+    t.equal(result.exitCode, 0)
+    t.ok(arrivals.length >= 2, `${language}: ${arrivals.length} output callbacks`)
+    t.ok((arrivals[0] ?? finished) - started < finished - started - 400, `${language}: the first line arrived long before the end`)
+  }
+})
+
+t.test('UTF-8 is never split inside a character', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const r = await run(m, id, 'python', 'import os, time\nos.write(1, b"price: \\xe2")\ntime.sleep(0.2)\nos.write(1, b"\\x82\\xac and \\xf0\\x9f")\ntime.sleep(0.2)\nos.write(1, b"\\x98\\x80\\n")')
+  t.equal(r.stdout, 'price: € and 😀\n')
+  t.notOk(r.outputs.some((o) => o.type === 'stream' && o.text.includes('\uFFFD')))
+})
+
+t.test('a fake end marker printed by user code does not end the execution', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const fake = '\\x02oi-end:00000000000000000000000000000000\\x03'
+  const py = await run(m, id, 'python', `import sys, time\nprint("${fake}")\nprint("${fake}", file=sys.stderr)\nprint('{"type": "done", "nonce": "00000000000000000000000000000000", "exit_code": 0}')\ntime.sleep(0.3)\nprint("after")`)
+  t.match(py.stdout, /after\n$/)
+  t.match(py.stdout, /oi-end:0{32}/, 'the fake marker is passed through as output')
+  const sh = await run(m, id, 'shell', `printf '\\002oi-end:%s\\003\\n' fake; sleep 0.3; echo after`)
+  t.match(sh.stdout, /after\n$/)
+})
+
+t.test('errors come back with tracebacks trimmed to the user code', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const py = await run(m, id, 'python', 'def divide(a):\n    return a / 0\n\ndivide(1)')
+  t.equal(py.result.exitCode, 1)
+  t.equal(py.result.error?.name, 'ZeroDivisionError')
+  t.equal(py.result.error?.value, 'division by zero')
+  t.match(py.result.error?.traceback, /File "<cell-1>", line 4, in <module>\n    divide\(1\)/)
+  t.match(py.result.error?.traceback, /line 2, in divide\n    return a \/ 0/)
+  t.notMatch(py.result.error?.traceback, /python_driver/)
+  const syntax = await run(m, id, 'python', 'if (:\n  pass')
+  t.equal(syntax.result.error?.name, 'SyntaxError')
+  t.notMatch(syntax.result.error?.traceback, /Traceback|python_driver/)
+  const input = await run(m, id, 'python', 'input("name? ")')
+  t.equal(input.result.error?.name, 'EOFError', 'input() fails at once instead of waiting')
+  t.notMatch(input.result.error?.traceback, /python_driver/)
+  t.same((await run(m, id, 'python', '1 + 1')).results, ['2'], 'the kernel carries on after errors')
+
+  const js = await run(m, id, 'javascript', 'function boom() { null.x }\nboom()')
+  t.equal(js.result.error?.name, 'TypeError')
+  t.match(js.result.error?.traceback, /at boom \(cell-1:1:\d+\)/)
+  t.notMatch(js.result.error?.traceback, /node_driver|node:repl|node:vm/)
+  const rejected = await run(m, id, 'javascript', 'await Promise.reject(new RangeError("nope"))')
+  t.equal(rejected.result.error?.name, 'RangeError')
+  t.same((await run(m, id, 'javascript', '6 * 7')).results, ['42'])
+})
+
+t.test('shell syntax errors fail fast and exit restarts the shell', async (t) => {
+  const m = manager()
+  const id = newSession()
+  await run(m, id, 'shell', 'KEPT=yes')
+  const started = Date.now()
+  const quote = await run(m, id, 'shell', 'echo "unterminated')
+  t.ok(Date.now() - started < 2000, 'no hang')
+  t.equal(quote.result.exitCode, 2)
+  t.match(quote.stderr, /unexpected EOF/)
+  t.equal((await run(m, id, 'shell', 'echo $KEPT')).stdout, 'yes\n', 'the shell survived')
+
+  const exited = await run(m, id, 'shell', 'echo bye; exit 3')
+  t.equal(exited.stdout, 'bye\n')
+  t.equal(exited.result.exitCode, 3)
+  t.equal(exited.result.stateLost, true)
+  t.match(exited.notices.join(' '), /shell exited \(exit code 3\).*new shell starts/)
+  const after = await run(m, id, 'shell', 'echo "kept=${KEPT:-gone}"')
+  t.equal(after.stdout, 'kept=gone\n')
+  t.equal(after.result.exitCode, 0)
+})
+
+t.test('figures and images come back as PNG', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const plot = await run(m, id, 'python', 'import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title("t")\nplt.show()')
+  t.equal(plot.result.exitCode, 0, plot.stderr)
+  t.equal(plot.images.length, 1)
+  t.ok(Buffer.from(plot.images[0] ?? '', 'base64').subarray(0, 8).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])))
+  t.same((await run(m, id, 'python', 'len(plt.get_fignums())')).results, ['0'], 'figures are closed once sent')
+  const pil = await run(m, id, 'python', 'from PIL import Image\nImage.new("RGB", (8, 8), "red")')
+  t.equal(pil.images.length, 1)
+  t.same(pil.results, [])
+})
+
+t.test('timeouts interrupt first and kill only when needed', async (t) => {
+  const m = manager({ execGraceMs: 800 })
+  const id = newSession()
+  await run(m, id, 'python', 'kept = "still here"')
+  const busy = await run(m, id, 'python', 'while True: pass', { timeoutMs: 1000 })
+  t.equal(busy.result.timedOut, true)
+  t.equal(busy.result.stateLost, false)
+  t.equal(busy.result.error?.name, 'KeyboardInterrupt')
+  t.match(busy.notices.join(' '), /timed out after 1 s and was interrupted/)
+  t.ok(busy.result.durationMs < 2500)
+  t.same((await run(m, id, 'python', 'kept')).results, ["'still here'"], 'the kernel is usable afterwards')
+
+  const stubborn = await run(m, id, 'python', 'import time\nwhile True:\n    try:\n        time.sleep(10)\n    except KeyboardInterrupt:\n        pass', { timeoutMs: 1000 })
+  t.equal(stubborn.result.timedOut, true)
+  t.equal(stubborn.result.stateLost, true)
+  t.equal(stubborn.result.exitCode, null)
+  t.match(stubborn.notices.join(' '), /did not stop within 0\.8 s of the interrupt, so the kernel was killed/)
+  t.same((await run(m, id, 'python', '"kept" in globals()')).results, ['False'], 'a fresh kernel')
+
+  const capped = await run(m, newSession(), 'shell', 'sleep 5', { timeoutMs: 60_000 })
+  t.equal(capped.result.timedOut, false, 'the server maximum still applies, but 5 s fits in it')
+  const maxed = manager({ execTimeoutMs: 500 })
+  const limited = await run(maxed, newSession(), 'shell', 'sleep 5', { timeoutMs: 60_000 })
+  t.equal(limited.result.timedOut, true, 'timeoutMs cannot exceed the server maximum')
+})
+
+t.test('interrupt and abort', async (t) => {
+  const m = manager()
+  const id = newSession()
+  t.equal(await m.interrupt(id), false, 'nothing to interrupt')
+  await run(m, id, 'python', 'kept = 1')
+  for (const [language, code] of [
+    ['python', 'import time\ntime.sleep(30)'],
+    ['shell', 'sleep 30; echo never'],
+    ['shell', 'while true; do :; done; echo never'],
+    ['javascript', 'while (true) {}'],
+    ['javascript', 'await new Promise((r) => setTimeout(r, 30000))'],
+  ] as const) {
+    const pending = run(m, id, language, code)
+    await new Promise((r) => setTimeout(r, 400))
+    t.equal(await m.interrupt(id), true)
+    const r = await pending
+    t.equal(r.result.interrupted, true, `${language}: ${code}`)
+    t.equal(r.result.stateLost, false)
+    t.equal(r.result.error?.name, 'KeyboardInterrupt')
+    t.notMatch(r.stdout, /never/)
+  }
+  t.same((await run(m, id, 'python', 'kept')).results, ['1'])
+
+  const controller = new AbortController()
+  setTimeout(() => controller.abort(), 300)
+  const aborted = await run(m, id, 'shell', 'sleep 30', { signal: controller.signal })
+  t.equal(aborted.result.interrupted, true)
+  t.ok(aborted.result.durationMs < 3000)
+  const already = await run(m, id, 'shell', 'echo never', { signal: AbortSignal.abort() })
+  t.equal(already.stdout, '', 'an execution aborted before it starts does not run')
+})
+
+t.test('output past the limit is cut and the kernel killed', async (t) => {
+  const m = manager({ outputLimitBytes: 1_000_000 })
+  const id = newSession()
+  const started = Date.now()
+  const flood = await run(m, id, 'python', 'import sys\nchunk = "x" * 1_000_000\nfor _ in range(100):\n    sys.stdout.write(chunk)')
+  t.ok(Date.now() - started < 15_000, `took ${Date.now() - started} ms`)
+  t.equal(flood.result.truncated, true)
+  t.equal(flood.result.stateLost, true)
+  t.ok(flood.stdout.length <= 1_000_000, `${flood.stdout.length} characters forwarded`)
+  t.match(flood.notices.join(' '), /Output passed 1000000 bytes and was cut/)
+  t.same((await run(m, id, 'python', '1 + 1')).results, ['2'], 'the next execution gets a new kernel')
+})
+
+t.test('a kernel killed from outside is detected and restarted', async (t) => {
+  const m = manager()
+  const id = newSession()
+  await run(m, id, 'python', 'kept = 1')
+  const drivers = []
+  for (const pid of await descendants(process.pid)) {
+    const cmdline = safeCmdline(pid)
+    if (cmdline.includes('python_driver.py') && !cmdline.includes('bwrap')) drivers.push(pid)
+  }
+  t.ok(drivers.length >= 1)
+  for (const pid of drivers) process.kill(pid, 'SIGKILL')
+  await new Promise((r) => setTimeout(r, 300))
+  const after = await run(m, id, 'python', '"kept" in globals()')
+  t.match(after.notices.join(' '), /stopped between executions .* and was restarted/)
+  t.same(after.results, ['False'])
+})
+
+function safeCmdline(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ')
+  } catch {
+    return ''
+  }
+}
+
+t.test('one session runs in order, sessions run in parallel', async (t) => {
+  const m = manager()
+  const a = newSession()
+  const b = newSession()
+  await Promise.all([run(m, a, 'python', '1'), run(m, a, 'shell', 'true'), run(m, b, 'python', '1')])
+  const order: string[] = []
+  const timed = async (id: string, language: Language, code: string, name: string) => {
+    const started = Date.now()
+    const r = await run(m, id, language, code)
+    order.push(name)
+    return { started, finished: Date.now(), r }
+  }
+  const t0 = Date.now()
+  const [first, second, third, other] = await Promise.all([
+    timed(a, 'python', 'import time\ntime.sleep(0.6)\nstep = 1', 'a1'),
+    timed(a, 'shell', 'sleep 0.6', 'a2'),
+    timed(a, 'python', 'step + 1', 'a3'),
+    timed(b, 'python', 'import time\ntime.sleep(0.6)', 'b1'),
+  ])
+  t.same(order.filter((n) => n.startsWith('a')), ['a1', 'a2', 'a3'])
+  t.same(third?.r.results, ['2'], 'the third execution saw the first one finished')
+  t.ok((second?.finished ?? 0) - t0 >= 1150, 'the session ran its executions one after the other')
+  t.ok((other?.finished ?? 0) - t0 < 1100, 'the other session did not wait for it')
+  t.ok((first?.finished ?? 0) <= (second?.finished ?? 0))
+})
+
+t.test('least recently used kernels are evicted past maxKernels', async (t) => {
+  const m = manager({ maxKernels: 2 })
+  const [s1, s2, s3] = [newSession(), newSession(), newSession()]
+  await run(m, s1, 'python', 'x = 1')
+  await run(m, s2, 'python', 'x = 2')
+  await run(m, s1, 'python', 'x')
+  await run(m, s3, 'python', 'x = 3')
+  await new Promise((r) => setTimeout(r, 200))
+  t.equal(m.stats().live, 2)
+  const evicted = await run(m, s2, 'python', '"x" in globals()')
+  t.match(evicted.notices.join(' '), /stopped to make room for other sessions .*gone/)
+  t.same(evicted.results, ['False'])
+  const kept = await run(m, s3, 'python', 'x')
+  t.same(kept.notices, [])
+  t.same(kept.results, ['3'])
+})
+
+t.test('idle kernels are reaped', async (t) => {
+  const m = manager({ idleSeconds: 1 })
+  const id = newSession()
+  await run(m, id, 'shell', 'X=1')
+  t.equal(m.stats().live, 1)
+  await new Promise((r) => setTimeout(r, 2200))
+  t.equal(m.stats().live, 0)
+  const after = await run(m, id, 'shell', 'echo "${X:-unset}"')
+  t.match(after.notices.join(' '), /stopped after 1 s without use/)
+  t.equal(after.stdout, 'unset\n')
+})
+
+t.test('restart and shutdown', async (t) => {
+  const m = manager()
+  const id = newSession()
+  await run(m, id, 'python', 'x = 1')
+  await run(m, id, 'shell', 'X=1')
+  await m.restart(id, 'python')
+  const py = await run(m, id, 'python', '"x" in globals()')
+  t.same(py.results, ['False'])
+  t.same(py.notices, [], 'a requested restart needs no notice')
+  t.equal((await run(m, id, 'shell', 'echo $X')).stdout, '1\n', 'only the named language restarted')
+  const running = run(m, id, 'shell', 'sleep 30')
+  const queued = run(m, id, 'shell', 'echo queued')
+  await new Promise((r) => setTimeout(r, 300))
+  await m.shutdownSession(id)
+  const cut = await running
+  t.equal(cut.result.stateLost, true)
+  t.match(cut.notices.join(' '), /shut down while this code was running/)
+  const never = await queued
+  t.equal(never.stdout, '')
+  t.equal(m.stats().live, 0)
+})
+
+t.test('the kernel environment is scrubbed and takes the tenant variables', async (t) => {
+  process.env.OI_SERVER_ONLY_MARKER = 'server-secret-value'
+  t.teardown(() => {
+    delete process.env.OI_SERVER_ONLY_MARKER
+  })
+  const m = manager()
+  const id = newSession()
+  const env = await run(m, id, 'shell', 'env', { env: { TENANT_TOKEN: 'tenant-value', HOME: '/elsewhere' } })
+  t.match(env.stdout, /^TENANT_TOKEN=tenant-value$/m)
+  t.match(env.stdout, /^HOME=\/workspace$/m, 'tenant variables cannot replace the kernel ones')
+  t.match(env.stdout, /^MPLBACKEND=Agg$/m)
+  t.notMatch(env.stdout, /server-secret-value|OI_SERVER_ONLY_MARKER/)
+})
+
+t.test('sandbox none runs the same protocol without isolation', async (t) => {
+  const m = manager({ sandbox: 'none' })
+  const id = newSession()
+  await run(m, id, 'python', 'x = 20')
+  t.same((await run(m, id, 'python', 'x * 2 + 2')).results, ['42'])
+  t.equal((await run(m, id, 'shell', 'cd /tmp; pwd')).stdout, '/tmp\n')
+  t.same((await run(m, id, 'javascript', 'await Promise.resolve(1)')).results, ['1'])
+  const pending = run(m, id, 'python', 'import time\ntime.sleep(30)')
+  await new Promise((r) => setTimeout(r, 300))
+  await m.interrupt(id)
+  t.equal((await pending).result.error?.name, 'KeyboardInterrupt')
+})
+
+t.test('close() leaves no process behind', async (t) => {
+  const m = new KernelManager(options())
+  const ids = [newSession(), newSession()]
+  for (const id of ids) {
+    await run(m, id, 'python', '1')
+    await run(m, id, 'shell', 'sleep 300 & sleep 300 & true')
+    await run(m, id, 'javascript', '1')
+  }
+  const running = run(m, ids[0] ?? '', 'python', 'import subprocess\nsubprocess.run(["sleep", "300"])')
+  await new Promise((r) => setTimeout(r, 300))
+  const before = await descendants(process.pid)
+  t.ok(before.length >= 10, `${before.length} kernel processes before close`)
+  await m.close()
+  t.equal((await running).result.stateLost, true)
+  const left = (await descendants(process.pid)).filter((pid) => before.includes(pid))
+  t.same(left, [], 'no kernel process is left')
+  await t.rejects(m.execute({ sessionId: ids[0] ?? '', language: 'python', code: '1' }), { statusCode: 503 })
+})
+
+t.test('invalid requests', async (t) => {
+  const m = manager()
+  await t.rejects(m.execute({ sessionId: '../escape', language: 'python', code: '1' }), { statusCode: 400 })
+  await t.rejects(m.execute({ sessionId: newSession(), language: 'cobol' as Language, code: '1' }), { statusCode: 400 })
+})
