@@ -2,10 +2,14 @@ import { readFileSync } from 'node:fs'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { Config } from './config.js'
+import websocket from '@fastify/websocket'
+import agentPlugin from './plugins/agent.js'
 import authPlugin, { protect } from './plugins/auth.js'
 import corsPlugin from './plugins/cors.js'
 import errorsPlugin from './plugins/errors.js'
 import httpPlugin, { requestId } from './plugins/http.js'
+import kernelsPlugin from './plugins/kernels.js'
+import llmPlugin from './plugins/llm.js'
 import metricsPlugin from './plugins/metrics.js'
 import rateLimitPlugin from './plugins/rate-limit.js'
 import readinessPlugin from './plugins/readiness.js'
@@ -13,9 +17,16 @@ import redisPlugin from './plugins/redis.js'
 import sessionsPlugin from './plugins/sessions.js'
 import storePlugin from './plugins/store.js'
 import swaggerPlugin from './plugins/swagger.js'
+import chatRoutes from './routes/chat.js'
+import { eventLog, eventSocket } from './routes/events.js'
+import executeRoutes from './routes/execute.js'
+import fileRoutes from './routes/files.js'
 import healthRoutes from './routes/health.js'
+import keyRoutes from './routes/keys.js'
 import metricsRoutes from './routes/metrics.js'
+import openaiRoutes from './routes/openai.js'
 import sessionRoutes from './routes/sessions.js'
+import settingsRoutes from './routes/settings.js'
 import { ErrorResponse } from './schemas/common.js'
 import { LmcMessage } from './schemas/lmc.js'
 import type { Store } from './services/store/types.js'
@@ -69,13 +80,31 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
   await app.register(storePlugin, { databaseUrl: config.DATABASE_URL, dataDir: config.DATA_DIR, store: opts.store })
   await app.register(authPlugin, { adminKeys: config.adminKeys })
   await app.register(sessionsPlugin, { defaultModel: config.LITELLM_MODEL, ttlHours: config.SESSION_TTL_HOURS })
+  await app.register(llmPlugin, {
+    baseURL: config.LLM_BASE_URL,
+    apiKey: config.LLM_API_KEY,
+    timeoutMs: config.LLM_TIMEOUT_MS,
+    models: config.MODELS,
+    defaultModel: config.LITELLM_MODEL,
+  })
+  await app.register(kernelsPlugin, { config })
+  await app.register(agentPlugin, { config })
+  await app.register(websocket, { options: { maxPayload: 1024 * 1024 } })
 
   await app.register(healthRoutes, { model: config.LITELLM_MODEL })
   await app.register(async (api) => {
     await api.register(protect)
     await api.register(metricsRoutes)
     await api.register(sessionRoutes)
+    await api.register(chatRoutes)
+    await api.register(openaiRoutes)
+    await api.register(executeRoutes)
+    await api.register(fileRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
+    await api.register(eventLog)
+    await api.register(keyRoutes)
+    await api.register(settingsRoutes)
   })
+  await app.register(eventSocket)
 
   return app
 }

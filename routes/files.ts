@@ -7,6 +7,9 @@ import { principal } from '../plugins/auth.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
 import { ApiError, invalidRequest } from '../services/errors.js'
 
+/** A streamed binary body, documented as such. */
+const Binary = Type.Unsafe<Readable>({ type: 'string', format: 'binary' })
+
 const PathQuery = Type.Object({ path: Type.String({ maxLength: 4096, description: 'Relative to the workspace' }) })
 const DirQuery = Type.Object({ path: Type.String({ maxLength: 4096, default: '' }) })
 const Entry = Type.Object({
@@ -54,7 +57,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
         summary: 'Download a file',
         params: SessionIdParams,
         querystring: PathQuery,
-        response: { 200: Type.String({ format: 'binary' }), ...protectedErrors(400, 404) },
+        response: { 200: Binary, ...protectedErrors(400, 404) },
       },
     },
     async (request, reply) => {
@@ -142,7 +145,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
         tags: ['files'],
         summary: 'The whole workspace as a zip',
         params: SessionIdParams,
-        response: { 200: Type.String({ format: 'binary' }), ...protectedErrors(404) },
+        response: { 200: Binary, ...protectedErrors(404) },
       },
     },
     async (request, reply) => {

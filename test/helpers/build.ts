@@ -8,7 +8,7 @@ import { loadConfig } from '../../config.js'
 export const ADMIN_KEY = 'test-admin-key'
 export const auth = (key = ADMIN_KEY) => ({ authorization: `Bearer ${key}` })
 
-type Tap = { teardown(fn: () => unknown): void }
+export type Tap = { teardown(fn: () => unknown): void }
 
 /** A fresh temporary directory removed when the test ends. */
 export function tempDir(t: Tap, prefix = 'oi-test-'): string {

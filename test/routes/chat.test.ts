@@ -1,11 +1,12 @@
 import t from 'tap'
 import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
 import { auth, build } from '../helpers/build.js'
+import type { Tap } from '../helpers/build.js'
 import { parseSse } from '../helpers/sse.js'
 
 const user = (content: string) => ({ role: 'user', type: 'message', content })
 
-async function setup(t: Parameters<Parameters<typeof t.test>[1]>[0], env: Record<string, string> = {}) {
+async function setup(t: Tap, env: Record<string, string> = {}) {
   const upstream = await startFakeUpstream()
   t.teardown(() => upstream.close())
   const app = await build(t, { LLM_BASE_URL: upstream.url, LLM_API_KEY: 'sk-upstream-secret', SANDBOX: 'none', ...env })
