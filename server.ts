@@ -39,8 +39,11 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
     config.adminKeys = [config.generatedApiKey]
   }
 
-  const logger = createLogger({ level: config.LOG_LEVEL, logDir: config.LOG_DIR, pretty: Boolean(process.stdout.isTTY) })
+  // secret values that reach a log line (an upstream error quoting a prompt, say) are masked
+  let redact = (line: string) => line
+  const logger = createLogger({ level: config.LOG_LEVEL, logDir: config.LOG_DIR, pretty: Boolean(process.stdout.isTTY) }, (line) => redact(line))
   const app = await buildApp(config, { logger })
+  redact = app.secrets.redactAll
 
   closeWithGrace({ delay: config.SHUTDOWN_GRACE_MS, logger }, async ({ err, signal }) => {
     if (err) logger.error({ err }, 'shutting down after an error')

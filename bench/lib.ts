@@ -105,14 +105,17 @@ export async function measure(opts: LoadOptions): Promise<Measurement> {
   }
 }
 
+// autocannon records latency in whole milliseconds
+const ms = (value: number) => (value < 1 ? '<1' : value.toFixed(0))
+
 /** A fixed-width table of measurements, one row per target. */
 export function table(rows: { name: string; m: Measurement }[]): string {
   const header = ['', 'req/s', 'p50 ms', 'p99 ms', 'requests', 'non-2xx', 'errors']
   const body = rows.map(({ name, m }) => [
     name,
     Math.round(m.requestsPerSec).toString(),
-    m.p50.toFixed(1),
-    m.p99.toFixed(1),
+    ms(m.p50),
+    ms(m.p99),
     m.total.toString(),
     m.non2xx.toString(),
     m.errors.toString(),
