@@ -87,6 +87,12 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
     (socket: WebSocket, request: FastifyRequest<{ Params: { id: string }; Querystring: { latest_event_id: number } }>) => {
       const pending: unknown[] = []
       let authed: Principal | undefined
+      // Set once a key is being checked: frames that follow it wait for the outcome instead of
+      // being taken for a missing auth frame (or dropped when the key came in the header).
+      let authenticating = false
+      // The canonical id from the store: the path may spell the UUID in another case, and the
+      // bus, the run registry and the kernels key on the stored id.
+      let sessionId: string | undefined
       let unsubscribe: (() => void) | undefined
       let ready = false
       const send = (frame: unknown) => {
@@ -100,6 +106,9 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         authed = who
         const session = await app.store.getSession(who.tenantId, request.params.id)
         if (!session) return socket.close(CLOSE.notFound, 'session not found')
+        // gone while the key or the session was looked up: a subscription now would never end
+        if (socket.readyState !== socket.OPEN) return
+        sessionId = session.id
         // Subscribe before reading the log: live events that arrive during the replay wait in
         // `live` and are sent after it, skipping any the replay already covered.
         let last = request.query.latest_event_id
@@ -135,38 +144,44 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         if (!frame) return send({ type: 'error', error: { message: 'Invalid frame', type: 'validation_error', code: 'invalid_message', param: null } })
         if (frame.type === 'auth') return
         const who = authed!
+        const id = sessionId!
         try {
-          if (frame.type === 'stop') app.runs.stop(request.params.id)
-          else if (frame.type === 'confirm') app.runs.get(request.params.id)?.confirm(frame.approve)
+          if (frame.type === 'stop') app.runs.stop(id)
+          else if (frame.type === 'confirm') app.runs.get(id)?.confirm(frame.approve)
           else
             app.chat
-              .run({ tenantId: who.tenantId, sessionId: request.params.id, inputs: [{ role: 'user', type: 'message', content: frame.content }] })
+              .run({ tenantId: who.tenantId, sessionId: id, inputs: [{ role: 'user', type: 'message', content: frame.content }] })
               .catch(fail)
         } catch (err) {
           fail(err)
         }
       }
 
-      socket.on('close', () => unsubscribe?.())
+      const authenticate = (token: string) => {
+        authenticating = true
+        void app.keys.resolve(token).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
+      }
+
+      socket.on('close', () => {
+        clearTimeout(timer)
+        unsubscribe?.()
+      })
       socket.on('message', (data) => {
-        if (authed && !ready) pending.push(data)
-        else if (authed) void handle(data)
-        else if (!request.headers.authorization) {
-          const frame = parseFrame(data)
-          clearTimeout(timer)
-          if (frame?.type !== 'auth') return socket.close(CLOSE.unauthorized, 'authenticate first')
-          void app.keys.resolve(frame.token).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
-        }
+        if (ready) return void handle(data)
+        if (authenticating) return void pending.push(data)
+        clearTimeout(timer)
+        const frame = parseFrame(data)
+        if (frame?.type !== 'auth') return socket.close(CLOSE.unauthorized, 'authenticate first')
+        authenticate(frame.token)
       })
 
       const timer = setTimeout(() => {
-        if (!authed) socket.close(CLOSE.unauthorized, 'authentication timed out')
+        if (!authenticating) socket.close(CLOSE.unauthorized, 'authentication timed out')
       }, AUTH_TIMEOUT_MS)
       const header = request.headers.authorization
       if (header) {
         clearTimeout(timer)
-        const token = /^Bearer (.+)$/.exec(header)?.[1]?.trim() ?? ''
-        void app.keys.resolve(token).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
+        authenticate(/^Bearer (.+)$/.exec(header)?.[1]?.trim() ?? '')
       }
     },
   )

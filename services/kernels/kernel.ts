@@ -221,6 +221,7 @@ export class Kernel {
       this.readyReceived = true
       // Interrupting needs the driver's host pid: it differs from ours inside a pid namespace.
       if (outcome.pid !== null && this.pid !== undefined) this.driverPid = await hostPidOf(this.pid, outcome.pid)
+      console.log('DEBUG driver', this.pid, outcome.pid, this.driverPid, await descendants(this.pid!))
       if (this.driverPid === undefined) this.log.warn({ kernel: this.label }, 'kernel driver process not found; an interrupt will stop the kernel')
       return
     }

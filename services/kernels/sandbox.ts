@@ -186,12 +186,14 @@ function interpreterArgs(opts: SandboxOptions, layout: HostLayout, language: Lan
       return [bin, '--noprofile', '--norc', driver]
     case 'javascript':
       // node cannot dup descriptors, so bash moves the command channel to fd 8 before exec'ing it.
+      // NODE_OPTIONS (a tenant variable, or one a test runner injects into every child) must not
+      // preload code into the driver or change its flags.
       return [
         layout.interpreters.shell,
         '--noprofile',
         '--norc',
         '-c',
-        'exec 8<&0 0</dev/null; exec "$@"',
+        'exec 8<&0 0</dev/null; unset NODE_OPTIONS; exec "$@"',
         'oi-node',
         bin,
         `--max-old-space-size=${opts.memoryMb}`,

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import { type Dialect, Kysely, type Selectable, type Transaction, sql } from 'kysely'
 import type { LmcMessage } from '../../schemas/lmc.js'
 import { invalidRequest, sessionNotFound } from '../errors.js'
@@ -85,15 +85,33 @@ function uuidOrUndefined(id: string): string | undefined {
   return UUID.test(id) ? id.toLowerCase() : undefined
 }
 
+/** `toISOString()` is fixed-width, so text order is time order on both engines. */
+const now = () => new Date().toISOString()
+
+let lastMs = 0
+let counter = 0
 /**
- * `toISOString()` is fixed-width, so text order is time order on both engines. Strictly
- * increasing within the process, so "newest first" is exact even for rows written in the same
- * millisecond (a burst of more than 1000 writes a second runs ahead of the clock by a few ms).
+ * UUIDv7 (RFC 9562) with a 12-bit counter within the millisecond: session ids sort in creation
+ * order, so "newest first" by (created_at, id) is exact even for sessions made in the same
+ * millisecond, without bending timestamps away from the clock.
  */
-let last = 0
-const now = () => {
-  last = Math.max(Date.now(), last + 1)
-  return new Date(last).toISOString()
+function uuidv7(): string {
+  const ms = Date.now()
+  if (ms > lastMs) {
+    lastMs = ms
+    counter = randomBytes(2).readUInt16BE() & 0x1ff
+  } else if (++counter > 0xfff) {
+    // more than 4096 in one millisecond: borrow the next one so order still holds
+    lastMs++
+    counter = 0
+  }
+  const bytes = randomBytes(16)
+  bytes.writeUIntBE(lastMs, 0, 6)
+  bytes[6] = 0x70 | (counter >> 8)
+  bytes[7] = counter & 0xff
+  bytes[8] = 0x80 | (bytes[8]! & 0x3f)
+  const hex = bytes.toString('hex')
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`
 }
 
 function encodeCursor(row: { created_at: string; id: string }): string {
@@ -206,7 +224,7 @@ export class KyselyStore implements Store {
   }): Promise<SessionRecord> {
     const at = now()
     const row = {
-      id: randomUUID(),
+      id: uuidv7(),
       tenant_id: input.tenantId,
       title: input.title ?? null,
       metadata: JSON.stringify(input.metadata ?? {}),
