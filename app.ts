@@ -7,7 +7,7 @@ import agentPlugin from './plugins/agent.js'
 import authPlugin, { protect } from './plugins/auth.js'
 import corsPlugin from './plugins/cors.js'
 import errorsPlugin from './plugins/errors.js'
-import httpPlugin, { requestId } from './plugins/http.js'
+import httpPlugin, { RequestLog, requestId } from './plugins/http.js'
 import kernelsPlugin from './plugins/kernels.js'
 import llmPlugin from './plugins/llm.js'
 import metricsPlugin from './plugins/metrics.js'
@@ -48,6 +48,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
   const tls = config.TLS_CERT_FILE && config.TLS_KEY_FILE
   const options: FastifyServerOptions & { https?: { cert: Buffer; key: Buffer } } = {
     ...(opts.logger ? { loggerInstance: opts.logger } : { logger: false }),
+    logController: new RequestLog(),
     ...(tls ? { https: { cert: readFileSync(config.TLS_CERT_FILE!), key: readFileSync(config.TLS_KEY_FILE!) } } : {}),
     // a number is a hop count, which Fastify accepts although its types do not say so
     trustProxy: config.TRUST_PROXY as boolean | string,

@@ -1,6 +1,7 @@
 /**
  * The two servers of http.bench.ts, each started in its own process by spawnServer():
- *   full  the real app: bearer auth, per-IP rate limit, request logging at info to LOG_DIR
+ *   full  the real app as server.ts builds it: bearer auth, per-IP rate limit, request logging at
+ *         info to LOG_DIR through the secrets mask, a fixed MODELS list, embedded SQLite
  *   bare  plain Fastify with one route answering BENCH_PATH with BENCH_BODY
  */
 import Fastify from 'fastify'
@@ -23,12 +24,17 @@ if (process.argv[2] === 'full') {
     DATA_DIR: env('BENCH_DATA_DIR'),
     LOG_DIR: env('BENCH_LOG_DIR'),
     LOG_LEVEL: 'info',
+    // /v1/models answers from this list, without a database query or an upstream call
+    MODELS: 'bench-model',
     // high enough never to answer 429, so every request still goes through the limiter's counting
     RATE_LIMIT_PER_MINUTE: '1000000000',
     SESSION_RATE_LIMIT_PER_MINUTE: '1000000000',
   })
-  const logger = createLogger({ level: config.LOG_LEVEL, logDir: config.LOG_DIR, pretty: false })
-  await serve(await buildApp(config, { logger }))
+  let redact = (line: string) => line
+  const logger = createLogger({ level: config.LOG_LEVEL, logDir: config.LOG_DIR, pretty: false }, (line) => redact(line))
+  const app = await buildApp(config, { logger })
+  redact = app.secrets.redactAll
+  await serve(app)
 } else if (process.argv[2] === 'bare') {
   const app = Fastify()
   const body = JSON.parse(env('BENCH_BODY')) as unknown

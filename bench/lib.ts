@@ -15,6 +15,8 @@ export interface BenchResult {
 
 export interface RunningServer {
   url: string
+  /** CPU time (user + system, µs) the server process has used so far, all its threads included. */
+  cpuTime(): Promise<number>
   stop(): Promise<void>
 }
 
@@ -44,8 +46,23 @@ export async function spawnServer(entry: string | URL, args: string[] = [], env:
       reject(new Error(`${entry} exited with ${code} before listening`))
     })
   })
+  let asked = 0
+  const pending = new Map<number, (usage: number) => void>()
+  child.on('message', (msg: { cpu?: number; usage?: number }) => {
+    if (msg.cpu !== undefined && msg.usage !== undefined) pending.get(msg.cpu)?.(msg.usage)
+  })
   return {
     url,
+    cpuTime() {
+      const id = ++asked
+      return new Promise<number>((resolve) => {
+        pending.set(id, (usage) => {
+          pending.delete(id)
+          resolve(usage)
+        })
+        child.send({ cpu: id })
+      })
+    },
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return
       const exited = once(child, 'exit')
@@ -68,6 +85,11 @@ export async function serve(app: FastifyInstance): Promise<void> {
   })
   // the parent died without stopping us: do not linger
   process.once('disconnect', () => process.kill(process.pid, 'SIGTERM'))
+  process.on('message', (msg: { cpu?: number }) => {
+    if (msg.cpu === undefined) return
+    const usage = process.cpuUsage()
+    process.send!({ cpu: msg.cpu, usage: usage.user + usage.system })
+  })
   process.send!({ url })
 }
 
@@ -79,6 +101,11 @@ export interface LoadOptions {
   duration?: number
   /** Seconds of discarded load first, so JIT and caches settle. */
   warmup?: number
+  /**
+   * The server under load, to report its CPU time per request: unlike requests/s, that figure
+   * holds when other processes compete for the same cores, as they do on a shared host.
+   */
+  server?: RunningServer
 }
 
 export interface Measurement {
@@ -88,14 +115,21 @@ export interface Measurement {
   total: number
   non2xx: number
   errors: number
+  /** Server CPU time per completed request (µs), when `server` was given. */
+  cpuPerRequest?: number
 }
 
 /** Drives GET load with autocannon: a warm-up run that is thrown away, then the measured run. */
 export async function measure(opts: LoadOptions): Promise<Measurement> {
   const base = { url: opts.url, headers: opts.headers, connections: opts.connections ?? 50 }
   if (opts.warmup) await autocannon({ ...base, duration: opts.warmup })
+  const cpuBefore = await opts.server?.cpuTime()
   const result = await autocannon({ ...base, duration: opts.duration ?? 10 })
+  const cpuAfter = await opts.server?.cpuTime()
   return {
+    ...(cpuBefore !== undefined && cpuAfter !== undefined && result.requests.total > 0
+      ? { cpuPerRequest: (cpuAfter - cpuBefore) / result.requests.total }
+      : {}),
     requestsPerSec: result.requests.average,
     p50: result.latency.p50,
     p99: result.latency.p99,
@@ -108,9 +142,10 @@ export async function measure(opts: LoadOptions): Promise<Measurement> {
 // autocannon records latency in whole milliseconds
 const ms = (value: number) => (value < 1 ? '<1' : value.toFixed(0))
 
-/** A fixed-width table of measurements, one row per target. */
+/** A fixed-width table of measurements, one row per target; the CPU column only when measured. */
 export function table(rows: { name: string; m: Measurement }[]): string {
-  const header = ['', 'req/s', 'p50 ms', 'p99 ms', 'requests', 'non-2xx', 'errors']
+  const cpu = rows.some(({ m }) => m.cpuPerRequest !== undefined)
+  const header = ['', 'req/s', 'p50 ms', 'p99 ms', 'requests', 'non-2xx', 'errors', ...(cpu ? ['server CPU µs/req'] : [])]
   const body = rows.map(({ name, m }) => [
     name,
     Math.round(m.requestsPerSec).toString(),
@@ -119,6 +154,7 @@ export function table(rows: { name: string; m: Measurement }[]): string {
     m.total.toString(),
     m.non2xx.toString(),
     m.errors.toString(),
+    ...(cpu ? [m.cpuPerRequest === undefined ? '-' : m.cpuPerRequest.toFixed(1)] : []),
   ])
   const all = [header, ...body]
   const widths = header.map((_, i) => Math.max(...all.map((r) => r[i]!.length)))

@@ -11,6 +11,7 @@
  * in their own process on loopback; this process only drives the load.
  */
 import { request as httpRequest, Agent } from 'node:http'
+import { availableParallelism, loadavg } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
 import { buildApp } from '../app.js'
@@ -27,6 +28,7 @@ const CONNECTIONS = 20
 const THROUGHPUT_S = 5
 const THROUGHPUT_WARMUP_S = 1
 const TARGET = { p50: 1, p99: 5, firstChunk: 2 }
+const CPU_ROUTE = '/bench/cpu'
 
 const headers = { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' }
 const bodyOf = (stream: boolean, sessionId?: string) =>
@@ -168,13 +170,27 @@ async function latency(upstream: string, server: string, stream: boolean): Promi
   return { straight: stats(samples.straight), ephemeral: stats(samples.ephemeral), bound: stats(samples.bound) }
 }
 
-async function throughput(url: string, body: string): Promise<number> {
+/** The server process's CPU time so far, in µs (a bench-only route of the server child). */
+async function serverCpu(server: string): Promise<number> {
+  const usage = (await (await fetch(new URL(CPU_ROUTE, server))).json()) as NodeJS.CpuUsage
+  return usage.user + usage.system
+}
+
+interface Load {
+  rps: number
+  /** Server CPU per request in µs; only when `server` is given. */
+  cpu?: number
+}
+
+async function throughput(url: string, body: string, server?: string): Promise<Load> {
   const base = { url, method: 'POST' as const, headers, body, connections: CONNECTIONS }
   await autocannon({ ...base, duration: THROUGHPUT_WARMUP_S })
+  const before = server ? await serverCpu(server) : 0
   const result = await autocannon({ ...base, duration: THROUGHPUT_S })
+  const cpu = server ? (await serverCpu(server)) - before : undefined
   if (result.non2xx > 0 || result.errors > 0 || result.timeouts > 0)
     throw new Error(`${url}: ${result.non2xx} non-2xx, ${result.errors} errors, ${result.timeouts} timeouts: the figure is void`)
-  return result.requests.average
+  return { rps: result.requests.average, ...(cpu === undefined ? {} : { cpu: cpu / result.requests.total }) }
 }
 
 const f = (ms: number | undefined) => (ms === undefined ? '-' : ms.toFixed(2))
@@ -195,17 +211,20 @@ export default async function openai(): Promise<BenchResult> {
     server = await spawnServer(SELF, ['server'], { BENCH_DATA_DIR: dir, BENCH_UPSTREAM: upstream.url })
     console.log(`upstream: fake on ${upstream.url}, answering "ok" (4 chunks when streamed); server: buildApp, SQLite, SANDBOX=none, rate limits and logging off`)
     console.log(`latency: ${MEASURED} sequential requests per target after ${WARMUP} of warm-up, targets interleaved, one keep-alive node:http agent`)
-    console.log(`throughput: autocannon, ${CONNECTIONS} connections, ${THROUGHPUT_WARMUP_S} s warm-up then ${THROUGHPUT_S} s per target\n`)
+    console.log(`throughput: autocannon, ${CONNECTIONS} connections, ${THROUGHPUT_WARMUP_S} s warm-up then ${THROUGHPUT_S} s per target`)
+    console.log(`load average at the start: ${loadavg().map((l) => l.toFixed(1)).join(' ')} on ${availableParallelism()} CPUs\n`)
 
     const lat = { plain: await latency(upstream.url, server.url, false), stream: await latency(upstream.url, server.url, true) }
-    const rps: Record<string, number> = {}
+    const load: Record<string, Load> = {}
     for (const stream of [false, true]) {
       const mode = stream ? 'stream' : 'plain'
-      rps[`straight ${mode}`] = await throughput(`${upstream.url}/chat/completions`, bodyOf(stream))
-      rps[`ephemeral ${mode}`] = await throughput(new URL('/v1/chat/completions', server.url).href, bodyOf(stream))
+      load[`straight ${mode}`] = await throughput(`${upstream.url}/chat/completions`, bodyOf(stream))
+      load[`ephemeral ${mode}`] = await throughput(new URL('/v1/chat/completions', server.url).href, bodyOf(stream), server.url)
     }
+    const rps = (key: string) => load[key]?.rps
+    const ratio = (mode: string) => rps(`ephemeral ${mode}`)! / rps(`straight ${mode}`)!
 
-    const rows = [['', 'p50 ms', 'p99 ms', 'added p50', 'added p99', 'first chunk p50', 'p99', 'added first chunk p50', 'p99', 'req/s', 'ratio']]
+    const rows = [['', 'p50 ms', 'p99 ms', 'added p50', 'added p99', 'first chunk p50', 'p99', 'added first chunk p50', 'p99', 'req/s', 'ratio', 'server CPU/req']]
     for (const mode of ['plain', 'stream'] as const) {
       const base = lat[mode].straight
       for (const t of TARGETS) {
@@ -221,13 +240,16 @@ export default async function openai(): Promise<BenchResult> {
           f(s.ttfc99),
           t === 'straight' || s.ttfc50 === undefined ? '' : signed(s.ttfc50 - base.ttfc50!),
           t === 'straight' || s.ttfc99 === undefined ? '' : signed(s.ttfc99 - base.ttfc99!),
-          rps[key] === undefined ? '' : Math.round(rps[key]).toString(),
-          t === 'ephemeral' ? `${(rps[key]! / rps[`straight ${mode}`]!).toFixed(2)}×` : '',
+          rps(key) === undefined ? '' : Math.round(rps(key)!).toString(),
+          t === 'ephemeral' ? `${ratio(mode).toFixed(3)}×` : '',
+          load[key]?.cpu === undefined ? '' : `${(load[key].cpu / 1000).toFixed(2)} ms`,
         ])
       }
     }
     console.log(render(rows))
     console.log('\nadded = through − straight, percentile against percentile (the requests are not paired)')
+    console.log('server CPU/req: the server process\'s user + system CPU time over the measured throughput run, per request')
+    console.log(`load average at the end: ${loadavg().map((l) => l.toFixed(1)).join(' ')} (other processes on the machine inflate the wall-clock figures, the tails most)`)
 
     const added = {
       p50: lat.plain.ephemeral.p50 - lat.plain.straight.p50,
@@ -235,11 +257,11 @@ export default async function openai(): Promise<BenchResult> {
       firstChunk: lat.stream.ephemeral.ttfc50! - lat.stream.straight.ttfc50!,
     }
     const met = added.p50 <= TARGET.p50 && added.p99 <= TARGET.p99 && added.firstChunk <= TARGET.firstChunk
-    const ratio = (mode: string) => (rps[`ephemeral ${mode}`]! / rps[`straight ${mode}`]!).toFixed(2)
     const summary =
       `ephemeral session, non-stream added p50 ${signed(added.p50)} ms (target ≤ ${TARGET.p50}), p99 ${signed(added.p99)} ms (target ≤ ${TARGET.p99}); ` +
       `stream added first chunk p50 ${signed(added.firstChunk)} ms (target ≤ ${TARGET.firstChunk}); ` +
-      `throughput through/straight ${ratio('plain')}× non-stream, ${ratio('stream')}× stream: ${met ? 'met' : 'MISSED'}`
+      `throughput through/straight ${ratio('plain').toFixed(3)}× non-stream, ${ratio('stream').toFixed(3)}× stream ` +
+      `(server CPU ${(load['ephemeral plain']!.cpu! / 1000).toFixed(2)} ms per request): ${met ? 'met' : 'MISSED'}`
     console.log(`\n${summary}`)
     console.log(`whole bench: ${((Date.now() - started) / 1000).toFixed(0)} s`)
     return { summary, met }
@@ -275,7 +297,10 @@ async function child(mode: string | undefined): Promise<void> {
     RATE_LIMIT_PER_MINUTE: '0',
     SESSION_RATE_LIMIT_PER_MINUTE: '0',
   })
-  await serve(await buildApp(config))
+  const app = await buildApp(config)
+  // bench-only and unauthenticated, on loopback: the parent reads the server's CPU time around a load run
+  app.get(CPU_ROUTE, async () => process.cpuUsage())
+  await serve(app)
 }
 
 if (process.argv[1] === fileURLToPath(SELF)) await child(process.argv[2])

@@ -18,6 +18,8 @@ const AUTH_TIMEOUT_MS = 10_000
 const REPLAY_PAGE = 100
 /** Past this many unsent bytes the subscriber is dropped; it resumes with latest_event_id. */
 const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
+/** The replay waits for the client to read once this much is unsent. */
+const REPLAY_HIGH_WATER = 1024 * 1024
 
 /** The event log over REST (protected scope). */
 export const eventLog: FastifyPluginAsyncTypebox = async (app) => {
@@ -95,11 +97,32 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
       let sessionId: string | undefined
       let unsubscribe: (() => void) | undefined
       let ready = false
+      const tooSlow = () => socket.close(CLOSE.tooSlow, 'subscriber too slow; reconnect with latest_event_id')
       const send = (frame: unknown) => {
         if (socket.readyState !== socket.OPEN) return
-        if (socket.bufferedAmount > MAX_BUFFERED_BYTES) return socket.close(CLOSE.tooSlow, 'subscriber too slow; reconnect with latest_event_id')
+        if (socket.bufferedAmount > MAX_BUFFERED_BYTES) return tooSlow()
         socket.send(JSON.stringify(frame))
       }
+      /**
+       * Replay sends at the client's pace: it can be far larger than the buffer, and a client
+       * that reads is not too slow just because the backlog is long. Waiting here holds back
+       * only this socket, never the run.
+       */
+      const paced = (frame: string) =>
+        new Promise<void>((resolve) => {
+          if (socket.readyState !== socket.OPEN) return resolve()
+          if (socket.bufferedAmount < REPLAY_HIGH_WATER) {
+            socket.send(frame)
+            return resolve()
+          }
+          const done = () => {
+            socket.off('close', done)
+            resolve()
+          }
+          socket.once('close', done)
+          socket.send(frame, done)
+        })
+      const eventFrame = (event: EventRecord) => JSON.stringify({ type: 'event', event: view(event) })
       const fail = (err: unknown) => send({ type: 'error', ...envelope(toApiError(err as Error)) })
 
       const start = async (who: Principal) => {
@@ -110,12 +133,18 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         if (socket.readyState !== socket.OPEN) return
         sessionId = session.id
         // Subscribe before reading the log: live events that arrive during the replay wait in
-        // `live` and are sent after it, skipping any the replay already covered.
+        // `live` (bounded like the socket buffer) and are sent after it, skipping any the
+        // replay already covered.
         let last = request.query.latest_event_id
-        let live: EventRecord[] | undefined = []
+        let live: { id: number; frame: string }[] | undefined = []
+        let liveBytes = 0
         unsubscribe = app.bus.subscribe(session.id, (event) => {
-          if (live) live.push(event)
-          else if (event.id > last) {
+          if (live) {
+            const frame = eventFrame(event)
+            live.push({ id: event.id, frame })
+            liveBytes += frame.length
+            if (liveBytes > MAX_BUFFERED_BYTES) tooSlow()
+          } else if (event.id > last) {
             last = event.id
             send({ type: 'event', event: view(event) })
           }
@@ -123,17 +152,23 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         for (;;) {
           const page = await app.store.listEvents(session.id, { startId: last + 1, limit: REPLAY_PAGE })
           for (const event of page.events) {
+            if (socket.readyState !== socket.OPEN) return
             last = event.id
-            send({ type: 'event', event: view(event) })
+            await paced(eventFrame(event))
           }
           if (!page.hasMore) break
         }
-        for (const event of live) {
+        // an index loop: events keep arriving in `live` while this waits for the client
+        for (let i = 0; i < live.length; i++) {
+          const event = live[i]!
+          liveBytes -= event.frame.length
           if (event.id <= last) continue
+          if (socket.readyState !== socket.OPEN) return
           last = event.id
-          send({ type: 'event', event: view(event) })
+          await paced(event.frame)
         }
         live = undefined
+        if (socket.readyState !== socket.OPEN) return
         ready = true
         send({ type: 'ready', latest_event_id: last })
         for (const frame of pending.splice(0)) await handle(frame)

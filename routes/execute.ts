@@ -109,7 +109,8 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/sessions/:id/interrupt',
     {
-      config: { sessionRateLimit: true },
+      // Like /stop, outside the per-session limit: a session that used up its executions must
+      // still be able to stop the one that hangs instead of waiting for EXEC_TIMEOUT_MS.
       schema: { tags: ['execute'], summary: 'Interrupt the running execution', params: SessionIdParams, response: { 200: Ack, ...protectedErrors(404) } },
     },
     async (request) => {

@@ -1,6 +1,6 @@
 import { basename } from 'node:path'
-import type { Readable } from 'node:stream'
-import multipart from '@fastify/multipart'
+import { Readable } from 'node:stream'
+import multipart, { type MultipartFile } from '@fastify/multipart'
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
@@ -19,6 +19,21 @@ const Entry = Type.Object({
   size: Type.Integer(),
   modified_at: Type.String(),
 })
+
+/**
+ * The bytes of an uploaded part, failing at their end when busboy cut the part at the size limit:
+ * a cut part ends like a whole one, and only the write's failure keeps the truncated copy from
+ * replacing the file. Lazy, so the failure reaches the write's pipeline and nothing else.
+ */
+function whole(part: MultipartFile, limit: number): Readable {
+  return Readable.from(
+    (async function* () {
+      yield* part.file
+      if (part.file.truncated) throw new ApiError(413, 'validation_error', 'payload_too_large', `The file is larger than ${limit} bytes`, 'file')
+    })(),
+    { objectMode: false },
+  )
+}
 
 /**
  * The session workspace (what the kernels see as /workspace). Content is streamed both ways
@@ -131,7 +146,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
       const written: { path: string; size: number }[] = []
       for await (const part of request.files()) {
         const path = [request.query.path, basename(part.filename || part.fieldname)].filter(Boolean).join('/')
-        written.push({ path, size: await app.workspaces.write(id, path, part.file) })
+        written.push({ path, size: await app.workspaces.write(id, path, whole(part, opts.maxFileBytes)) })
       }
       if (written.length === 0) throw invalidRequest('No file in the upload', 'file')
       return reply.code(201).send({ files: written })

@@ -38,7 +38,9 @@ const keys: FastifyPluginAsyncTypebox = async (app) => {
         body: Type.Object(
           {
             name: Type.String({ minLength: 1, maxLength: 100, pattern: '^[^\\u0000]*$' }),
-            expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()])),
+            // A type list, not a union with Null: under the server's type coercion "" would fall
+            // into the null branch and make a key that never expires.
+            expires_at: Type.Optional(Type.Unsafe<string | null>({ type: ['string', 'null'], format: 'date-time' })),
           },
           { additionalProperties: false },
         ),

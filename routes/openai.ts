@@ -88,11 +88,6 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       const header = request.headers['x-session-id']
       const sessionId = body.session_id ?? (typeof header === 'string' ? header : undefined)
       const conversation = fromChatMessages(body.messages as CompatMessage[])
-      const session = sessionId
-        ? await app.sessions.get(tenantId, sessionId)
-        : await app.sessions.create(tenantId, { model: body.model, metadata: { source: 'chat.completions' } })
-      reply.header('x-session-id', session.id)
-      const inputs = newInputs(conversation.inputs, session.messageCount > 0)
       const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined
       const config = {
         llm: {
@@ -101,9 +96,18 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
           ...(maxTokens ? { max_tokens: maxTokens } : {}),
         },
       }
-      const model = body.model ?? (await app.settings.effective(tenantId, config)).model
-      const meta = { id: completionId(), created: Math.floor(Date.now() / 1000), model }
-      const base = { tenantId, sessionId: session.id, inputs, config, systemMessage: conversation.systemMessage }
+      // Resolved here once and handed to the run, which would otherwise read them again; the
+      // two reads are independent, so a networked store serves both in the time of one round trip.
+      const [session, settings] = await Promise.all([
+        sessionId
+          ? app.sessions.get(tenantId, sessionId)
+          : app.sessions.create(tenantId, { model: body.model, metadata: { source: 'chat.completions' } }),
+        app.settings.effective(tenantId, config),
+      ])
+      reply.header('x-session-id', session.id)
+      const inputs = newInputs(conversation.inputs, session.messageCount > 0)
+      const meta = { id: completionId(), created: Math.floor(Date.now() / 1000), model: body.model ?? settings.model }
+      const base = { tenantId, sessionId: session.id, inputs, config, settings, systemMessage: conversation.systemMessage }
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })

@@ -1,11 +1,34 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
-import { Type } from '@sinclair/typebox'
+import { type Static, type TSchema, Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
 import { protectedErrors } from '../schemas/common.js'
-import { Settings, SettingsPatch } from '../schemas/settings.js'
+import { Settings, SettingsFields } from '../schemas/settings.js'
 import { notFound } from '../services/errors.js'
 
-const SecretName = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]{0,127}$', description: 'An environment variable name' })
+/**
+ * A field or null. A type list, not a union with Null: under the server's type coercion a
+ * union lets 0, "" and false fall into the null branch, so `max_tokens: 0` would silently reset
+ * the field instead of failing validation.
+ */
+const orNull = <T extends TSchema & { type: string }>(schema: T) =>
+  Type.Optional(Type.Unsafe<Static<T> | null>({ ...schema, type: [schema.type, 'null'] }))
+
+/** PATCH: any subset; `null` resets a field to the server default. */
+const SettingsPatchBody = Type.Object(
+  {
+    model: orNull(SettingsFields.model),
+    temperature: orNull(SettingsFields.temperature),
+    max_tokens: orNull(SettingsFields.max_tokens),
+    auto_run: orNull(SettingsFields.auto_run),
+    system_message: orNull(SettingsFields.system_message),
+    custom_instructions: orNull(SettingsFields.custom_instructions),
+    max_iterations: orNull(SettingsFields.max_iterations),
+  },
+  { additionalProperties: false },
+)
+
+// At most 100 characters: the router refuses longer path parameters before validation runs.
+const SecretName = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]{0,99}$', description: 'An environment variable name' })
 
 /** Per-tenant settings and secrets. Secret values go in and never come out. */
 const settings: FastifyPluginAsyncTypebox = async (app) => {
@@ -21,7 +44,7 @@ const settings: FastifyPluginAsyncTypebox = async (app) => {
       schema: {
         tags: ['settings'],
         summary: 'Change settings (null resets a field to the server default)',
-        body: SettingsPatch,
+        body: SettingsPatchBody,
         response: { 200: Settings, ...protectedErrors(400) },
       },
     },
@@ -66,7 +89,7 @@ const settings: FastifyPluginAsyncTypebox = async (app) => {
       schema: {
         tags: ['settings'],
         summary: 'Delete a secret',
-        params: Type.Object({ name: Type.String({ maxLength: 128 }) }),
+        params: Type.Object({ name: Type.String({ maxLength: 100 }) }),
         response: { 204: Type.Null(), ...protectedErrors(404) },
       },
     },

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import type { LmcChunk, LmcInput, LmcMessage } from '../schemas/lmc.js'
-import type { RunConfig } from '../schemas/settings.js'
+import type { RunConfig, Settings } from '../schemas/settings.js'
 import { runTurn, type TokenUsage, type TurnResult } from './agent/loop.js'
 import { ApiError } from './errors.js'
 import type { EventBus } from './events.js'
@@ -18,6 +18,8 @@ export interface ChatRequest {
   sessionId: string
   inputs: LmcInput[]
   config?: RunConfig
+  /** The effective settings for `config`, when the caller already resolved them; read otherwise. */
+  settings?: Settings
   /** Replaces the system message for this run (the OpenAI route's system/developer messages). */
   systemMessage?: string
   emit?: (chunk: LmcChunk) => void
@@ -73,7 +75,7 @@ export class ChatService {
     req.signal?.addEventListener('abort', cancel, { once: true })
     try {
       const [settings, secrets, languages] = await Promise.all([
-        this.deps.settings.effective(req.tenantId, req.config),
+        req.settings ?? this.deps.settings.effective(req.tenantId, req.config),
         this.deps.secrets.forTenant(req.tenantId),
         this.deps.languages(),
       ])
@@ -89,8 +91,11 @@ export class ChatService {
         } as LmcMessage
         await bus.appendMessage(req.sessionId, message)
       }
-      await bus.append(req.sessionId, 'run_started', { model: settings.model })
-      const history = await store.allMessages(req.sessionId)
+      // The history is messages only, all stored by now: it need not wait for the event's commit.
+      const [, history] = await Promise.all([
+        bus.append(req.sessionId, 'run_started', { model: settings.model }),
+        store.allMessages(req.sessionId),
+      ])
       const result = await runTurn({
         client,
         model: settings.model,

@@ -37,7 +37,24 @@ export class ExecutionService {
   ) {}
 
   async run(req: ExecutionRequest): Promise<ExecResult> {
-    const { env, redact } = await this.secrets.forTenant(req.tenantId)
+    const { env, redact, stream } = await this.secrets.forTenant(req.tenantId)
+    // Each read is masked with what is held from the one before: a value printed in pieces
+    // (unbuffered output, a slow pipe) is never shown half before its end arrives.
+    const streams = { stdout: stream(), stderr: stream() }
+    const flush = () => {
+      for (const name of ['stdout', 'stderr'] as const) {
+        const text = streams[name].flush()
+        if (text) req.onOutput?.({ type: 'stream', stream: name, text })
+      }
+    }
+    const onOutput = (output: KernelOutput) => {
+      if (output.type !== 'stream') {
+        flush()
+        return req.onOutput?.(masked(output, redact))
+      }
+      const text = streams[output.stream].push(output.text)
+      if (text) req.onOutput?.({ ...output, text })
+    }
     const executionId = randomUUID()
     await this.bus.append(req.sessionId, 'execution_started', { execution_id: executionId, language: req.language, code: redact(req.code) })
     let result: ExecResult
@@ -49,9 +66,11 @@ export class ExecutionService {
         timeoutMs: req.timeoutMs,
         env,
         signal: req.signal,
-        onOutput: (output) => req.onOutput?.(masked(output, redact)),
+        onOutput,
       })
+      flush()
     } catch (err) {
+      flush()
       this.metrics.executions.inc({ language: req.language, outcome: 'failed' })
       await this.bus.append(req.sessionId, 'execution_finished', { execution_id: executionId, failed: redact((err as Error).message) })
       throw err

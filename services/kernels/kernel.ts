@@ -1,11 +1,11 @@
-import { type ChildProcess, spawn } from 'node:child_process'
+import type { ChildProcess } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { constants } from 'node:os'
 import type { Readable } from 'node:stream'
 import { StringDecoder } from 'node:string_decoder'
 import { descendants, hostPidOf, waitGone } from './processes.js'
 import { commandLine, LineSplitter, parseReport, type Report, SentinelScanner, sentinel } from './protocol.js'
-import type { KernelCommand } from './sandbox.js'
+import { type KernelCommand, spawnKernelCommand } from './sandbox.js'
 import type { ExecError, KernelOutput } from './types.js'
 
 export interface KernelLogger {
@@ -59,7 +59,6 @@ const STDERR_KEPT_BYTES = 4096
 /** One kernel process: a driver for one language in one session's sandbox. */
 export class Kernel {
   readonly ready: Promise<void>
-  version = ''
   lastUsed = Date.now()
   killReason: string | undefined
   onExit: ((exit: KernelExit) => void) | undefined
@@ -83,15 +82,7 @@ export class Kernel {
     private readonly log: KernelLogger,
     private readonly label: string,
   ) {
-    this.proc = spawn(spec.command, spec.args, {
-      cwd: spec.cwd,
-      env: spec.env,
-      uid: spec.uid,
-      gid: spec.gid,
-      // Its own process group, so one signal reaches the kernel and everything it started.
-      detached: true,
-      stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
-    })
+    this.proc = spawnKernelCommand(spec, ['pipe', 'pipe', 'pipe', 'pipe'])
     this.pid = this.proc.pid
     this.scanners = {
       stdout: new SentinelScanner(
@@ -217,11 +208,9 @@ export class Kernel {
     const outcome = await Promise.race([readyReport, this.finished.then(() => 'exited' as const), timeout])
     clearTimeout(timer)
     if (typeof outcome === 'object') {
-      this.version = outcome.version
       this.readyReceived = true
       // Interrupting needs the driver's host pid: it differs from ours inside a pid namespace.
       if (outcome.pid !== null && this.pid !== undefined) this.driverPid = await hostPidOf(this.pid, outcome.pid)
-      console.log('DEBUG driver', this.pid, outcome.pid, this.driverPid, await descendants(this.pid!))
       if (this.driverPid === undefined) this.log.warn({ kernel: this.label }, 'kernel driver process not found; an interrupt will stop the kernel')
       return
     }

@@ -159,24 +159,28 @@ export class KernelManager {
   }
 
   private async startKernel(key: string, req: ExecuteRequest): Promise<Kernel> {
-    this.runtime ??= SandboxRuntime.create(this.opts)
-    const runtime = await this.runtime
-    const uid = kernelUid(req.sessionId)
-    const workspace = await this.prepareWorkspace(req.sessionId, uid)
-    const spec = await buildKernelCommand(this.opts, runtime, { language: req.language, workspace, uid, env: req.env })
-    if (this.closing) throw closedError()
-    const kernel = new Kernel(spec, this.log, `${req.sessionId}/${req.language}`)
-    this.kernels.set(key, kernel)
-    kernel.onExit = (exit) => this.onKernelExit(key, kernel, req.language, exit)
+    let kernel: Kernel | undefined
     try {
-      await kernel.ready
+      this.runtime ??= SandboxRuntime.create(this.opts)
+      const runtime = await this.runtime
+      const uid = kernelUid(req.sessionId)
+      const workspace = await this.prepareWorkspace(req.sessionId, uid)
+      const spec = await buildKernelCommand(this.opts, runtime, { language: req.language, workspace, uid, env: req.env })
+      if (this.closing) throw closedError()
+      const started = new Kernel(spec, this.log, `${req.sessionId}/${req.language}`)
+      kernel = started
+      this.kernels.set(key, started)
+      started.onExit = (exit) => this.onKernelExit(key, started, req.language, exit)
+      await started.ready
+      return started
     } catch (err) {
-      if (this.kernels.get(key) === kernel) this.kernels.delete(key)
+      if (kernel && this.kernels.get(key) === kernel) this.kernels.delete(key)
       this.notices.delete(key)
+      if (err instanceof ApiError) throw err
+      if (this.closing) throw closedError()
       this.log.error({ err, sessionId: req.sessionId, language: req.language }, 'kernel failed to start')
       throw new ApiError(503, 'unavailable_error', 'kernel_unavailable', `The ${NAMES[req.language]} kernel could not start`)
     }
-    return kernel
   }
 
   private async prepareWorkspace(sessionId: string, uid: number | undefined): Promise<string> {
@@ -206,10 +210,23 @@ export class KernelManager {
       kernel.interrupt()
       graceTimer = setTimeout(() => kill('no stop after interrupt'), execGraceMs)
     }
+    let streamCut = false
     const onOutput = (output: KernelOutput) => {
-      if (result.truncated) return
-      forwarded += output.type === 'image' ? output.data.length : Buffer.byteLength(output.text)
-      if (forwarded <= outputLimitBytes) return emit(output)
+      if (streamCut) return
+      const size = output.type === 'image' ? output.data.length : Buffer.byteLength(output.text)
+      if (forwarded + size <= outputLimitBytes) {
+        forwarded += size
+        return emit(output)
+      }
+      // A value or an image is already complete: leaving it out is enough. A stream would keep
+      // coming, so the kernel that writes it is stopped.
+      if (output.type === 'result' || output.type === 'image') {
+        const what = output.type === 'image' ? 'An image' : 'A value'
+        if (!result.truncated) emit({ type: 'notice', text: `${what} was left out: output passed ${outputLimitBytes} bytes.` })
+        result.truncated = true
+        return
+      }
+      streamCut = true
       result.truncated = true
       emit({ type: 'notice', text: `Output passed ${outputLimitBytes} bytes and was cut there; the kernel was stopped and ${STATE_GONE}.` })
       kill('output limit')

@@ -1,9 +1,11 @@
-import { execFile } from 'node:child_process'
+import { type ChildProcess, spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
+import { once } from 'node:events'
 import { existsSync } from 'node:fs'
 import { chmod, cp, lchown, lstat, mkdtemp, readdir, readlink, realpath, rm, writeFile } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
+import { availableParallelism, tmpdir } from 'node:os'
 import { delimiter, dirname, join } from 'node:path'
+import type { Writable } from 'node:stream'
 import { fileURLToPath } from 'node:url'
 import type { KernelManagerOptions, Language } from './types.js'
 
@@ -30,7 +32,14 @@ export interface KernelCommand {
   /** Set when the server runs as root and spawn itself must drop to the kernel's user. */
   uid?: number
   gid?: number
+  /**
+   * bwrap options to write, NUL-separated, to descriptor SANDBOX_ARGS_FD of the child. The
+   * sandbox's init shows its command line to the code inside; host paths stay out of it.
+   */
+  sandboxArgs?: string[]
 }
+
+export const SANDBOX_ARGS_FD = 4
 
 const DRIVERS_SOURCE = fileURLToPath(new URL('./drivers/', import.meta.url))
 const DRIVER_FILES: Record<Language, string> = {
@@ -52,11 +61,25 @@ const KERNEL_UID_SPAN = 1 << 24
 // Threads and processes of the server itself count against RLIMIT_NPROC when kernels share its uid.
 const SHARED_UID_HEADROOM = 256
 
-const ETC_ENTRIES = ['ld.so.cache', 'ld.so.conf', 'ld.so.conf.d', 'alternatives', 'ssl/certs', 'ssl/openssl.cnf', 'localtime', 'timezone', 'nsswitch.conf', 'matplotlibrc', 'mime.types']
+// The few /etc files programs need; /etc/ssl/private and the host's accounts stay out.
+const ETC_ENTRIES = [
+  'ld.so.cache',
+  'ld.so.conf',
+  'ld.so.conf.d',
+  'alternatives',
+  'ssl/certs',
+  'ssl/openssl.cnf',
+  'localtime',
+  'timezone',
+  'nsswitch.conf',
+  'matplotlibrc',
+  'fonts',
+  'mime.types',
+]
 const ETC_NETWORK_ENTRIES = ['resolv.conf', 'hosts', 'host.conf', 'gai.conf', 'services', 'protocols']
 const ROOT_LINKS = ['bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32']
 
-export const runningAsRoot = () => process.getuid?.() === 0
+const runningAsRoot = () => process.getuid?.() === 0
 
 /** The unprivileged uid a session's kernels run as when the server is root; undefined otherwise. */
 export function kernelUid(sessionId: string): number | undefined {
@@ -64,7 +87,7 @@ export function kernelUid(sessionId: string): number | undefined {
   return KERNEL_UID_BASE + (createHash('sha256').update(sessionId).digest().readUInt32BE(0) % KERNEL_UID_SPAN)
 }
 
-export function findExecutable(name: string): string | undefined {
+function findExecutable(name: string): string | undefined {
   const dirs = [...(process.env.PATH ?? '').split(delimiter), '/usr/bin', '/bin', '/usr/sbin']
   for (const dir of dirs) {
     if (!dir) continue
@@ -153,9 +176,14 @@ export class SandboxRuntime {
   }
 }
 
-function kernelEnv(path: string, home: string, extra: Record<string, string> = {}): Record<string, string> {
-  // The tenant's variables come first so they can never replace the ones the kernel relies on.
+function kernelEnv(opts: SandboxOptions, path: string, home: string, extra: Record<string, string> = {}): Record<string, string> {
+  // RLIMIT_NPROC counts threads, and BLAS libraries start one per CPU: on a large host numpy would
+  // fail to load under the process limit. The tenant may still choose other values.
+  const threads = String(Math.max(1, Math.min(availableParallelism(), Math.floor(opts.maxProcesses / 4))))
+  // The tenant's variables cannot replace the ones the kernel relies on, which come last.
   return {
+    OPENBLAS_NUM_THREADS: threads,
+    OMP_NUM_THREADS: threads,
     ...extra,
     PATH: path,
     HOME: home,
@@ -228,28 +256,28 @@ async function wrap(opts: SandboxOptions, runtime: SandboxRuntime, req: KernelCo
     return {
       command: prlimit,
       args: [...limits, ...inner],
-      env: kernelEnv(layout.path, req.workspace, req.env),
+      env: kernelEnv(opts, layout.path, req.workspace, req.env),
       cwd: req.workspace,
       ...(req.uid === undefined ? {} : { uid: req.uid, gid: req.uid }),
     }
   }
+  const options = [...(await namespaceArgs(opts, runtime, req.uid)), '--bind', req.workspace, SANDBOX_WORKSPACE, '--chdir', SANDBOX_WORKSPACE]
   const args = [
     ...limits,
     requireExecutable('bwrap'),
-    ...(await namespaceArgs(opts, runtime, req.uid)),
-    '--bind',
-    req.workspace,
-    SANDBOX_WORKSPACE,
-    '--chdir',
-    SANDBOX_WORKSPACE,
+    '--args',
+    String(SANDBOX_ARGS_FD),
     '--',
     ...dropPrivileges(req.uid),
+    // bwrap's own init leads the sandbox's session; the driver needs a process group of its own
+    // so an interrupt reaches it and the commands it runs, and nothing else.
+    systemTool('setsid'),
     ...inner,
   ]
   // The environment goes through spawn, not `--setenv`: arguments are world-readable in
   // /proc/PID/cmdline and the tenant's secrets are part of it. spawn's env replaces the
   // server's, so nothing of the server's own environment reaches the kernel.
-  return { command: prlimit, args, env: kernelEnv(layout.path, SANDBOX_WORKSPACE, req.env), cwd: req.workspace }
+  return { command: prlimit, args, sandboxArgs: options, env: kernelEnv(opts, layout.path, SANDBOX_WORKSPACE, req.env), cwd: req.workspace }
 }
 
 /**
@@ -315,13 +343,13 @@ async function namespaceArgs(opts: SandboxOptions, runtime: SandboxRuntime, uid:
 function dropPrivileges(uid: number | undefined): string[] {
   if (uid === undefined) return []
   const id = String(uid)
-  return [requireSetpriv(), '--reuid', id, '--regid', id, '--clear-groups', '--bounding-set=-all', '--inh-caps=-all', '--no-new-privs', '--']
+  return [systemTool('setpriv'), '--reuid', id, '--regid', id, '--clear-groups', '--bounding-set=-all', '--inh-caps=-all', '--no-new-privs', '--']
 }
 
-function requireSetpriv(): string {
-  // setpriv runs inside the sandbox, where only /usr is visible.
-  for (const candidate of ['/usr/bin/setpriv', '/usr/sbin/setpriv']) if (existsSync(candidate)) return candidate
-  throw new Error('setpriv (util-linux) is not installed')
+/** A util-linux program that runs inside the sandbox, where only /usr is visible. */
+function systemTool(name: string): string {
+  for (const dir of ['/usr/bin', '/usr/sbin']) if (existsSync(join(dir, name))) return join(dir, name)
+  throw new Error(`${name} (util-linux) is not installed`)
 }
 
 /** Starts a throwaway sandbox exactly as a kernel would be started, with a probe for a program. */
@@ -335,13 +363,16 @@ export async function checkSandbox(opts: SandboxOptions): Promise<{ ok: boolean;
     if (uid !== undefined) await chownWorkspace(workspace, uid)
     const probe = [runtime.layout.interpreters.shell, '--noprofile', '--norc', '-c', 'test -w .']
     const spec = await wrap(opts, runtime, { language: 'shell', workspace, uid }, probe)
-    await new Promise<void>((resolve, reject) => {
-      execFile(spec.command, spec.args, { env: spec.env, cwd: spec.cwd, timeout: 10_000, uid: spec.uid, gid: spec.gid }, (err, _stdout, stderr) => {
-        if (err) reject(new Error(stderr.trim() || err.message))
-        else resolve()
-      })
+    const child = spawnKernelCommand(spec, ['ignore', 'ignore', 'pipe'])
+    let stderr = ''
+    child.stderr?.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString('utf8')
     })
-    return { ok: true }
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
+    const [code, signal] = (await once(child, 'close')) as [number | null, NodeJS.Signals | null]
+    clearTimeout(timer)
+    if (code === 0) return { ok: true }
+    return { ok: false, reason: stderr.trim() || `the probe failed (exit code ${code}, signal ${signal})` }
   } catch (err) {
     return { ok: false, reason: (err as Error).message }
   } finally {
@@ -350,7 +381,32 @@ export async function checkSandbox(opts: SandboxOptions): Promise<{ ok: boolean;
   }
 }
 
-/** Hands a workspace tree to the kernel's uid, without following symlinks. */
+/**
+ * Spawns a kernel command in a process group of its own, feeding the sandbox options on their
+ * descriptor. `stdio` covers the first descriptors; SANDBOX_ARGS_FD is added when needed.
+ */
+export function spawnKernelCommand(spec: KernelCommand, stdio: ('pipe' | 'ignore')[]): ChildProcess {
+  const child = spawn(spec.command, spec.args, {
+    cwd: spec.cwd,
+    env: spec.env,
+    uid: spec.uid,
+    gid: spec.gid,
+    // Its own process group, so one signal reaches the kernel and everything it started.
+    detached: true,
+    stdio: spec.sandboxArgs ? [...stdio, ...Array(SANDBOX_ARGS_FD - stdio.length).fill('ignore'), 'pipe'] : stdio,
+  })
+  const options = child.stdio[SANDBOX_ARGS_FD] as Writable | null | undefined
+  if (spec.sandboxArgs && options) {
+    options.on('error', () => {})
+    options.end(spec.sandboxArgs.map((arg) => `${arg}\0`).join(''))
+  }
+  return child
+}
+
+/**
+ * Hands a workspace tree to the kernel's uid, without following symlinks. Called only while the
+ * workspace still belongs to root, before any kernel of the session could change it underneath.
+ */
 export async function chownWorkspace(dir: string, uid: number): Promise<void> {
   await lchown(dir, uid, uid)
   if (!(await lstat(dir)).isDirectory()) return

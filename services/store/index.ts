@@ -1,7 +1,7 @@
 import { mkdirSync } from 'node:fs'
 import { join } from 'node:path'
 import Sqlite from 'better-sqlite3'
-import { PostgresDialect, SqliteDialect } from 'kysely'
+import { PostgresDialect, SqliteDialect, type SqliteDatabase } from 'kysely'
 import pg from 'pg'
 import { KyselyStore } from './kysely-store.js'
 import type { Store } from './types.js'
@@ -9,6 +9,7 @@ import type { Store } from './types.js'
 export type { Store } from './types.js'
 
 const POSTGRES_URL = /^postgres(ql)?:\/\//i
+const STATEMENT_CACHE_SIZE = 500
 
 /**
  * PostgreSQL when `databaseUrl` is a postgres:// URL (replicas share it), otherwise an embedded
@@ -34,7 +35,38 @@ export function createSqliteStore(file: string): Store {
   database.pragma('synchronous = NORMAL')
   database.pragma('busy_timeout = 5000')
   database.pragma('foreign_keys = ON')
-  return new KyselyStore('sqlite', new SqliteDialect({ database }))
+  return new KyselyStore('sqlite', new SqliteDialect({ database: withStatementCache(database, STATEMENT_CACHE_SIZE) }))
+}
+
+/**
+ * Kysely's SQLite driver calls `prepare` for every query, and compiling the SQL costs more than
+ * running a small indexed query. Kysely builds the same text for the same query shape (values
+ * are bound parameters), so the statements are kept per text, least recently used out first.
+ * Reuse is safe because the driver runs one query at a time and finishes `all()`/`run()`
+ * synchronously; only a streamed query (`iterate()`) holds its statement across awaits, so a
+ * statement still `busy` with one is never handed out again: that caller gets a fresh one.
+ */
+function withStatementCache(database: Sqlite.Database, size: number): SqliteDatabase {
+  const statements = new Map<string, Sqlite.Statement>()
+  return {
+    prepare(sql) {
+      const cached = statements.get(sql)
+      if (cached) {
+        if (cached.busy) return database.prepare(sql)
+        statements.delete(sql)
+        statements.set(sql, cached)
+        return cached
+      }
+      const statement = database.prepare(sql)
+      statements.set(sql, statement)
+      if (statements.size > size) statements.delete(statements.keys().next().value!)
+      return statement
+    },
+    close() {
+      statements.clear()
+      database.close()
+    },
+  }
 }
 
 export function createPostgresStore(url: string): Store {

@@ -115,7 +115,7 @@ class Client {
   }
 }
 
-async function listen(t: Tap, app: FastifyInstance): Promise<(sessionId: string, query?: string) => string> {
+async function listen(app: FastifyInstance): Promise<(sessionId: string, query?: string) => string> {
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo
   return (sessionId, query = '') => `ws://127.0.0.1:${port}/v1/sessions/${sessionId}/events/ws${query}`
@@ -262,7 +262,7 @@ t.test('bad input, 401 and 404 (unknown and foreign session)', async (t) => {
 
 t.test('ws: header auth replays the log after latest_event_id, then ready, then live events', async (t) => {
   const { app } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   for (let i = 1; i <= 5; i++) await app.bus.append(session, 'custom', { n: i })
 
@@ -301,7 +301,7 @@ t.test('ws: header auth replays the log after latest_event_id, then ready, then 
 
 t.test('ws: auth by first frame; wrong token, non-auth first frame and bad query are refused', async (t) => {
   const { app } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   await app.bus.append(session, 'custom', { n: 1 })
 
@@ -337,7 +337,7 @@ t.test('ws: auth by first frame; wrong token, non-auth first frame and bad query
 
 t.test('ws: frames sent right after auth are not lost', async (t) => {
   const { app, upstream } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   upstream.script(text('first frame answer'), text('header answer'))
 
   // auth frame and a message frame back to back, before the server could answer either
@@ -365,7 +365,7 @@ t.test('ws: frames sent right after auth are not lost', async (t) => {
 
 t.test('ws: the first frame must come within 10 s', async (t) => {
   const { app } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   const started = Date.now()
   const silent = await open(t, url(session), {})
@@ -377,7 +377,7 @@ t.test('ws: the first frame must come within 10 s', async (t) => {
 
 t.test('ws: unknown, malformed and foreign sessions close with 4004', async (t) => {
   const { app } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const mine = await newSession(app)
   await app.bus.append(mine, 'custom', { private: true })
   const other = await tenantKey(app)
@@ -402,7 +402,7 @@ t.test('ws: unknown, malformed and foreign sessions close with 4004', async (t) 
 
 t.test('ws: replay while a run is producing events has no gap and no duplicate', async (t) => {
   const { app, upstream } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   const steps = 40
   upstream.script(
@@ -466,7 +466,7 @@ t.test('ws: replay while a run is producing events has no gap and no duplicate',
 
 t.test('ws: message starts a run, stop cancels it, confirm approves pending code', async (t) => {
   const { app, upstream } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   const client = await open(t, url(session))
   await client.until((f) => f.type === 'ready')
@@ -525,7 +525,7 @@ t.test('ws: message starts a run, stop cancels it, confirm approves pending code
 
 t.test('ws: a session id in another letter case still drives and streams its own session', async (t) => {
   const { app, upstream } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   upstream.script(text('case-insensitive'))
   const client = await open(t, url(session.toUpperCase()))
@@ -543,7 +543,7 @@ t.test('ws: a session id in another letter case still drives and streams its own
 
 t.test('ws: many subscribers on one session see the same events', async (t) => {
   const { app, upstream } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   const clients = await Promise.all(Array.from({ length: 8 }, () => open(t, url(session))))
   await Promise.all(clients.map((c) => c.until((f) => f.type === 'ready')))
@@ -564,7 +564,7 @@ t.test('ws: many subscribers on one session see the same events', async (t) => {
 
 t.test('ws: a subscriber that stops reading is closed with 4008 and resumes with latest_event_id', async (t) => {
   const { app } = await setup(t)
-  const url = await listen(t, app)
+  const url = await listen(app)
   const session = await newSession(app)
   const slow = await open(t, url(session))
   await slow.until((f) => f.type === 'ready')

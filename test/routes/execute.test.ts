@@ -1,5 +1,6 @@
 import { spawnSync } from 'node:child_process'
-import { existsSync, readFileSync } from 'node:fs'
+import { existsSync, readFileSync, readlinkSync } from 'node:fs'
+import { request } from 'node:http'
 import { join } from 'node:path'
 import t from 'tap'
 import { newApiKey } from '../../services/auth.js'
@@ -55,7 +56,12 @@ async function newSession(app: FastifyInstance, key = ADMIN_KEY): Promise<string
 
 async function execute(app: FastifyInstance, session: string, language: string, code: string, extra: object = {}) {
   const res = await app.inject({ method: 'POST', url: `/v1/sessions/${session}/execute`, headers: auth(), payload: { language, code, ...extra } })
-  return { res, body: res.json() as ExecBody }
+  return {
+    res,
+    get body() {
+      return res.json() as ExecBody
+    },
+  }
 }
 
 const text = (body: ExecBody, stream: 'stdout' | 'stderr') =>
@@ -115,7 +121,8 @@ t.test('state persists between executions, per language', sandboxed, async (t) =
 
 t.test('stdout and stderr are separate console messages', sandboxed, async (t) => {
   const { exec } = await setup(t)
-  const py = (await exec('python', 'import sys\nprint("out 1")\nprint("err 1", file=sys.stderr)\nprint("out 2")')).body
+  // two pipes give no order between them: the pauses make the interleaving observable
+  const py = (await exec('python', 'import sys, time\nprint("out 1")\ntime.sleep(0.1)\nprint("err 1", file=sys.stderr)\ntime.sleep(0.1)\nprint("out 2")')).body
   t.match(py.outputs, [
     { type: 'console', format: 'output', stream: 'stdout', content: 'out 1\n' },
     { type: 'console', format: 'output', stream: 'stderr', content: 'err 1\n' },
@@ -153,6 +160,7 @@ t.test('a matplotlib figure comes back as a base64.png image', { skip: noBwrap |
   const { exec } = await setup(t)
   const { body } = await exec('python', 'import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title("chart")\nNone')
   t.equal(body.exit_code, 0)
+  t.equal(text(body, 'stderr'), '', 'no warning on stderr (fontconfig finds its configuration in the sandbox)')
   const images = body.outputs.filter((o) => o.type === 'image')
   t.equal(images.length, 1)
   t.match(images[0], { role: 'computer', type: 'image', format: 'base64.png', id: String, created_at: String })
@@ -255,6 +263,36 @@ t.test('POST /interrupt stops a running execution', sandboxed, async (t) => {
   t.not(sh.exit_code, 0)
 })
 
+t.test('a client that goes away interrupts its code', sandboxed, async (t) => {
+  const { app, session, exec } = await setup(t)
+  await exec('python', 'state = "kept"')
+  const base = await app.listen({ port: 0, host: '127.0.0.1' })
+  for (const stream of [true, false]) {
+    // node:http rather than fetch: undici opens a spare connection after an abort, which would hold app.close() for seconds
+    const req = request(`${base}/v1/sessions/${session}/execute`, { method: 'POST', headers: { ...auth(), 'content-type': 'application/json' } })
+    req.on('error', () => {})
+    req.end(JSON.stringify({ language: 'python', code: 'import time\ntime.sleep(60)', stream }))
+    await sleep(500)
+    req.destroy()
+    const started = Date.now()
+    const next = (await exec('python', 'state')).body
+    t.ok(Date.now() - started < 10_000, `${stream ? 'stream' : 'JSON'}: the next execution did not wait for the sleep`)
+    t.match(next.outputs, [{ content: "'kept'" }], 'interrupted, not killed')
+    const events = (await app.inject({ url: `/v1/sessions/${session}/events?reverse=true&limit=10`, headers: auth() })).json().events
+    const finished = events.filter((e: { type: string }) => e.type === 'execution_finished')
+    t.match(finished[1], { data: { exit_code: 130, timed_out: false, error: { name: 'KeyboardInterrupt' } } }, 'the abandoned execution was interrupted')
+  }
+})
+
+t.test('output past EXEC_OUTPUT_LIMIT_BYTES is cut and says so', sandboxed, async (t) => {
+  const { exec } = await setup(t, { EXEC_OUTPUT_LIMIT_BYTES: '4096' })
+  const { body } = await exec('python', 'x = 1\nfor _ in range(1000):\n    print("y" * 1000, flush=True)')
+  t.match(body, { truncated: true, state_lost: true })
+  t.ok(text(body, 'stdout').length <= 4096, `no more than the cap reached the client (${text(body, 'stdout').length})`)
+  t.match(text(body, 'stderr'), /was cut/)
+  t.match((await exec('python', 'print("fresh")')).body, { exit_code: 0, truncated: false, outputs: [{ content: 'fresh\n' }] })
+})
+
 t.test('POST /restart drops the variables', sandboxed, async (t) => {
   const { app, session, exec } = await setup(t)
   await exec('python', 'x = 1')
@@ -331,7 +369,7 @@ t.test('bad input: unknown language, missing code, bad timeout', async (t) => {
   const unknown = await app.inject({ method: 'POST', url, headers: auth(), payload: { language: 'cobol', code: 'DISPLAY 1' } })
   t.equal(unknown.statusCode, 400)
   t.match(unknown.json(), { error: { type: 'validation_error', code: 'invalid_request', param: 'language', message: /cobol/ } })
-  for (const payload of [{ language: 'python' }, { language: 'python', code: '1', timeout_ms: 0 }, { code: '1' }, { language: 'python', code: '1', extra: true }]) {
+  for (const payload of [{ language: 'python' }, { language: 'python', code: '1', timeout_ms: 0 }, { code: '1' }, { language: 'python', code: { a: 1 } }]) {
     const res = await app.inject({ method: 'POST', url, headers: auth(), payload })
     t.equal(res.statusCode, 400, JSON.stringify(payload))
     t.match(res.json(), { error: { type: 'validation_error' } })
@@ -402,12 +440,14 @@ t.test('the per-session rate limit answers 429 on the 4th execute; other session
   t.equal(text(other.body, 'stdout'), 'calm\n')
 })
 
-/** Host pids of a session's kernels and everything they started: the kernel roots name the session's workspace in their command line. */
+/**
+ * Host pids of a session's kernels and everything they started. A kernel's root process starts in
+ * the session's workspace, so its working directory, seen from the host, names the session.
+ */
 async function kernelTree(session: string): Promise<number[]> {
   const roots = (await descendants(process.pid)).filter((pid) => {
     try {
-      const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')
-      return argv.some((arg) => arg.endsWith(`/workspaces/${session}`))
+      return readlinkSync(`/proc/${pid}/cwd`).endsWith(`/workspaces/${session}`)
     } catch {
       return false
     }

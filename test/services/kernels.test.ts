@@ -121,8 +121,16 @@ t.test('languages and aliases', async (t) => {
     ],
   )
   t.match(languages.find((l) => l.name === 'javascript')?.version, process.versions.node)
-  for (const [alias, name] of [['py', 'python'], ['Python3', 'python'], ['bash', 'shell'], ['sh', 'shell'], ['js', 'javascript'], ['node', 'javascript'], ['ruby', undefined]])
-    t.equal(resolveLanguage(alias as string), name, alias)
+  const aliases: [string, Language | undefined][] = [
+    ['py', 'python'],
+    ['Python3', 'python'],
+    ['bash', 'shell'],
+    ['sh', 'shell'],
+    ['js', 'javascript'],
+    ['node', 'javascript'],
+    ['ruby', undefined],
+  ]
+  for (const [alias, name] of aliases) t.equal(resolveLanguage(alias), name, alias)
   t.equal(capForModel('x'.repeat(10), 2800), 'x'.repeat(10))
   t.match(capForModel('a'.repeat(3000) + 'END', 2800), /^a+\n\[… \d+ characters cut …\]\na*END$/)
 })
@@ -209,8 +217,8 @@ t.test('errors come back with tracebacks trimmed to the user code', async (t) =>
   t.equal(py.result.exitCode, 1)
   t.equal(py.result.error?.name, 'ZeroDivisionError')
   t.equal(py.result.error?.value, 'division by zero')
-  t.match(py.result.error?.traceback, /File "<cell-1>", line 4, in <module>\n    divide\(1\)/)
-  t.match(py.result.error?.traceback, /line 2, in divide\n    return a \/ 0/)
+  t.match(py.result.error?.traceback, /File "<cell-1>", line 4, in <module>\n {4}divide\(1\)/)
+  t.match(py.result.error?.traceback, /line 2, in divide\n {4}return a \/ 0/)
   t.notMatch(py.result.error?.traceback, /python_driver/)
   const syntax = await run(m, id, 'python', 'if (:\n  pass')
   t.equal(syntax.result.error?.name, 'SyntaxError')
@@ -336,6 +344,13 @@ t.test('output past the limit is cut and the kernel killed', async (t) => {
   t.ok(flood.stdout.length <= 1_000_000, `${flood.stdout.length} characters forwarded`)
   t.match(flood.notices.join(' '), /Output passed 1000000 bytes and was cut/)
   t.same((await run(m, id, 'python', '1 + 1')).results, ['2'], 'the next execution gets a new kernel')
+  await run(m, id, 'python', 'kept = 1')
+  const value = await run(m, id, 'python', 'list(range(300_000))')
+  t.equal(value.result.truncated, true)
+  t.same(value.results, [])
+  t.match(value.notices.join(' '), /A value was left out: output passed 1000000 bytes/)
+  t.equal(value.result.stateLost, false, 'a value too large to show does not cost the kernel')
+  t.same((await run(m, id, 'python', 'kept')).results, ['1'])
 })
 
 t.test('a kernel killed from outside is detected and restarted', async (t) => {
@@ -354,6 +369,14 @@ t.test('a kernel killed from outside is detected and restarted', async (t) => {
   t.match(after.notices.join(' '), /stopped between executions .* and was restarted/)
   t.same(after.results, ['False'])
 })
+
+function safeStat(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8')
+  } catch {
+    return ''
+  }
+}
 
 function safeCmdline(pid: number): string {
   try {
@@ -468,6 +491,7 @@ t.test('sandbox none runs the same protocol without isolation', async (t) => {
 })
 
 t.test('close() leaves no process behind', async (t) => {
+  const baseline = new Set(await descendants(process.pid))
   const m = new KernelManager(options())
   const ids = [newSession(), newSession()]
   for (const id of ids) {
@@ -477,17 +501,25 @@ t.test('close() leaves no process behind', async (t) => {
   }
   const running = run(m, ids[0] ?? '', 'python', 'import subprocess\nsubprocess.run(["sleep", "300"])')
   await new Promise((r) => setTimeout(r, 300))
-  const before = await descendants(process.pid)
-  t.ok(before.length >= 10, `${before.length} kernel processes before close`)
+  const ours = (await descendants(process.pid)).filter((pid) => !baseline.has(pid))
+  t.ok(ours.length >= 10, `${ours.length} kernel processes before close`)
   await m.close()
   t.equal((await running).result.stateLost, true)
-  const left = (await descendants(process.pid)).filter((pid) => before.includes(pid))
-  t.same(left, [], 'no kernel process is left')
-  await t.rejects(m.execute({ sessionId: ids[0] ?? '', language: 'python', code: '1' }), { statusCode: 503 })
+  t.same(
+    (await descendants(process.pid)).filter((pid) => !baseline.has(pid)),
+    [],
+    'no kernel process is left',
+  )
+  t.same(
+    ours.filter((pid) => !safeStat(pid).includes(') Z ') && safeStat(pid) !== ''),
+    [],
+    'not even re-parented ones',
+  )
+  await t.rejects(m.execute({ sessionId: ids[0] ?? '', language: 'python', code: '1' }), { statusCode: 503, code: 'shutting_down' })
 })
 
 t.test('invalid requests', async (t) => {
   const m = manager()
-  await t.rejects(m.execute({ sessionId: '../escape', language: 'python', code: '1' }), { statusCode: 400 })
-  await t.rejects(m.execute({ sessionId: newSession(), language: 'cobol' as Language, code: '1' }), { statusCode: 400 })
+  await t.rejects(m.execute({ sessionId: '../escape', language: 'python', code: '1' }), { statusCode: 400, code: 'invalid_request' })
+  await t.rejects(m.execute({ sessionId: newSession(), language: 'cobol' as Language, code: '1' }), { statusCode: 400, code: 'invalid_request' })
 })

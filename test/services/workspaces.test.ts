@@ -139,7 +139,7 @@ t.test('list, read errors and remove', async (t) => {
   t.ok(existsSync(join(outside, 'secret.txt')), 'removing a symlink leaves its target alone')
   await workspaces.remove(id, 'a')
   t.same(readdirSync(workspaces.dir(id)), ['b.txt'])
-  await t.rejects(workspaces.remove(id, 'a'), { statusCode: 404 })
+  await t.rejects(workspaces.remove(id, 'a'), { statusCode: 404, code: 'not_found' })
   await t.rejects(workspaces.remove(id, ''), invalidPath)
   await workspaces.removeWorkspace(id)
   t.notOk(existsSync(workspaces.dir(id)))

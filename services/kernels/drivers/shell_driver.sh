@@ -2,7 +2,6 @@
 # functions persist. Same protocol as the Python driver: `NONCE BASE64(code)` lines on the original
 # stdin, JSON reports on fd 3, a nonce sentinel on fds 1 and 2 after each execution.
 
-# Builtins are called as such because user code may define functions with their names.
 # Commands now come from fd 8; user code reads /dev/null so `read` or `cat` cannot hang.
 exec 8<&0 0</dev/null
 
@@ -13,6 +12,7 @@ trap '__oi_interrupted=1; return 130 2>/dev/null' INT
 
 builtin printf '{"type":"ready","version":"%s","pid":%d}\n' "${BASH_VERSION%%(*}" "$$" >&3
 
+# `builtin` and `command` below: user code may define functions named like the tools used here.
 while :; do
   IFS=' ' builtin read -r -u 8 __oi_nonce __oi_payload
   __oi_status=$?
