@@ -22,8 +22,8 @@ import { type BenchResult, type RunningServer, serve, spawnServer, tempDir } fro
 const SELF = new URL(import.meta.url)
 const API_KEY = 'bench-admin-key'
 const MODEL = 'fake-model'
-const WARMUP = 200
-const MEASURED = 500
+const WARMUP = 100
+const MEASURED = 400
 const CONNECTIONS = 20
 const THROUGHPUT_S = 5
 const THROUGHPUT_WARMUP_S = 1

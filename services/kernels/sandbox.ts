@@ -39,7 +39,7 @@ export interface KernelCommand {
   sandboxArgs?: string[]
 }
 
-export const SANDBOX_ARGS_FD = 4
+const SANDBOX_ARGS_FD = 4
 
 const DRIVERS_SOURCE = fileURLToPath(new URL('./drivers/', import.meta.url))
 const DRIVER_FILES: Record<Language, string> = {
@@ -204,29 +204,24 @@ function limitArgs(opts: SandboxOptions, language: Language): string[] {
   return args
 }
 
+// Descriptors the server inherited from whatever started it (a supervisor's pipe, a terminal)
+// must not reach kernel code: the launcher closes everything above the report channel.
+const CLOSE_INHERITED = 'for fd in /proc/self/fd/*; do fd=${fd##*/}; ((fd > 3)) && eval "exec $fd>&-"; done; '
+
 function interpreterArgs(opts: SandboxOptions, layout: HostLayout, language: Language, driversDir: string): string[] {
   const driver = join(driversDir, DRIVER_FILES[language])
   const bin = layout.interpreters[language]
+  const launch = (script: string, command: string[]) => [layout.interpreters.shell, '--noprofile', '--norc', '-c', CLOSE_INHERITED + script, 'oi-kernel', ...command]
   switch (language) {
     case 'python':
-      return [bin, '-u', driver]
+      return launch('exec "$@"', [bin, '-u', driver])
     case 'shell':
-      return [bin, '--noprofile', '--norc', driver]
+      return launch('exec "$@"', [bin, '--noprofile', '--norc', driver])
     case 'javascript':
-      // node cannot dup descriptors, so bash moves the command channel to fd 8 before exec'ing it.
+      // node cannot dup descriptors, so the launcher moves the command channel to fd 8 for it.
       // NODE_OPTIONS (a tenant variable, or one a test runner injects into every child) must not
       // preload code into the driver or change its flags.
-      return [
-        layout.interpreters.shell,
-        '--noprofile',
-        '--norc',
-        '-c',
-        'exec 8<&0 0</dev/null; unset NODE_OPTIONS; exec "$@"',
-        'oi-node',
-        bin,
-        `--max-old-space-size=${opts.memoryMb}`,
-        driver,
-      ]
+      return launch('exec 8<&0 0</dev/null; unset NODE_OPTIONS; exec "$@"', [bin, `--max-old-space-size=${opts.memoryMb}`, driver])
   }
 }
 
