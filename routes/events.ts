@@ -88,7 +88,8 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
     },
     (socket: WebSocket, request: FastifyRequest<{ Params: { id: string }; Querystring: { latest_event_id: number } }>) => {
       const pending: unknown[] = []
-      let authed: Principal | undefined
+      let token = ''
+      let handling = Promise.resolve()
       // Set once a key is being checked: frames that follow it wait for the outcome instead of
       // being taken for a missing auth frame (or dropped when the key came in the header).
       let authenticating = false
@@ -126,7 +127,6 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
       const fail = (err: unknown) => send({ type: 'error', ...envelope(toApiError(err as Error)) })
 
       const start = async (who: Principal) => {
-        authed = who
         const session = await app.store.getSession(who.tenantId, request.params.id)
         if (!session) return socket.close(CLOSE.notFound, 'session not found')
         // gone while the key or the session was looked up: a subscription now would never end
@@ -171,14 +171,16 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         if (socket.readyState !== socket.OPEN) return
         ready = true
         send({ type: 'ready', latest_event_id: last })
-        for (const frame of pending.splice(0)) await handle(frame)
+        for (const frame of pending.splice(0)) enqueue(frame)
       }
 
       const handle = async (raw: unknown) => {
         const frame = parseFrame(raw)
         if (!frame) return send({ type: 'error', error: { message: 'Invalid frame', type: 'validation_error', code: 'invalid_message', param: null } })
         if (frame.type === 'auth') return
-        const who = authed!
+        // Revocation and expiry take effect on the next frame, as on the next HTTP request.
+        const who = await app.keys.resolve(token)
+        if (!who) return socket.close(CLOSE.unauthorized, 'API key revoked or expired')
         const id = sessionId!
         try {
           if (frame.type === 'stop') app.runs.stop(id)
@@ -192,9 +194,15 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         }
       }
 
-      const authenticate = (token: string) => {
+      // Frames are chained: each checks the key first, and they must still act in their order.
+      const enqueue = (data: unknown) => {
+        handling = handling.then(() => handle(data)).catch(fail)
+      }
+
+      const authenticate = (key: string) => {
         authenticating = true
-        void app.keys.resolve(token).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
+        token = key
+        void app.keys.resolve(key).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
       }
 
       socket.on('close', () => {
@@ -202,7 +210,7 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         unsubscribe?.()
       })
       socket.on('message', (data) => {
-        if (ready) return void handle(data)
+        if (ready) return enqueue(data)
         if (authenticating) return void pending.push(data)
         clearTimeout(timer)
         const frame = parseFrame(data)

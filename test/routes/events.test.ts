@@ -13,7 +13,7 @@ interface WireEvent {
   id: number
   type: string
   created_at: string
-  // biome-ignore lint/suspicious/noExplicitAny: event payloads are checked field by field
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- event payloads are checked field by field
   data: any
 }
 
@@ -58,7 +58,7 @@ const range = (from: number, to: number) => Array.from({ length: Math.max(0, to 
  * the full sequence afterwards.
  */
 class Client {
-  // biome-ignore lint/suspicious/noExplicitAny: frames are JSON of several shapes
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- frames are JSON of several shapes
   readonly frames: any[] = []
   readonly closed: Promise<{ code: number; reason: string }>
   private wake: (() => void) | undefined
@@ -91,7 +91,7 @@ class Client {
   }
 
   /** Resolves with the first recorded frame that matches, waiting for it if needed. */
-  // biome-ignore lint/suspicious/noExplicitAny: frames are JSON of several shapes
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- frames are JSON of several shapes
   async until(match: (frame: any) => boolean, timeoutMs = 20_000): Promise<any> {
     const deadline = Date.now() + timeoutMs
     for (;;) {
@@ -373,6 +373,27 @@ t.test('ws: the first frame must come within 10 s', async (t) => {
   const waited = Date.now() - started
   t.same(closed, { code: 4001, reason: 'authentication timed out' })
   t.ok(waited >= 9_500 && waited < 15_000, `closed after ${waited} ms`)
+})
+
+t.test('ws: a revoked key cannot drive the agent through a socket it opened before', async (t) => {
+  const { app, upstream } = await setup(t)
+  const url = await listen(app)
+  const created = await app.inject({ method: 'POST', url: '/v1/keys', headers: auth(), payload: { name: 'soon revoked' } })
+  const { key, id } = created.json()
+  const session = await newSession(app, key)
+  const client = await open(t, url(session), auth(key))
+  await client.until((f) => f.type === 'ready')
+  upstream.script(text('allowed'))
+  client.send({ type: 'message', content: 'while valid' })
+  await client.untilEvent('run_finished')
+
+  t.equal((await app.inject({ method: 'DELETE', url: `/v1/keys/${id}`, headers: auth() })).statusCode, 204)
+  const before = upstream.requests.length
+  client.send({ type: 'message', content: 'after revocation' })
+  t.same(await client.closed, { code: 4001, reason: 'API key revoked or expired' })
+  await sleep(100)
+  t.equal(upstream.requests.length, before, 'no run was started')
+  t.notOk(client.events.some((e) => e.data?.content === 'after revocation'))
 })
 
 t.test('ws: unknown, malformed and foreign sessions close with 4004', async (t) => {
