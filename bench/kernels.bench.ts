@@ -192,8 +192,11 @@ async function kernelTrees(sessions: Set<string>): Promise<{ sessions: number; p
     roots.push(pid)
     found.add(match[1]!)
   }
-  const trees = await Promise.all(roots.map(async (root) => [root, ...(await descendants(root))]))
-  return { sessions: found.size, pids: [...new Set(trees.flat())] }
+  // one scan of /proc at a time: each opens every /proc/N/stat, and a hundred at once run out of
+  // descriptors, which descendants() does not report (processes just go missing)
+  const pids = new Set<number>()
+  for (const root of roots) for (const pid of [root, ...(await descendants(root))]) pids.add(pid)
+  return { sessions: found.size, pids: [...pids] }
 }
 
 async function memory(client: Client): Promise<{ perKernel: Memory; kernels: number }> {
@@ -218,7 +221,6 @@ async function memory(client: Client): Promise<{ perKernel: Memory; kernels: num
   for (const name of names) counts.set(name, (counts.get(name) ?? 0) + 1)
   const pythons = names.filter((n) => n.startsWith('python')).length
   // a tree that lost its interpreter would make the figure look better than it is
-  console.log('DEBUG', counts, roots, pids.length)
   if (pythons !== sessions.length) throw new Error(`found ${pythons} Python processes for ${sessions.length} kernels`)
   const makeup = [...counts].map(([name, n]) => `${name} ×${Number((n / roots).toFixed(2))}`).join(', ')
   const figures = await Promise.all(pids.map(memoryOf))

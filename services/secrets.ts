@@ -140,7 +140,9 @@ export class SecretsService {
     // a retired value that is current again is named after its current secret
     const masked = [...values, ...(this.retired.get(tenantId) ?? []).filter(([, v]) => !values.some(([, c]) => c === v))]
     const redact = redactor(masked)
-    this.loaded.set(tenantId, redact)
+    // Log lines are JSON: there a value with quotes, backslashes or control characters is escaped.
+    const escaped = masked.map(([name, v]) => [name, JSON.stringify(v).slice(1, -1)] as [string, string]).filter(([, e], i) => e !== masked[i]![1])
+    this.loaded.set(tenantId, escaped.length > 0 ? redactor([...masked, ...escaped]) : redact)
     return { env: Object.fromEntries(values), redact, stream: streamRedactor(redact, masked), values }
   }
 }

@@ -452,8 +452,9 @@ async function kernelTree(session: string): Promise<number[]> {
       return false
     }
   })
-  const below = await Promise.all(roots.map((pid) => descendants(pid)))
-  return [...new Set([...roots, ...below.flat()])]
+  const tree = new Set(roots)
+  for (const root of roots) for (const pid of await descendants(root)) tree.add(pid)
+  return [...tree]
 }
 
 function isAlive(pid: number): boolean {

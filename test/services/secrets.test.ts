@@ -113,6 +113,14 @@ t.test('redactAll masks the values of every loaded tenant (log lines)', async (t
   await secrets.forTenant('t1')
   await secrets.forTenant('t2')
   t.equal(secrets.redactAll('{"msg":"value-of-a value-of-b"}'), '{"msg":"[secret:A] [secret:B]"}')
+  // a log line is JSON, where quotes, backslashes and newlines in a value come escaped
+  const odd = 'pa"ss\\word\nline2'
+  await secrets.put('t3', 'ODD', odd)
+  await secrets.forTenant('t3')
+  const line = JSON.stringify({ msg: `failed with ${odd}` })
+  t.notOk(line.includes(odd), 'the raw value is not in the line as written')
+  t.equal(secrets.redactAll(line), '{"msg":"failed with [secret:ODD]"}')
+  t.equal(JSON.parse(secrets.redactAll(line)).msg, 'failed with [secret:ODD]')
 })
 
 t.test('cache: loaded once, reloaded after each change; changed values stay masked', async (t) => {
