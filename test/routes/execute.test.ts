@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process'
-import { existsSync, readFileSync, readlinkSync } from 'node:fs'
+import { existsSync, readFileSync, readlinkSync, rmSync } from 'node:fs'
 import { request } from 'node:http'
 import { join } from 'node:path'
 import t from 'tap'
@@ -71,6 +71,11 @@ const text = (body: ExecBody, stream: 'stdout' | 'stderr') =>
     .join('')
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+async function until(check: () => boolean, timeoutMs = 10_000): Promise<boolean> {
+  for (const deadline = Date.now() + timeoutMs; !check(); await sleep(20)) if (Date.now() > deadline) return false
+  return true
+}
 
 t.test('JSON result shape for every language and alias', sandboxed, async (t) => {
   const { exec } = await setup(t)
@@ -237,15 +242,13 @@ t.test('POST /interrupt stops a running execution', sandboxed, async (t) => {
   t.same(idle.json(), { ok: false, detail: 'Nothing was running' })
 
   await exec('python', 'before = 1')
-  const running = exec('python', 'import time\nprint("sleeping", flush=True)\ntime.sleep(60)')
-  let interrupted = false
-  for (let i = 0; i < 200 && !interrupted; i++) {
-    await sleep(25)
-    const res = await app.inject({ method: 'POST', url: `/v1/sessions/${session}/interrupt`, headers: auth() })
-    t.equal(res.statusCode, 200)
-    interrupted = res.json().ok === true
-  }
-  t.ok(interrupted, 'the interrupt found the execution running')
+  // Interrupt once the code is visibly under way: a SIGINT that lands while the driver is still
+  // switching to the cell is lost and the kernel killed after EXEC_GRACE_MS (reported separately).
+  const started = join(app.workspaces.dir(session), 'started')
+  const running = exec('python', 'import time\nprint("sleeping", flush=True)\nopen("started", "w").close()\ntime.sleep(60)')
+  t.ok(await until(() => existsSync(started)), 'the code started')
+  const res1 = await app.inject({ method: 'POST', url: `/v1/sessions/${session}/interrupt`, headers: auth() })
+  t.same(res1.json(), { ok: true }, 'the interrupt found the execution running')
   const { res, body } = await running
   t.equal(res.statusCode, 200)
   t.match(body, { exit_code: 130, timed_out: false, state_lost: false, error: { name: 'KeyboardInterrupt' } })
@@ -253,11 +256,10 @@ t.test('POST /interrupt stops a running execution', sandboxed, async (t) => {
   t.equal(text(body, 'stdout'), 'sleeping\n')
   t.match((await exec('python', 'before + 1')).body.outputs, [{ content: '2' }], 'state survives an interrupt')
 
-  const shell = exec('shell', 'echo go; sleep 60')
-  for (let i = 0, ok = false; i < 200 && !ok; i++) {
-    await sleep(25)
-    ok = (await app.inject({ method: 'POST', url: `/v1/sessions/${session}/interrupt`, headers: auth() })).json().ok
-  }
+  rmSync(started)
+  const shell = exec('shell', 'touch started; sleep 60')
+  t.ok(await until(() => existsSync(started)), 'the shell command started')
+  t.same((await app.inject({ method: 'POST', url: `/v1/sessions/${session}/interrupt`, headers: auth() })).json(), { ok: true })
   const sh = (await shell).body
   t.ok(sh.duration_ms < 30_000, 'the shell stopped too')
   t.not(sh.exit_code, 0)
