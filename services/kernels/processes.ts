@@ -1,4 +1,5 @@
-import { readdir, readFile } from 'node:fs/promises'
+import { readdirSync, readFileSync } from 'node:fs'
+import { readFile } from 'node:fs/promises'
 
 interface ProcStat {
   pid: number
@@ -6,20 +7,33 @@ interface ProcStat {
   state: string
 }
 
-async function readStat(pid: number): Promise<ProcStat | undefined> {
+function readStat(pid: number): ProcStat | undefined {
   try {
-    const text = await readFile(`/proc/${pid}/stat`, 'utf8')
+    const text = readFileSync(`/proc/${pid}/stat`, 'utf8')
     // The command name sits in parentheses and may itself contain spaces and parentheses.
     const fields = text.slice(text.lastIndexOf(')') + 2).split(' ')
     return { pid, state: fields[0] ?? '', ppid: Number(fields[1]) }
-  } catch {
-    return undefined
+  } catch (err) {
+    // the process exited between readdir and read; anything else (EMFILE, EACCES) must not
+    // silently shrink the tree, or a kill would miss processes
+    const code = (err as NodeJS.ErrnoException).code
+    if (code === 'ENOENT' || code === 'ESRCH') return undefined
+    throw err
   }
 }
 
+/**
+ * Read one file at a time, synchronously: /proc reads are in-kernel and take microseconds, and
+ * opening every stat file at once ran out of descriptors when several scans overlapped.
+ */
 async function allProcesses(): Promise<ProcStat[]> {
-  const pids = (await readdir('/proc')).filter((name) => /^\d+$/.test(name)).map(Number)
-  return (await Promise.all(pids.map(readStat))).filter((stat): stat is ProcStat => stat !== undefined)
+  const stats: ProcStat[] = []
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue
+    const stat = readStat(Number(name))
+    if (stat) stats.push(stat)
+  }
+  return stats
 }
 
 /** Every live process below `root` in the process tree (not `root` itself). */
