@@ -3,9 +3,9 @@ import { copyFileSync, existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { isDeepStrictEqual } from 'node:util'
 import Sqlite from 'better-sqlite3'
-import pg from 'pg'
 import t, { type Test } from 'tap'
 import { auth, tempDir } from './helpers/build.js'
+import { freshDatabase } from './helpers/postgres.js'
 import { type ServerProcess, startServer } from './helpers/server-process.js'
 
 const KEY = 'durability-key'
@@ -251,17 +251,7 @@ if (!adminUrl) {
 } else {
   t.test('PostgreSQL: SIGKILL mid-burst loses no acknowledged write', async (t) => {
     // A database of its own, so the session count is this run's alone.
-    const name = `oi_durability_${randomBytes(6).toString('hex')}`
-    const url = new URL(adminUrl)
-    url.pathname = `/${name}`
-    const admin = new pg.Client({ connectionString: adminUrl })
-    await admin.connect()
-    await admin.query(`CREATE DATABASE ${name}`)
-    t.teardown(async () => {
-      await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
-      await admin.end()
-    })
-
-    await killAndRestart(t, { ...baseEnv, DATA_DIR: tempDir(t, 'oi-durability-'), DATABASE_URL: url.href }, /storage: +PostgreSQL/)
+    const url = await freshDatabase(t, adminUrl, 'oi_durability')
+    await killAndRestart(t, { ...baseEnv, DATA_DIR: tempDir(t, 'oi-durability-'), DATABASE_URL: url }, /storage: +PostgreSQL/)
   })
 }

@@ -1,7 +1,7 @@
-import { randomBytes } from 'node:crypto'
 import pg from 'pg'
 import t from 'tap'
 import { createPostgresStore } from '../../services/store/index.js'
+import { freshDatabase } from '../helpers/postgres.js'
 import { storeContract } from './store-contract.js'
 
 const adminUrl = process.env.DATABASE_URL
@@ -13,17 +13,7 @@ if (!adminUrl) {
   )
 } else {
   // A database of its own: the contract never meets rows from other runs or other test files.
-  const name = `oi_test_${randomBytes(6).toString('hex')}`
-  const url = new URL(adminUrl)
-  url.pathname = `/${name}`
-
-  const admin = new pg.Client({ connectionString: adminUrl })
-  await admin.connect()
-  await admin.query(`CREATE DATABASE ${name}`)
-  t.teardown(async () => {
-    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
-    await admin.end()
-  })
+  const url = new URL(await freshDatabase(t, adminUrl, 'oi_test'))
 
   t.test('replicas starting together migrate once', async (t) => {
     const replicas = [createPostgresStore(url.href), createPostgresStore(url.href), createPostgresStore(url.href)]
