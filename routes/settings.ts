@@ -1,33 +1,10 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
-import { type Static, type TSchema, Type } from '@sinclair/typebox'
+import { Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
 import { protectedErrors } from '../schemas/common.js'
-import { Settings, SettingsFields } from '../schemas/settings.js'
+import { Settings, SettingsPatch } from '../schemas/settings.js'
 import { notFound } from '../services/errors.js'
 
-/**
- * A field or null. A type list, not a union with Null: under the server's type coercion a
- * union lets 0, "" and false fall into the null branch, so `max_tokens: 0` would silently reset
- * the field instead of failing validation.
- */
-const orNull = <T extends TSchema & { type: string }>(schema: T) =>
-  Type.Optional(Type.Unsafe<Static<T> | null>({ ...schema, type: [schema.type, 'null'] }))
-
-/** PATCH: any subset; `null` resets a field to the server default. */
-const SettingsPatchBody = Type.Object(
-  {
-    model: orNull(SettingsFields.model),
-    temperature: orNull(SettingsFields.temperature),
-    max_tokens: orNull(SettingsFields.max_tokens),
-    auto_run: orNull(SettingsFields.auto_run),
-    system_message: orNull(SettingsFields.system_message),
-    custom_instructions: orNull(SettingsFields.custom_instructions),
-    max_iterations: orNull(SettingsFields.max_iterations),
-  },
-  { additionalProperties: false },
-)
-
-// At most 100 characters: the router refuses longer path parameters before validation runs.
 const SecretName = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]{0,99}$', description: 'An environment variable name' })
 
 /** Per-tenant settings and secrets. Secret values go in and never come out. */
@@ -44,7 +21,7 @@ const settings: FastifyPluginAsyncTypebox = async (app) => {
       schema: {
         tags: ['settings'],
         summary: 'Change settings (null resets a field to the server default)',
-        body: SettingsPatchBody,
+        body: SettingsPatch,
         response: { 200: Settings, ...protectedErrors(400) },
       },
     },

@@ -1,4 +1,4 @@
-import { type Static, Type } from '@sinclair/typebox'
+import { type Static, type TSchema, Type } from '@sinclair/typebox'
 
 /** What a tenant may change. Server-level safety settings (sandbox, network, upstream) are not here on purpose. */
 export const SettingsFields = {
@@ -14,17 +14,24 @@ export const SettingsFields = {
 export const Settings = Type.Object(SettingsFields, { title: 'Effective settings' })
 export type Settings = Static<typeof Settings>
 
+/**
+ * A field or null. A type list, not a union with Null: under the server's type coercion a
+ * union lets 0, "" and false fall into the null branch, so `max_tokens: 0` would silently reset
+ * the field instead of failing validation.
+ */
+const orNull = <T extends TSchema & { type: string }>(schema: T) =>
+  Type.Optional(Type.Unsafe<Static<T> | null>({ ...schema, type: [schema.type, 'null'] }))
+
 /** PATCH: any subset; `null` resets a field to the server default. */
-const nullable = <T extends (typeof SettingsFields)[keyof typeof SettingsFields]>(t: T) => Type.Optional(Type.Union([t, Type.Null()]))
 export const SettingsPatch = Type.Object(
   {
-    model: nullable(SettingsFields.model),
-    temperature: nullable(SettingsFields.temperature),
-    max_tokens: nullable(SettingsFields.max_tokens),
-    auto_run: nullable(SettingsFields.auto_run),
-    system_message: nullable(SettingsFields.system_message),
-    custom_instructions: nullable(SettingsFields.custom_instructions),
-    max_iterations: nullable(SettingsFields.max_iterations),
+    model: orNull(SettingsFields.model),
+    temperature: orNull(SettingsFields.temperature),
+    max_tokens: orNull(SettingsFields.max_tokens),
+    auto_run: orNull(SettingsFields.auto_run),
+    system_message: orNull(SettingsFields.system_message),
+    custom_instructions: orNull(SettingsFields.custom_instructions),
+    max_iterations: orNull(SettingsFields.max_iterations),
   },
   { additionalProperties: false },
 )
