@@ -1,3 +1,5 @@
+import { ApiError } from '../services/errors.js'
+import { envelope, toApiError } from './errors.js'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 
 export interface SseStream {
@@ -65,4 +67,40 @@ export function disconnectSignal(reply: FastifyReply): AbortSignal {
     if (!reply.raw.writableFinished) controller.abort()
   })
   return controller.signal
+}
+
+/**
+ * Streams one run over SSE. `start` is called before the stream opens, so a run that cannot
+ * start (409 busy, 503 no upstream) still gets a plain error response; once the stream is open,
+ * a client that goes away calls `stop`, and a failure is written by `error` in the dialect's
+ * own way (an `event: error` or an OpenAI-style data line).
+ */
+export async function streamRun<T>(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  opts: {
+    start: (send: SseStream['send']) => Promise<T>
+    stop: () => void
+    open?: (sse: SseStream) => void
+    done: (sse: SseStream, result: T) => void
+    error: (sse: SseStream, body: ReturnType<typeof envelope>) => void
+    end?: (sse: SseStream) => void
+  },
+): Promise<FastifyReply> {
+  let sse: SseStream | undefined
+  const running = opts.start((data, event) => sse?.send(data, event))
+  sse = openSse(request, reply)
+  sse.signal.addEventListener('abort', opts.stop, { once: true })
+  opts.open?.(sse)
+  try {
+    opts.done(sse, await running)
+  } catch (err) {
+    const apiError = toApiError(err as Error)
+    if (apiError.statusCode >= 500 && !(err instanceof ApiError)) request.log.error({ err }, 'streamed run failed')
+    opts.error(sse, envelope(apiError))
+  } finally {
+    opts.end?.(sse)
+    sse.close()
+  }
+  return reply
 }

@@ -1,10 +1,9 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { principal } from '../plugins/auth.js'
-import { disconnectSignal, openSse } from '../plugins/sse.js'
+import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { Ack, ChatBody, ChatResponse, ConfirmBody } from '../schemas/chat.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
 import { ApiError } from '../services/errors.js'
-import { toApiError, envelope } from '../plugins/errors.js'
 
 const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
@@ -34,21 +33,12 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
         return { message: result.final, messages: result.messages, session_id: session.id, usage: result.usage }
       }
 
-      let sse: ReturnType<typeof openSse> | undefined
-      const running = app.chat.run({ ...base, emit: (chunk) => sse?.send(chunk, 'message'), signal: undefined })
-      sse = openSse(request, reply)
-      sse.signal.addEventListener('abort', () => app.runs.stop(session.id), { once: true })
-      try {
-        const result = await running
-        sse.send({ session_id: session.id, usage: result.usage, stopped: result.stopped }, 'done')
-      } catch (err) {
-        const apiError = toApiError(err as Error)
-        if (apiError.statusCode >= 500 && !(err instanceof ApiError)) request.log.error({ err }, 'run failed')
-        sse.send(envelope(apiError), 'error')
-      } finally {
-        sse.close()
-      }
-      return reply
+      return streamRun(request, reply, {
+        start: (send) => app.chat.run({ ...base, emit: (chunk) => send(chunk, 'message') }),
+        stop: () => app.runs.stop(session.id),
+        done: (sse, result) => sse.send({ session_id: session.id, usage: result.usage, stopped: result.stopped }, 'done'),
+        error: (sse, body) => sse.send(body, 'error'),
+      })
     },
   )
 

@@ -1,8 +1,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
-import { envelope, toApiError } from '../plugins/errors.js'
-import { disconnectSignal, openSse } from '../plugins/sse.js'
+import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { Ack } from '../schemas/chat.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
 import { invalidRequest } from '../services/errors.js'
@@ -91,18 +90,21 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
         return { outputs: outputs.finish(result), ...summary(result) }
       }
 
-      const sse = openSse(request, reply)
-      const outputs = new OutputMessages((chunk) => sse.send(chunk, 'message'))
-      try {
-        const result = await app.execution.run({ ...base, signal: sse.signal, onOutput: (o) => outputs.push(o) })
-        outputs.finish(result)
-        sse.send(summary(result), 'done')
-      } catch (err) {
-        sse.send(envelope(toApiError(err as Error)), 'error')
-      } finally {
-        sse.close()
-      }
-      return reply
+      const controller = new AbortController()
+      return streamRun(request, reply, {
+        start: (send) => {
+          const outputs = new OutputMessages((chunk) => send(chunk, 'message'))
+          return app.execution
+            .run({ ...base, signal: controller.signal, onOutput: (o) => outputs.push(o) })
+            .then((result) => {
+              outputs.finish(result)
+              return result
+            })
+        },
+        stop: () => controller.abort(),
+        done: (sse, result) => sse.send(summary(result), 'done'),
+        error: (sse, body) => sse.send(body, 'error'),
+      })
     },
   )
 

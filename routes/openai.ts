@@ -1,8 +1,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
-import { envelope, toApiError } from '../plugins/errors.js'
-import { disconnectSignal, openSse } from '../plugins/sse.js'
+import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 import { protectedErrors } from '../schemas/common.js'
 import { buildCompletion, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
@@ -115,27 +114,23 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       }
 
       const chunks = new CompletionChunks(meta)
-      let sse: ReturnType<typeof openSse> | undefined
-      const running = app.chat.run({
-        ...base,
-        emit: (lmc) => {
-          for (const chunk of chunks.push(lmc)) sse?.send(chunk)
+      return streamRun(request, reply, {
+        start: (send) =>
+          app.chat.run({
+            ...base,
+            emit: (lmc) => {
+              for (const chunk of chunks.push(lmc)) send(chunk)
+            },
+          }),
+        stop: () => app.runs.stop(session.id),
+        open: (sse) => sse.send(chunks.start()),
+        done: (sse, result) => {
+          for (const chunk of chunks.finish('stop')) sse.send(chunk)
+          if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
         },
+        error: (sse, body) => sse.send(body),
+        end: (sse) => sse.data('[DONE]'),
       })
-      sse = openSse(request, reply)
-      sse.signal.addEventListener('abort', () => app.runs.stop(session.id), { once: true })
-      sse.send(chunks.start())
-      try {
-        const result = await running
-        for (const chunk of chunks.finish('stop')) sse.send(chunk)
-        if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
-      } catch (err) {
-        sse.send(envelope(toApiError(err as Error)))
-      } finally {
-        sse.data('[DONE]')
-        sse.close()
-      }
-      return reply
     },
   )
 }
