@@ -54,7 +54,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     trustProxy: config.TRUST_PROXY as boolean | string,
     bodyLimit: config.BODY_LIMIT,
     // longer path parameters than the router's default 100 reach validation and get the envelope, not a bare 414
-    maxParamLength: 2048,
+    routerOptions: { maxParamLength: 2048 },
     requestIdHeader: false,
     genReqId: (req) => requestId(req.headers['x-request-id']),
     ajv: { customOptions: { removeAdditional: true, coerceTypes: 'array', useDefaults: true } },

@@ -85,6 +85,13 @@ function describe(err: AjvError, env: Record<string, unknown>): string {
   return `${name} ${err.message ?? 'is invalid'}${allowed}${got}`
 }
 
+/** The allowed values of a variable whose schema is a union of string literals. */
+function literals(name: string): string[] | undefined {
+  const schema = (ConfigSchema.properties as Record<string, { anyOf?: { const?: unknown }[] }>)[name]
+  const values = schema?.anyOf?.map((branch) => branch.const)
+  return values?.every((v) => typeof v === 'string') ? (values as string[]) : undefined
+}
+
 /**
  * Reads and validates the configuration. Throws ConfigError with one line naming the variable.
  * Pass `env` to validate a given object (tests); `dotenv` reads `.env` from the working directory.
@@ -95,14 +102,12 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   try {
     parsed = envSchema<Env>({ schema: ConfigSchema, data, dotenv, env: false })
   } catch (err) {
-    const errors = (err as { errors?: AjvError[] }).errors
-    // LOG_LEVEL is a union of literals: ajv reports each branch; the enum wording is clearer.
-    const first = errors?.find((e) => e.params?.allowedValues === undefined && !e.message?.includes('anyOf')) ?? errors?.[0]
+    const first = (err as { errors?: AjvError[] }).errors?.[0]
     if (!first) throw new ConfigError(`Invalid configuration: ${(err as Error).message}`)
-    if (first.instancePath === '/LOG_LEVEL')
-      throw new ConfigError(`Invalid configuration: LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent (got ${JSON.stringify(data.LOG_LEVEL)})`)
-    if (first.instancePath === '/SANDBOX')
-      throw new ConfigError(`Invalid configuration: SANDBOX must be one of bwrap, none (got ${JSON.stringify(data.SANDBOX)})`)
+    // A union of literals (LOG_LEVEL, SANDBOX): ajv reports each branch; the list reads better.
+    const name = first.instancePath.replace(/^\//, '').split('/')[0] ?? ''
+    const allowed = literals(name)
+    if (allowed) throw new ConfigError(`Invalid configuration: ${name} must be one of ${allowed.join(', ')} (got ${JSON.stringify(data[name])})`)
     throw new ConfigError(`Invalid configuration: ${describe(first, data)}`)
   }
   if (Boolean(parsed.TLS_CERT_FILE) !== Boolean(parsed.TLS_KEY_FILE))

@@ -95,6 +95,8 @@ export async function serve(app: FastifyInstance): Promise<void> {
 
 export interface LoadOptions {
   url: string
+  method?: 'GET' | 'POST'
+  body?: string
   headers?: Record<string, string>
   connections?: number
   /** Measured seconds. */
@@ -119,9 +121,15 @@ export interface Measurement {
   cpuPerRequest?: number
 }
 
-/** Drives GET load with autocannon: a warm-up run that is thrown away, then the measured run. */
+/** Drives load with autocannon: a warm-up run that is thrown away, then the measured run. */
 export async function measure(opts: LoadOptions): Promise<Measurement> {
-  const base = { url: opts.url, headers: opts.headers, connections: opts.connections ?? 50 }
+  const base = {
+    url: opts.url,
+    method: opts.method ?? 'GET',
+    ...(opts.body === undefined ? {} : { body: opts.body }),
+    headers: opts.headers,
+    connections: opts.connections ?? 50,
+  }
   if (opts.warmup) await autocannon({ ...base, duration: opts.warmup })
   const cpuBefore = await opts.server?.cpuTime()
   const result = await autocannon({ ...base, duration: opts.duration ?? 10 })

@@ -11,7 +11,6 @@ import { randomBytes } from 'node:crypto'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
-import autocannon from 'autocannon'
 import pg from 'pg'
 import { buildApp } from '../app.js'
 import { loadConfig } from '../config.js'
@@ -151,27 +150,6 @@ async function openPostgres(): Promise<{ url(): Promise<string>; close(): Promis
   }
 }
 
-/** measure() drives GET only; creating needs a method and a body. */
-async function measureCreate(url: string): Promise<Measurement> {
-  const base = {
-    url,
-    method: 'POST' as const,
-    headers: { ...headers, 'content-type': 'application/json' },
-    body: createBody,
-    connections: CONNECTIONS,
-  }
-  await autocannon({ ...base, duration: WARMUP_S })
-  const result = await autocannon({ ...base, duration: DURATION_S })
-  return {
-    requestsPerSec: result.requests.average,
-    p50: result.latency.p50,
-    p99: result.latency.p99,
-    total: result.requests.total,
-    non2xx: result.non2xx,
-    errors: result.errors,
-  }
-}
-
 async function withServer<T>(
   mode: 'throughput' | 'memory',
   env: Record<string, string>,
@@ -187,7 +165,15 @@ async function withServer<T>(
 
 async function throughput(engine: Engine): Promise<{ create: Measurement; list: Measurement }> {
   return withServer('throughput', await engine.fresh(), async (server) => {
-    const create = await measureCreate(`${server.url}/v1/sessions`)
+    const create = await measure({
+      url: `${server.url}/v1/sessions`,
+      method: 'POST',
+      body: createBody,
+      headers: { ...headers, 'content-type': 'application/json' },
+      connections: CONNECTIONS,
+      warmup: WARMUP_S,
+      duration: DURATION_S,
+    })
     // Over the sessions the create run left, so the page comes from a store that is not empty.
     const list = await measure({
       url: `${server.url}/v1/sessions?limit=20`,

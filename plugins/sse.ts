@@ -57,9 +57,6 @@ export function openSse(_request: FastifyRequest, reply: FastifyReply, pingMs = 
   }
 }
 
-/** Whether the client asked for an event stream. */
-export const wantsStream = (stream: boolean | undefined) => stream === true
-
 /** Aborts when the client of a plain (non-stream) request disconnects before the answer. */
 export function disconnectSignal(reply: FastifyReply): AbortSignal {
   const controller = new AbortController()

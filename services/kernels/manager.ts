@@ -7,7 +7,6 @@ import { detectLanguages, LANGUAGES } from './languages.js'
 import { buildKernelCommand, chownWorkspace, kernelUid, SandboxRuntime } from './sandbox.js'
 import type { ExecResult, ExecuteRequest, KernelManagerOptions, KernelOutput, Language, LanguageInfo } from './types.js'
 
-export { capForModel } from '../agent/cap.js'
 export { resolveLanguage } from './languages.js'
 
 // Session ids name workspace directories: nothing that could climb out of the workspaces root.
