@@ -48,6 +48,7 @@ export const ConfigSchema = Type.Object({
   BASH_BIN: Type.String({ default: '/bin/bash', minLength: 1 }),
   KERNEL_IDLE_SECONDS: Int(600),
   MAX_KERNELS: Int(64, 1),
+  MAX_KERNELS_PER_TENANT: Int(16, 1),
   EXEC_TIMEOUT_MS: Int(120_000, 100),
   EXEC_GRACE_MS: Int(2000, 0),
   EXEC_OUTPUT_LIMIT_BYTES: Int(1024 * 1024, 1024),
@@ -56,6 +57,7 @@ export const ConfigSchema = Type.Object({
   KERNEL_MAX_PROCESSES: Int(64, 4),
   KERNEL_MAX_FILE_MB: Int(100, 1),
   KERNEL_MAX_OPEN_FILES: Int(256, 16),
+  KERNEL_TMPFS_MB: Int(256, 1),
   FILE_MAX_BYTES: Int(100 * 1024 * 1024, 1),
   SECRETS_KEY: Type.Optional(Type.String({ pattern: '^[0-9a-fA-F]{64}$', description: '32 bytes as hex' })),
 })

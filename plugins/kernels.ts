@@ -29,6 +29,7 @@ export default fp(
       bashBin: config.BASH_BIN,
       idleSeconds: config.KERNEL_IDLE_SECONDS,
       maxKernels: config.MAX_KERNELS,
+      maxKernelsPerTenant: config.MAX_KERNELS_PER_TENANT,
       execTimeoutMs: config.EXEC_TIMEOUT_MS,
       execGraceMs: config.EXEC_GRACE_MS,
       outputLimitBytes: config.EXEC_OUTPUT_LIMIT_BYTES,
@@ -36,6 +37,7 @@ export default fp(
       maxProcesses: config.KERNEL_MAX_PROCESSES,
       maxFileMb: config.KERNEL_MAX_FILE_MB,
       maxOpenFiles: config.KERNEL_MAX_OPEN_FILES,
+      tmpfsMb: config.KERNEL_TMPFS_MB,
     }
     const manager = new KernelManager(options, app.log)
     const workspaces = new Workspaces(workspacesDir, { maxFileBytes: config.FILE_MAX_BYTES })

@@ -61,6 +61,7 @@ export class ExecutionService {
     try {
       result = await this.kernels.execute({
         sessionId: req.sessionId,
+        tenantId: req.tenantId,
         language: req.language,
         code: req.code,
         timeoutMs: req.timeoutMs,

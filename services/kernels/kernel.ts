@@ -4,7 +4,8 @@ import { constants } from 'node:os'
 import type { Readable } from 'node:stream'
 import { StringDecoder } from 'node:string_decoder'
 import { descendants, hostPidOf, waitGone } from './processes.js'
-import { commandLine, LineSplitter, parseReport, type Report, SentinelScanner, sentinel } from './protocol.js'
+import type { KernelCgroup } from './cgroups.js'
+import { commandLines, LineSplitter, parseReport, type Report, SentinelScanner, sentinel } from './protocol.js'
 import { type KernelCommand, spawnKernelCommand } from './sandbox.js'
 import type { ExecError, KernelOutput } from './types.js'
 
@@ -37,6 +38,7 @@ type ReadyReport = Extract<Report, { type: 'ready' }>
 
 interface ActiveRun {
   nonce: string
+  reports: number
   onOutput: (output: KernelOutput) => void
   error?: ExecError
   done: boolean
@@ -45,8 +47,10 @@ interface ActiveRun {
   resolve: (outcome: RunOutcome) => void
 }
 
-// Images travel on fd 3 as one base64 line: room for large figures, but not for unbounded junk.
-const MAX_REPORT_LINE_BYTES = 64 * 1024 * 1024
+/** Why a kernel was stopped for what it wrote on its report channel. */
+export const PROTOCOL_VIOLATION = 'protocol violation'
+// Reports of one execution: a value, an error, the images of its figures. Far more is a flood.
+const MAX_REPORTS_PER_EXECUTION = 10_000
 // Output written between executions (by background jobs) is shown with the next one, up to this.
 const IDLE_OUTPUT_BYTES = 64 * 1024
 const START_TIMEOUT_MS = 30_000
@@ -74,13 +78,23 @@ export class Kernel {
   private exit: { code: number | null; signal: NodeJS.Signals | null } | undefined
   private readonly finished: Promise<void>
   private stderrHead = ''
+  private readonly reportLines: LineSplitter
+  private oomKilled = false
   private readyReceived = false
   private onReady: ((report: ReadyReport) => void) | undefined
 
+  /**
+   * @param maxReportLineBytes longest report line (an image travels as one base64 line); a longer
+   *   one stops the kernel instead of being buffered.
+   * @param cgroup the kernel's control group: its processes are killed with the kernel and the
+   *   group is removed once they are gone.
+   */
   constructor(
     spec: KernelCommand,
     private readonly log: KernelLogger,
     private readonly label: string,
+    maxReportLineBytes: number,
+    private readonly cgroup?: KernelCgroup,
   ) {
     this.proc = spawnKernelCommand(spec, ['pipe', 'pipe', 'pipe', 'pipe'])
     this.pid = this.proc.pid
@@ -102,17 +116,17 @@ export class Kernel {
       if (!this.readyReceived && this.stderrHead.length < STDERR_KEPT_BYTES) this.stderrHead += chunk.toString('utf8').slice(0, STDERR_KEPT_BYTES)
       this.scanners.stderr.push(chunk)
     })
-    const lines = new LineSplitter(
-      MAX_REPORT_LINE_BYTES,
+    this.reportLines = new LineSplitter(
+      maxReportLineBytes,
       (line) => this.onReportLine(line),
-      (bytes) => this.log.warn({ kernel: this.label, bytes }, 'kernel report line too long, dropped'),
+      () => this.breakProtocol(`it reported a value or an image of more than ${maxReportLineBytes} bytes`),
     )
-    reports.on('data', (chunk: Buffer) => lines.push(chunk))
+    reports.on('data', (chunk: Buffer) => this.reportLines.push(chunk))
     for (const stream of [this.proc.stdin, stdout, stderr, reports]) {
       stream?.on('error', (err) => this.log.warn({ kernel: this.label, err }, 'kernel pipe error'))
     }
 
-    this.finished = new Promise((resolve) => {
+    const exited = new Promise<void>((resolve) => {
       let drainTimer: NodeJS.Timeout | undefined
       const finish = () => {
         clearTimeout(drainTimer)
@@ -132,6 +146,7 @@ export class Kernel {
       })
     })
 
+    this.finished = exited.then(() => this.removeCgroup())
     this.ready = this.waitReady()
   }
 
@@ -151,14 +166,14 @@ export class Kernel {
     const nonce = randomBytes(16).toString('hex')
     this.lastUsed = Date.now()
     return new Promise((resolve) => {
-      this.active = { nonce, onOutput, done: false, exitCode: null, pendingSentinels: new Set(['stdout', 'stderr']), resolve }
+      this.active = { nonce, reports: 0, onOutput, done: false, exitCode: null, pendingSentinels: new Set(['stdout', 'stderr']), resolve }
       for (const { stream, bytes } of this.idleOutput) this.deliver(stream, bytes)
       this.idleOutput = []
       this.idleBytes = 0
       const marker = sentinel(nonce)
       this.scanners.stdout.expect(marker)
       this.scanners.stderr.expect(marker)
-      this.proc.stdin?.write(commandLine(nonce, code))
+      this.proc.stdin?.write(commandLines(nonce, code))
     })
   }
 
@@ -184,7 +199,7 @@ export class Kernel {
     let tree: number[] = []
     if (this.alive && root !== undefined) {
       // The snapshot comes first: once killed, escaped children would be re-parented out of sight.
-      tree = [root, ...(await descendants(root))]
+      tree = [...new Set([root, ...(await descendants(root)), ...((await this.cgroup?.pids()) ?? [])])]
       for (const target of [-root, ...(this.driverPid === undefined ? [] : [-this.driverPid]), ...tree]) {
         try {
           process.kill(target, 'SIGKILL')
@@ -219,34 +234,52 @@ export class Kernel {
     throw new Error(`kernel did not start: ${detail}`)
   }
 
+  /** What the kernel wrote on its report channel that no driver writes, when it was stopped for it. */
+  violation: string | undefined
+
+  /**
+   * The report channel carried something no driver writes: code in the kernel is tampering with
+   * it. The kernel is stopped, which also ends whatever it was flooding the server with.
+   */
+  private breakProtocol(what: string): void {
+    if (this.killReason !== undefined) return
+    this.violation = what
+    this.reportLines.stop()
+    this.log.warn({ kernel: this.label, what }, 'kernel broke the report protocol and is stopped')
+    void this.kill(PROTOCOL_VIOLATION)
+  }
+
   private onReportLine(line: string): void {
-    const report = parseReport(line)
-    if (!report) {
-      this.log.warn({ kernel: this.label, line: line.slice(0, 200) }, 'invalid kernel report ignored')
+    const run = this.active
+    if (!this.readyReceived) {
+      const ready = parseReport(line)
+      if (ready?.type === 'ready') this.onReady?.(ready)
+      else this.breakProtocol('something other than its driver wrote to its report channel')
       return
     }
-    const run = this.active
+    // Only a running execution has reports; between executions there is nothing to report.
+    if (!run) return this.breakProtocol('something wrote to its report channel while no code was running')
+    if (++run.reports > MAX_REPORTS_PER_EXECUTION) return this.breakProtocol(`more than ${MAX_REPORTS_PER_EXECUTION} reports (values, images, errors) in one execution`)
+    const report = parseReport(line)
+    if (!report) return
     switch (report.type) {
       case 'ready':
-        this.onReady?.(report)
         return
       case 'done':
-        if (!run || report.nonce !== run.nonce) {
-          this.log.warn({ kernel: this.label }, 'kernel reported the end of an execution it was not running')
-          return
-        }
+        // Not ours: the code cannot know the nonce, so this is a forgery, and it ends nothing.
+        if (report.nonce !== run.nonce) return
         run.done = true
         run.exitCode = report.exitCode
         this.completeIfDone()
         return
       case 'error':
-        if (run && !run.error) run.error = { name: report.name, value: report.value, traceback: report.traceback }
+        run.error ??= { name: report.name, value: report.value, traceback: report.traceback }
         return
       case 'image':
-        run?.onOutput({ type: 'image', format: report.format, data: report.data })
+        run.onOutput({ type: 'image', format: report.format, data: report.data })
         return
       case 'result':
-        run?.onOutput({ type: 'result', text: report.text })
+        run.onOutput({ type: 'result', text: report.text })
         return
     }
   }
@@ -278,6 +311,19 @@ export class Kernel {
     this.active = undefined
     this.lastUsed = Date.now()
     run.resolve({ exited: false, exitCode: run.exitCode, signal: null, error: run.error })
+  }
+
+  private async removeCgroup(): Promise<void> {
+    if (!this.cgroup) return
+    this.oomKilled = await this.cgroup.oomKilled()
+    const failure = await this.cgroup.remove()
+    if (failure) this.log.warn({ kernel: this.label, err: failure }, 'kernel cgroup not removed')
+  }
+
+  /** Once the kernel is gone: whether its memory limit was reached and the OOM killer ran in its group. */
+  async outOfMemory(): Promise<boolean> {
+    await this.finished
+    return this.oomKilled
   }
 
   private onProcessEnd(): void {

@@ -2,9 +2,9 @@ import { lstat, mkdir } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { ApiError, invalidRequest } from '../errors.js'
-import { Kernel, type KernelExit, type KernelLogger, type RunOutcome } from './kernel.js'
+import { Kernel, type KernelExit, type KernelLogger, PROTOCOL_VIOLATION, type RunOutcome } from './kernel.js'
 import { detectLanguages, LANGUAGES } from './languages.js'
-import { buildKernelCommand, chownWorkspace, kernelUid, SandboxRuntime } from './sandbox.js'
+import { buildKernelCommand, chownWorkspace, SandboxRuntime, type SandboxEnforcement, UidAllocator } from './sandbox.js'
 import type { ExecResult, ExecuteRequest, KernelManagerOptions, KernelOutput, Language, LanguageInfo } from './types.js'
 
 export { resolveLanguage } from './languages.js'
@@ -19,6 +19,8 @@ const STATE_GONE = 'variables, imports and everything else from earlier executio
 const silentLogger: KernelLogger = { info() {}, warn() {}, error() {} }
 const noop = () => {}
 const keyOf = (sessionId: string, language: Language) => `${sessionId}\u0000${language}`
+const sessionOf = (key: string) => key.slice(0, key.indexOf('\u0000'))
+const languageOf = (key: string) => key.slice(key.indexOf('\u0000') + 1) as Language
 const seconds = (ms: number) => `${Number((ms / 1000).toFixed(1))} s`
 const closedError = () => new ApiError(503, 'unavailable_error', 'shutting_down', 'The server is shutting down')
 
@@ -41,6 +43,8 @@ export class KernelManager {
   private readonly opts: KernelManagerOptions
   // Insertion order is use order: the first entry is the least recently used kernel.
   private readonly kernels = new Map<string, Kernel>()
+  private readonly tenants = new Map<string, string>()
+  private readonly uids = new UidAllocator()
   private readonly queues = new Map<string, Promise<void>>()
   // Bumped by shutdownSession so executions already queued for the session do not start kernels again.
   private readonly epochs = new Map<string, number>()
@@ -108,6 +112,21 @@ export class KernelManager {
     return this.closing
   }
 
+  /** What isolates the kernels on this host (sandbox, seccomp, cgroups, tmpfs sizes, rlimits). */
+  async enforcement(): Promise<SandboxEnforcement> {
+    return (await this.sandboxRuntime()).enforcement
+  }
+
+  /** The uid the session's kernels run as, while it has live kernels and the server is root. */
+  uidOf(sessionId: string): number | undefined {
+    return this.uids.uidOf(sessionId)
+  }
+
+  private sandboxRuntime(): Promise<SandboxRuntime> {
+    this.runtime ??= SandboxRuntime.create(this.opts, this.log)
+    return this.runtime
+  }
+
   languages(): Promise<LanguageInfo[]> {
     this.languageInfo ??= detectLanguages(this.opts)
     return this.languageInfo
@@ -153,27 +172,39 @@ export class KernelManager {
       this.kernels.set(key, existing)
       return existing
     }
-    this.evictForRoom()
+    this.evictForRoom(req.tenantId)
     return this.startKernel(key, req)
   }
 
   private async startKernel(key: string, req: ExecuteRequest): Promise<Kernel> {
     let kernel: Kernel | undefined
     try {
-      this.runtime ??= SandboxRuntime.create(this.opts)
-      const runtime = await this.runtime
-      const uid = kernelUid(req.sessionId)
+      const runtime = await this.sandboxRuntime()
+      const uid = this.uids.acquire(req.sessionId)
       const workspace = await this.prepareWorkspace(req.sessionId, uid)
-      const spec = await buildKernelCommand(this.opts, runtime, { language: req.language, workspace, uid, env: req.env })
-      if (this.closing) throw closedError()
-      const started = new Kernel(spec, this.log, `${req.sessionId}/${req.language}`)
+      const cgroup = await runtime.cgroups.create(`${req.sessionId}-${req.language}`, {
+        memoryBytes: this.opts.memoryMb * 1024 * 1024,
+        maxProcesses: this.opts.maxProcesses,
+        cpuWeight: 100,
+      })
+      const spec = await buildKernelCommand(this.opts, runtime, { language: req.language, workspace, uid, env: req.env, cgroup })
+      if (this.closing) {
+        await cgroup?.remove()
+        throw closedError()
+      }
+      // A value or an image travels as one line: room for any the output limit lets through, and
+      // for larger ones to be left out with a notice rather than cost the kernel.
+      const maxReportLineBytes = Math.max(16 * 1024 * 1024, Math.ceil((this.opts.outputLimitBytes * 4) / 3) + 64 * 1024)
+      const started = new Kernel(spec, this.log, `${req.sessionId}/${req.language}`, maxReportLineBytes, cgroup)
       kernel = started
       this.kernels.set(key, started)
+      this.tenants.set(key, req.tenantId)
       started.onExit = (exit) => this.onKernelExit(key, started, req.language, exit)
       await started.ready
       return started
     } catch (err) {
-      if (kernel && this.kernels.get(key) === kernel) this.kernels.delete(key)
+      if (kernel && this.kernels.get(key) === kernel) this.forget(key)
+      if (!kernel) this.releaseUidIfIdle(req.sessionId)
       this.notices.delete(key)
       if (err instanceof ApiError) throw err
       if (this.closing) throw closedError()
@@ -260,13 +291,15 @@ export class KernelManager {
       return
     }
     result.stateLost = true
-    const notice = this.lostStateNotice(req.language, kernel, outcome, result, timeoutMs)
+    const notice = this.lostStateNotice(req.language, kernel, outcome, result, timeoutMs, outcome.exited && (await kernel.outOfMemory()))
     if (notice) emit({ type: 'notice', text: notice })
   }
 
-  private lostStateNotice(language: Language, kernel: Kernel, outcome: RunOutcome, result: ExecResult, timeoutMs: number): string | undefined {
+  private lostStateNotice(language: Language, kernel: Kernel, outcome: RunOutcome, result: ExecResult, timeoutMs: number, outOfMemory: boolean): string | undefined {
     const grace = seconds(this.opts.execGraceMs)
     switch (kernel.killReason) {
+      case PROTOCOL_VIOLATION:
+        return `The kernel was stopped: ${kernel.violation ?? 'it broke the kernel protocol'}; ${STATE_GONE}.`
       case 'output limit':
         return undefined
       case 'no stop after interrupt':
@@ -279,14 +312,15 @@ export class KernelManager {
       case 'close':
         return `The kernel was shut down while this code was running; ${STATE_GONE}.`
     }
-    const how = describeExit(outcome.exitCode, outcome.signal)
+    const how = outOfMemory ? `out of memory: its processes together reached the ${this.opts.memoryMb} MB limit` : describeExit(outcome.exitCode, outcome.signal)
     return language === 'shell'
       ? `The shell exited (${how}). A new shell starts on the next execution: variables, functions, exported variables and the working directory are reset.`
       : `The ${NAMES[language]} kernel stopped (${how}). A new one starts on the next execution; ${STATE_GONE}.`
   }
 
   private onKernelExit(key: string, kernel: Kernel, language: Language, exit: KernelExit): void {
-    if (this.kernels.get(key) === kernel) this.kernels.delete(key)
+    if (this.kernels.get(key) === kernel) this.forget(key)
+    this.releaseUidIfIdle(sessionOf(key))
     if (exit.requested || exit.duringRun || this.closing) return
     this.setNotice(
       key,
@@ -314,34 +348,61 @@ export class KernelManager {
     await Promise.all(stops)
   }
 
+  private forget(key: string): void {
+    this.kernels.delete(key)
+    this.tenants.delete(key)
+  }
+
+  /** A uid goes back to the pool once none of the session's kernels is alive. */
+  private releaseUidIfIdle(sessionId: string): void {
+    if (!LANGUAGES.some((language) => this.kernels.has(keyOf(sessionId, language)))) this.uids.release(sessionId)
+  }
+
   /** Takes a kernel out of service and kills it; close() waits for every such kill. */
   private retire(key: string, kernel: Kernel, reason: string): Promise<void> {
-    if (this.kernels.get(key) === kernel) this.kernels.delete(key)
+    if (this.kernels.get(key) === kernel) this.forget(key)
     const killed = kernel.kill(reason).catch((err) => this.log.error({ err, kernel: key }, 'failed to kill kernel'))
     this.dying.add(killed)
     void killed.finally(() => this.dying.delete(killed))
     return killed
   }
 
-  private evictForRoom(): void {
-    for (const [key, kernel] of this.kernels) {
-      if (this.kernels.size < this.opts.maxKernels) return
-      if (kernel.busy) continue
-      const language = key.slice(key.indexOf('\u0000') + 1) as Language
-      this.setNotice(
-        key,
-        `The ${NAMES[language]} kernel of this session was stopped to make room for other sessions (at most ${this.opts.maxKernels} kernels run at once); ${STATE_GONE}.`,
-      )
-      void this.retire(key, kernel, 'evicted')
+  /**
+   * Makes room for one more kernel of `tenantId`. A tenant at its quota gives up its own least
+   * recently used idle kernel; when the server is full, the tenant with the most kernels does, so
+   * a tenant can never push out the kernels of one that holds fewer than it.
+   */
+  private evictForRoom(tenantId: string): void {
+    const counts = new Map<string, number>()
+    for (const tenant of this.tenants.values()) counts.set(tenant, (counts.get(tenant) ?? 0) + 1)
+    const own = counts.get(tenantId) ?? 0
+    if (own >= this.opts.maxKernelsPerTenant) {
+      if (this.evictOne(tenantId, `this API key runs at most ${this.opts.maxKernelsPerTenant} kernels at once`)) return
+      throw new ApiError(429, 'rate_limit_error', 'kernel_quota_exceeded', `All ${this.opts.maxKernelsPerTenant} kernels of this API key are busy; try again when one has finished`)
     }
+    if (this.kernels.size < this.opts.maxKernels) return
+    let victim = tenantId
+    for (const [tenant, count] of counts) if (count > (counts.get(victim) ?? 0) && count > own) victim = tenant
+    // Every kernel busy: the server runs one more than MAX_KERNELS rather than refuse.
+    this.evictOne(victim, `at most ${this.opts.maxKernels} kernels run at once on this server`)
+  }
+
+  /** Evicts the tenant's least recently used idle kernel; false when all of them are busy. */
+  private evictOne(tenantId: string, why: string): boolean {
+    for (const [key, kernel] of this.kernels) {
+      if (kernel.busy || this.tenants.get(key) !== tenantId) continue
+      this.setNotice(key, `The ${NAMES[languageOf(key)]} kernel of this session was stopped to make room for another (${why}); ${STATE_GONE}.`)
+      void this.retire(key, kernel, 'evicted')
+      return true
+    }
+    return false
   }
 
   private reapIdle(): void {
     const cutoff = Date.now() - this.opts.idleSeconds * 1000
     for (const [key, kernel] of this.kernels) {
       if (kernel.busy || kernel.lastUsed > cutoff) continue
-      const language = key.slice(key.indexOf('\u0000') + 1) as Language
-      this.setNotice(key, `The ${NAMES[language]} kernel was stopped after ${this.opts.idleSeconds} s without use; ${STATE_GONE}.`)
+      this.setNotice(key, `The ${NAMES[languageOf(key)]} kernel was stopped after ${this.opts.idleSeconds} s without use; ${STATE_GONE}.`)
       void this.retire(key, kernel, 'idle')
     }
   }

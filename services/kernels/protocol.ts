@@ -1,9 +1,15 @@
 import type { ExecError } from './types.js'
 
 /**
- * The kernel protocol, shared by the three drivers. The server writes `NONCE BASE64(code)\n` to
- * the kernel's stdin; the driver answers with JSON lines on fd 3 and, once the code has finished,
- * writes `sentinel(nonce)` to fds 1 and 2 so the server knows it has every byte of output.
+ * The kernel protocol, shared by the three drivers. The launcher gives each driver its command
+ * channel on fd 8 and its report channel on fd 3; drivers move both out of reach of the code they
+ * run (descriptors that are not inherited, or closed around each execution).
+ *
+ * For one execution the server writes two lines at once, `BASE64(code)\n` then `NONCE\n`. The
+ * driver reads the first, runs the code, and only then reads the nonce: the code never sees it.
+ * It answers with JSON lines on fd 3 and, once the code has finished, writes `sentinel(nonce)` to
+ * fds 1 and 2 and a `done` report carrying the nonce, so the server knows it has every byte of
+ * output. A `done` with another nonce is not the end of anything.
  */
 export type Report =
   | { type: 'ready'; version: string; pid: number | null }
@@ -12,7 +18,7 @@ export type Report =
   | ({ type: 'error' } & ExecError)
   | { type: 'done'; nonce: string; exitCode: number | null }
 
-export const commandLine = (nonce: string, code: string) => `${nonce} ${Buffer.from(code, 'utf8').toString('base64')}\n`
+export const commandLines = (nonce: string, code: string) => `${Buffer.from(code, 'utf8').toString('base64')}\n${nonce}\n`
 
 export const sentinel = (nonce: string) => Buffer.from(`\x02oi-end:${nonce}\x03`, 'latin1')
 
@@ -48,13 +54,13 @@ export function parseReport(line: string): Report | undefined {
 }
 
 /**
- * Splits a byte stream into lines, dropping (and reporting) any line longer than `maxLineBytes`
- * so a runaway writer cannot make the server buffer without bound.
+ * Splits a byte stream into lines. A line longer than `maxLineBytes` is never buffered: the
+ * caller hears of it once through `onOverflow` (and stops the writer) and nothing more is read.
  */
 export class LineSplitter {
   private parts: Buffer[] = []
   private size = 0
-  private overflowing = false
+  private overflowed = false
 
   constructor(
     private readonly maxLineBytes: number,
@@ -63,27 +69,33 @@ export class LineSplitter {
   ) {}
 
   push(chunk: Buffer): void {
+    if (this.overflowed) return
     let start = 0
-    for (let end = chunk.indexOf(10, start); end !== -1; end = chunk.indexOf(10, start)) {
-      this.append(chunk.subarray(start, end))
-      if (this.overflowing) this.onOverflow(this.size)
-      else this.onLine(Buffer.concat(this.parts).toString('utf8'))
+    for (let end = chunk.indexOf(10, start); end !== -1 && !this.overflowed; end = chunk.indexOf(10, start)) {
+      if (!this.append(chunk.subarray(start, end))) return
+      this.onLine(Buffer.concat(this.parts).toString('utf8'))
       this.parts = []
       this.size = 0
-      this.overflowing = false
       start = end + 1
     }
-    this.append(chunk.subarray(start))
+    if (!this.overflowed) this.append(chunk.subarray(start))
   }
 
-  private append(piece: Buffer): void {
+  /** Stops reading: nothing pushed later reaches `onLine`. */
+  stop(): void {
+    this.overflowed = true
+    this.parts = []
+  }
+
+  private append(piece: Buffer): boolean {
     this.size += piece.length
     if (this.size > this.maxLineBytes) {
-      this.overflowing = true
-      this.parts = []
-    } else if (piece.length > 0) {
-      this.parts.push(piece)
+      this.stop()
+      this.onOverflow(this.size)
+      return false
     }
+    if (piece.length > 0) this.parts.push(piece)
+    return true
   }
 }
 

@@ -1,12 +1,14 @@
-import { type ChildProcess, spawn } from 'node:child_process'
+import { type ChildProcess, execFile, spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { once } from 'node:events'
 import { existsSync } from 'node:fs'
 import { chmod, cp, lchown, lstat, mkdtemp, readdir, readlink, realpath, rm, writeFile } from 'node:fs/promises'
 import { availableParallelism, tmpdir } from 'node:os'
-import { delimiter, dirname, join } from 'node:path'
+import { basename, delimiter, dirname, join } from 'node:path'
 import type { Writable } from 'node:stream'
 import { fileURLToPath } from 'node:url'
+import { type CgroupEnforcement, Cgroups, type KernelCgroup, processAlive, processTag } from './cgroups.js'
+import { tenantVariables } from './environment.js'
 import type { KernelManagerOptions, Language } from './types.js'
 
 export type SandboxOptions = Pick<
@@ -21,25 +23,43 @@ export type SandboxOptions = Pick<
   | 'maxProcesses'
   | 'maxFileMb'
   | 'maxOpenFiles'
+  | 'tmpfsMb'
 >
 
-/** Everything needed to spawn one kernel. */
+/**
+ * Everything needed to spawn one kernel. The processes that run before the drop to the kernel's
+ * user (the cgroup join, prlimit, bwrap, setpriv) get `env`, a fixed environment with nothing of
+ * the tenant's or the server's; the kernel's own variables travel on a descriptor and are applied
+ * by the launcher, inside the sandbox, after the drop.
+ */
 export interface KernelCommand {
   command: string
   args: string[]
   env: Record<string, string>
   cwd: string
-  /** Set when the server runs as root and spawn itself must drop to the kernel's user. */
-  uid?: number
-  gid?: number
   /**
    * bwrap options to write, NUL-separated, to descriptor SANDBOX_ARGS_FD of the child. The
    * sandbox's init shows its command line to the code inside; host paths stay out of it.
    */
   sandboxArgs?: string[]
+  /** The kernel's environment, `NAME=value` entries written NUL-separated to KERNEL_ENV_FD. */
+  kernelEnv: [string, string][]
+  /** A BPF program for `bwrap --seccomp`, written to SECCOMP_FD. */
+  seccomp?: Buffer
 }
 
+// Descriptor layout of a spawned kernel: 0-2 stdio (stdin carries commands), 3 reports, then
+// what the helpers read before the kernel starts.
 const SANDBOX_ARGS_FD = 4
+const KERNEL_ENV_FD = 5
+const SECCOMP_FD = 6
+
+/** The whole environment of every process that runs before the drop to the kernel's user. */
+const HELPER_ENV = { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', LANG: 'C.UTF-8' }
+/** Debian's interpreter, which has the libseccomp binding (python3-seccomp). */
+const SECCOMP_PYTHON = '/usr/bin/python3'
+const SECCOMP_GENERATOR = fileURLToPath(new URL('./seccomp_filter.py', import.meta.url))
+const RUNTIME_PREFIX = 'oi-kernels-'
 
 const DRIVERS_SOURCE = fileURLToPath(new URL('./drivers/', import.meta.url))
 const DRIVER_FILES: Record<Language, string> = {
@@ -81,10 +101,40 @@ const ROOT_LINKS = ['bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32']
 
 const runningAsRoot = () => process.getuid?.() === 0
 
-/** The unprivileged uid a session's kernels run as when the server is root; undefined otherwise. */
-export function kernelUid(sessionId: string): number | undefined {
-  if (!runningAsRoot()) return undefined
-  return KERNEL_UID_BASE + (createHash('sha256').update(sessionId).digest().readUInt32BE(0) % KERNEL_UID_SPAN)
+/**
+ * Hands out the unprivileged uids kernels run as when the server is root (undefined otherwise):
+ * one per session with live kernels, never the same for two of them, so that no per-uid limit
+ * (RLIMIT_NPROC) or ownership ties two sessions together. A session's uid is derived from its id
+ * and probed onwards on a clash, so it is usually the same from one kernel start to the next and
+ * its workspace need not change owner.
+ */
+export class UidAllocator {
+  private readonly bySession = new Map<string, number>()
+  private readonly taken = new Set<number>()
+
+  acquire(sessionId: string): number | undefined {
+    if (!runningAsRoot()) return undefined
+    let uid = this.bySession.get(sessionId)
+    if (uid !== undefined) return uid
+    let slot = createHash('sha256').update(sessionId).digest().readUInt32BE(0) % KERNEL_UID_SPAN
+    while (this.taken.has(KERNEL_UID_BASE + slot)) slot = (slot + 1) % KERNEL_UID_SPAN
+    uid = KERNEL_UID_BASE + slot
+    this.bySession.set(sessionId, uid)
+    this.taken.add(uid)
+    return uid
+  }
+
+  /** The session has no live kernel left: its uid may go to another session. */
+  release(sessionId: string): void {
+    const uid = this.bySession.get(sessionId)
+    if (uid === undefined) return
+    this.bySession.delete(sessionId)
+    this.taken.delete(uid)
+  }
+
+  uidOf(sessionId: string): number | undefined {
+    return this.bySession.get(sessionId)
+  }
 }
 
 function findExecutable(name: string): string | undefined {
@@ -139,25 +189,57 @@ async function hostLayout(opts: SandboxOptions): Promise<HostLayout> {
   return { interpreters, systemArgs, path }
 }
 
+/** What protects the kernels on this host, for the start-up log and the readiness report. */
+export interface SandboxEnforcement {
+  sandbox: 'bwrap' | 'none'
+  /** The seccomp filter is loaded into every sandboxed kernel. */
+  seccomp: boolean
+  seccompReason?: string
+  cgroups: CgroupEnforcement
+  /** Size of the sandbox's /tmp and /dev/shm, each (MiB). */
+  tmpfsMb: number
+  /** Per-process limits, always set through prlimit. */
+  rlimits: string[]
+}
+
 /**
  * Files the kernels read but the server owns: a copy of the drivers (so an unprivileged kernel can
- * read them wherever the server is installed) and minimal passwd/group files per kernel uid.
+ * read them wherever the server is installed), minimal passwd/group files per kernel uid and the
+ * seccomp filter. Lives in `${TMPDIR}/oi-kernels-<pid>-<start time>-XXXXXX`; directories of
+ * servers that are gone (killed without a chance to clean up) are removed when the next starts.
  */
 export class SandboxRuntime {
   private constructor(
     readonly dir: string,
     readonly layout: HostLayout,
+    readonly cgroups: Cgroups,
+    readonly enforcement: SandboxEnforcement,
+    private readonly seccomp: Buffer | undefined,
   ) {}
 
-  static async create(opts: SandboxOptions): Promise<SandboxRuntime> {
-    const dir = await mkdtemp(join(tmpdir(), 'oi-kernels-'))
+  static async create(opts: SandboxOptions, log?: { warn(obj: object, msg?: string): void }): Promise<SandboxRuntime> {
+    await removeStaleRuntimes(log)
+    const dir = await mkdtemp(join(tmpdir(), `${RUNTIME_PREFIX}${processTag(process.pid) ?? process.pid}-`))
     await chmod(dir, 0o755)
     await cp(DRIVERS_SOURCE, join(dir, 'drivers'), { recursive: true })
-    return new SandboxRuntime(dir, await hostLayout(opts))
+    const [layout, cgroups, seccomp] = await Promise.all([hostLayout(opts), Cgroups.detect(log), opts.sandbox === 'bwrap' ? seccompFilter() : undefined])
+    const enforcement: SandboxEnforcement = {
+      sandbox: opts.sandbox,
+      seccomp: seccomp instanceof Buffer,
+      ...(typeof seccomp === 'string' ? { seccompReason: seccomp } : {}),
+      cgroups: cgroups.enforcement,
+      tmpfsMb: opts.tmpfsMb,
+      rlimits: ['nproc', 'fsize', 'nofile', 'as (not for JavaScript: a V8 heap limit instead)'],
+    }
+    return new SandboxRuntime(dir, layout, cgroups, enforcement, seccomp instanceof Buffer ? seccomp : undefined)
   }
 
   get driversDir(): string {
     return join(this.dir, 'drivers')
+  }
+
+  get seccompFilter(): Buffer | undefined {
+    return this.seccomp
   }
 
   /** passwd and group files naming the kernel's user, so `whoami` and `os.userInfo()` work. */
@@ -172,29 +254,50 @@ export class SandboxRuntime {
   }
 
   async close(): Promise<void> {
+    await this.cgroups.close()
     await rm(this.dir, { recursive: true, force: true })
   }
 }
 
-function kernelEnv(opts: SandboxOptions, path: string, home: string, extra: Record<string, string> = {}): Record<string, string> {
-  // RLIMIT_NPROC counts threads, and BLAS libraries start one per CPU: on a large host numpy would
-  // fail to load under the process limit. The tenant may still choose other values.
-  const threads = String(Math.max(1, Math.min(availableParallelism(), Math.floor(opts.maxProcesses / 4))))
-  // The tenant's variables cannot replace the ones the kernel relies on, which come last.
-  return {
-    OPENBLAS_NUM_THREADS: threads,
-    OMP_NUM_THREADS: threads,
-    ...extra,
-    PATH: path,
-    HOME: home,
-    LANG: 'C.UTF-8',
-    TERM: 'dumb',
-    MPLBACKEND: 'Agg',
-    MPLCONFIGDIR: join(home, '.cache', 'matplotlib'),
+async function removeStaleRuntimes(log?: { warn(obj: object, msg?: string): void }): Promise<void> {
+  for (const name of await readdir(tmpdir()).catch(() => [] as string[])) {
+    const tag = /^oi-kernels-(\d+-\d+)-/.exec(name)?.[1]
+    if (!tag || processAlive(tag)) continue
+    await rm(join(tmpdir(), name), { recursive: true, force: true }).catch((err) => log?.warn({ err, dir: name }, 'stale kernel runtime directory not removed'))
   }
 }
 
-function limitArgs(opts: SandboxOptions, language: Language): string[] {
+/** The BPF program, or why there is none. */
+function seccompFilter(): Promise<Buffer | string> {
+  if (!existsSync(SECCOMP_PYTHON)) return Promise.resolve(`${SECCOMP_PYTHON} is missing (install python3 and python3-seccomp)`)
+  return new Promise((resolve) => {
+    execFile(SECCOMP_PYTHON, ['-I', SECCOMP_GENERATOR], { env: HELPER_ENV, encoding: 'buffer', timeout: 30_000 }, (err, stdout, stderr) => {
+      if (!err && stdout.length > 0 && stdout.length % 8 === 0) return resolve(stdout)
+      const reason = stderr.toString('utf8').trim().split('\n').pop() || err?.message || 'no filter generated'
+      resolve(/No module named 'seccomp'/.test(reason) ? 'python3-seccomp is not installed' : reason)
+    })
+  })
+}
+
+/** The kernel's variables: thread defaults, then the tenant's, then those the kernel relies on. */
+function kernelEnv(opts: SandboxOptions, path: string, home: string, tenant: Record<string, string> | undefined): [string, string][] {
+  // RLIMIT_NPROC counts threads, and BLAS libraries start one per CPU: on a large host numpy would
+  // fail to load under the process limit. The tenant may still choose other values.
+  const threads = String(Math.max(1, Math.min(availableParallelism(), Math.floor(opts.maxProcesses / 4))))
+  return [
+    ['OPENBLAS_NUM_THREADS', threads],
+    ['OMP_NUM_THREADS', threads],
+    ...tenantVariables(tenant),
+    ['PATH', path],
+    ['HOME', home],
+    ['LANG', 'C.UTF-8'],
+    ['TERM', 'dumb'],
+    ['MPLBACKEND', 'Agg'],
+    ['MPLCONFIGDIR', join(home, '.cache', 'matplotlib')],
+  ]
+}
+
+function limitArgs(opts: SandboxOptions, language: Language | undefined): string[] {
   const mb = 1024 * 1024
   const processes = runningAsRoot() ? opts.maxProcesses : opts.maxProcesses * opts.maxKernels + SHARED_UID_HEADROOM
   const args = [`--nproc=${processes}`, `--fsize=${opts.maxFileMb * mb}`, `--nofile=${opts.maxOpenFiles}`]
@@ -204,24 +307,42 @@ function limitArgs(opts: SandboxOptions, language: Language): string[] {
   return args
 }
 
-// Descriptors the server inherited from whatever started it (a supervisor's pipe, a terminal)
-// must not reach kernel code: the launcher closes everything above the report channel.
-const CLOSE_INHERITED = 'for fd in /proc/self/fd/*; do fd=${fd##*/}; ((fd > 3)) && eval "exec $fd>&-"; done; '
+/**
+ * The launcher: the first program that runs as the kernel's user. It drops the helpers'
+ * environment and exports the kernel's variables read from KERNEL_ENV_FD (none of them was seen
+ * by anything before it), closes every
+ * descriptor above the report channel (the helpers' and whatever started the server), moves the
+ * command channel from stdin to fd 8 with /dev/null as stdin, enters the workspace and execs the
+ * interpreter. Readonly shell variables cannot be exported and are skipped.
+ *
+ * Node cannot make a descriptor close-on-exec, only open a new one, and /proc/self/fd/N reopens
+ * a pipe but not the socket pair spawn makes: for JavaScript both channels are relayed through
+ * pipes (a `cat` each, deaf to interrupts), which the driver reopens and closes so the programs
+ * it starts get neither.
+ */
+function launcher(shell: string, workspace: string | undefined, language: Language | undefined, command: string[]): string[] {
+  const script = [
+    'for v in $(compgen -e); do unset -v "$v" 2>/dev/null; done',
+    `while IFS= read -r -d '' v; do export -- "$v" 2>/dev/null; done <&${KERNEL_ENV_FD}`,
+    'for fd in /proc/self/fd/*; do fd=${fd##*/}; ((fd > 3)) && eval "exec $fd>&-"; done',
+    'exec 8<&0 0</dev/null',
+    ...(language === 'javascript' ? ["exec 3> >(trap '' INT; exec cat >&3) 8< <(trap '' INT; exec cat <&8)"] : []),
+    ...(workspace ? [`cd ${workspace} || exit 126`] : []),
+    'exec "$@"',
+  ].join('; ')
+  return [shell, '--noprofile', '--norc', '-c', script, 'oi-kernel', ...command]
+}
 
 function interpreterArgs(opts: SandboxOptions, layout: HostLayout, language: Language, driversDir: string): string[] {
   const driver = join(driversDir, DRIVER_FILES[language])
   const bin = layout.interpreters[language]
-  const launch = (script: string, command: string[]) => [layout.interpreters.shell, '--noprofile', '--norc', '-c', CLOSE_INHERITED + script, 'oi-kernel', ...command]
   switch (language) {
     case 'python':
-      return launch('exec "$@"', [bin, '-u', driver])
+      return [bin, '-u', driver]
     case 'shell':
-      return launch('exec "$@"', [bin, '--noprofile', '--norc', driver])
+      return [bin, '--noprofile', '--norc', driver]
     case 'javascript':
-      // node cannot dup descriptors, so the launcher moves the command channel to fd 8 for it.
-      // NODE_OPTIONS (a tenant variable, or one a test runner injects into every child) must not
-      // preload code into the driver or change its flags.
-      return launch('exec 8<&0 0</dev/null; unset NODE_OPTIONS; exec "$@"', [bin, `--max-old-space-size=${opts.memoryMb}`, driver])
+      return [bin, `--max-old-space-size=${opts.memoryMb}`, driver]
   }
 }
 
@@ -230,7 +351,10 @@ export interface KernelCommandRequest {
   /** The session's workspace on the host; it must exist and belong to `uid` when one is given. */
   workspace: string
   uid?: number
+  /** The tenant's variables; names a tenant may not set are left out (see environment.ts). */
   env?: Record<string, string>
+  /** The kernel's control group, which its first process joins before anything else runs. */
+  cgroup?: KernelCgroup
 }
 
 export async function buildKernelCommand(
@@ -239,26 +363,31 @@ export async function buildKernelCommand(
   req: KernelCommandRequest,
 ): Promise<KernelCommand> {
   const driversDir = opts.sandbox === 'none' ? runtime.driversDir : SANDBOX_DRIVERS
-  return wrap(opts, runtime, req, interpreterArgs(opts, runtime.layout, req.language, driversDir))
+  return wrap(opts, runtime, req, req.language, interpreterArgs(opts, runtime.layout, req.language, driversDir))
 }
 
+// Joins the control groups named before `--` (as root, before the sandbox exists), then execs the rest.
+const JOIN_CGROUPS = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; done; exec "$@"'
+
 /** The command line that runs `inner` under the resource limits and, unless disabled, in bubblewrap. */
-async function wrap(opts: SandboxOptions, runtime: SandboxRuntime, req: KernelCommandRequest, inner: string[]): Promise<KernelCommand> {
+async function wrap(opts: SandboxOptions, runtime: SandboxRuntime, req: Omit<KernelCommandRequest, 'language'>, language: Language | undefined, inner: string[]): Promise<KernelCommand> {
   const { layout } = runtime
-  const limits = [...limitArgs(opts, req.language), '--']
-  const prlimit = requireExecutable('prlimit')
+  const limited = [requireExecutable('prlimit'), ...limitArgs(opts, language), '--']
+  const joined = (command: string[]) => (req.cgroup ? ['/bin/sh', '-c', JOIN_CGROUPS, 'oi-cgroup', ...req.cgroup.procsFiles, '--', ...command] : command)
   if (opts.sandbox === 'none') {
-    return {
-      command: prlimit,
-      args: [...limits, ...inner],
-      env: kernelEnv(opts, layout.path, req.workspace, req.env),
-      cwd: req.workspace,
-      ...(req.uid === undefined ? {} : { uid: req.uid, gid: req.uid }),
-    }
+    const [command, ...args] = joined([...dropPrivileges(req.uid), ...limited, ...launcher(layout.interpreters.shell, undefined, language, inner)])
+    return { command: command!, args, env: HELPER_ENV, kernelEnv: kernelEnv(opts, layout.path, req.workspace, req.env), cwd: req.workspace }
   }
-  const options = [...(await namespaceArgs(opts, runtime, req.uid)), '--bind', req.workspace, SANDBOX_WORKSPACE, '--chdir', SANDBOX_WORKSPACE]
-  const args = [
-    ...limits,
+  const seccomp = runtime.seccompFilter
+  const options = [
+    ...(await namespaceArgs(opts, runtime, req.uid)),
+    ...(seccomp ? ['--seccomp', String(SECCOMP_FD)] : []),
+    '--bind',
+    req.workspace,
+    SANDBOX_WORKSPACE,
+  ]
+  const [command, ...args] = joined([
+    ...limited,
     requireExecutable('bwrap'),
     '--args',
     String(SANDBOX_ARGS_FD),
@@ -267,18 +396,25 @@ async function wrap(opts: SandboxOptions, runtime: SandboxRuntime, req: KernelCo
     // bwrap's own init leads the sandbox's session; the driver needs a process group of its own
     // so an interrupt reaches it and the commands it runs, and nothing else.
     systemTool('setsid'),
-    ...inner,
-  ]
-  // The environment goes through spawn, not `--setenv`: arguments are world-readable in
-  // /proc/PID/cmdline and the tenant's secrets are part of it. spawn's env replaces the
-  // server's, so nothing of the server's own environment reaches the kernel.
-  return { command: prlimit, args, sandboxArgs: options, env: kernelEnv(opts, layout.path, SANDBOX_WORKSPACE, req.env), cwd: req.workspace }
+    ...launcher(layout.interpreters.shell, SANDBOX_WORKSPACE, language, inner),
+  ])
+  // Variables never travel as arguments either: those are world-readable in /proc/PID/cmdline.
+  return {
+    command: command!,
+    args,
+    sandboxArgs: options,
+    seccomp,
+    env: HELPER_ENV,
+    kernelEnv: kernelEnv(opts, layout.path, SANDBOX_WORKSPACE, req.env),
+    cwd: '/',
+  }
 }
 
 /**
  * As root, bwrap sets up the namespaces itself (a user namespace would map the kernel back to
  * uid 0, which RLIMIT_NPROC never limits) and `setpriv` then drops to the session's uid with no
- * capabilities. Without root, bwrap builds a user namespace and no nested one is allowed inside.
+ * capabilities; nothing of the tenant's reaches either before that. Without root, bwrap builds a
+ * user namespace and no nested one is allowed inside. /tmp and /dev/shm are sized tmpfs mounts.
  */
 async function namespaceArgs(opts: SandboxOptions, runtime: SandboxRuntime, uid: number | undefined): Promise<string[]> {
   const network = opts.sandboxNetwork ? [] : ['--unshare-net']
@@ -299,11 +435,9 @@ async function namespaceArgs(opts: SandboxOptions, runtime: SandboxRuntime, uid:
           'CAP_SETGID',
           '--cap-add',
           'CAP_SETPCAP',
-          // Only to enter the workspace, which belongs to the kernel's uid, before setpriv drops everything.
-          '--cap-add',
-          'CAP_DAC_READ_SEARCH',
         ]
   const accounts = await runtime.accountFiles(uid ?? process.getuid?.() ?? 1000, uid ?? process.getgid?.() ?? 1000)
+  const tmpfsBytes = String(opts.tmpfsMb * 1024 * 1024)
   return [
     ...namespaces,
     '--die-with-parent',
@@ -326,10 +460,14 @@ async function namespaceArgs(opts: SandboxOptions, runtime: SandboxRuntime, uid:
     '/dev',
     '--perms',
     '1777',
+    '--size',
+    tmpfsBytes,
     '--tmpfs',
     '/tmp',
     '--perms',
     '1777',
+    '--size',
+    tmpfsBytes,
     '--tmpfs',
     '/dev/shm',
   ]
@@ -354,10 +492,10 @@ export async function checkSandbox(opts: SandboxOptions): Promise<{ ok: boolean;
   try {
     runtime = await SandboxRuntime.create(opts)
     workspace = await mkdtemp(join(tmpdir(), 'oi-sandbox-check-'))
-    const uid = kernelUid('sandbox-check')
+    const uid = new UidAllocator().acquire(`sandbox-check-${basename(workspace)}`)
     if (uid !== undefined) await chownWorkspace(workspace, uid)
     const probe = [runtime.layout.interpreters.shell, '--noprofile', '--norc', '-c', 'test -w .']
-    const spec = await wrap(opts, runtime, { language: 'shell', workspace, uid }, probe)
+    const spec = await wrap(opts, runtime, { workspace, uid }, undefined, probe)
     const child = spawnKernelCommand(spec, ['ignore', 'ignore', 'pipe'])
     let stderr = ''
     child.stderr?.on('data', (chunk: Buffer) => {
@@ -377,24 +515,31 @@ export async function checkSandbox(opts: SandboxOptions): Promise<{ ok: boolean;
 }
 
 /**
- * Spawns a kernel command in a process group of its own, feeding the sandbox options on their
- * descriptor. `stdio` covers the first descriptors; SANDBOX_ARGS_FD is added when needed.
+ * Spawns a kernel command in a process group of its own and feeds the helpers' descriptors: the
+ * sandbox options, the kernel's environment and the seccomp filter. `stdio` covers the first
+ * descriptors (up to the report channel).
  */
 export function spawnKernelCommand(spec: KernelCommand, stdio: ('pipe' | 'ignore')[]): ChildProcess {
+  const layout: ('pipe' | 'ignore')[] = [...stdio, ...Array<'ignore'>(SANDBOX_ARGS_FD - stdio.length).fill('ignore')]
+  layout[SANDBOX_ARGS_FD] = spec.sandboxArgs ? 'pipe' : 'ignore'
+  layout[KERNEL_ENV_FD] = 'pipe'
+  layout[SECCOMP_FD] = spec.seccomp ? 'pipe' : 'ignore'
   const child = spawn(spec.command, spec.args, {
     cwd: spec.cwd,
     env: spec.env,
-    uid: spec.uid,
-    gid: spec.gid,
     // Its own process group, so one signal reaches the kernel and everything it started.
     detached: true,
-    stdio: spec.sandboxArgs ? [...stdio, ...Array(SANDBOX_ARGS_FD - stdio.length).fill('ignore'), 'pipe'] : stdio,
+    stdio: layout,
   })
-  const options = child.stdio[SANDBOX_ARGS_FD] as Writable | null | undefined
-  if (spec.sandboxArgs && options) {
-    options.on('error', () => {})
-    options.end(spec.sandboxArgs.map((arg) => `${arg}\0`).join(''))
+  const feed = (fd: number, data: Buffer | string | undefined) => {
+    const pipe = child.stdio[fd] as Writable | null | undefined
+    if (data === undefined || !pipe) return
+    pipe.on('error', () => {})
+    pipe.end(data)
   }
+  feed(SANDBOX_ARGS_FD, spec.sandboxArgs?.map((arg) => `${arg}\0`).join(''))
+  feed(KERNEL_ENV_FD, spec.kernelEnv.map(([name, value]) => `${name}=${value}\0`).join(''))
+  feed(SECCOMP_FD, spec.seccomp)
   return child
 }
 

@@ -37,6 +37,8 @@ export interface ExecResult {
 
 export interface ExecuteRequest {
   sessionId: string
+  /** The API key (tenant) the session belongs to: kernels are counted against its quota. */
+  tenantId: string
   language: Language
   code: string
   /** Capped at the server's EXEC_TIMEOUT_MS. */
@@ -57,6 +59,8 @@ export interface KernelManagerOptions {
   bashBin: string
   idleSeconds: number
   maxKernels: number
+  /** Live kernels per tenant; a tenant at its quota evicts its own least recently used kernel. */
+  maxKernelsPerTenant: number
   execTimeoutMs: number
   execGraceMs: number
   outputLimitBytes: number
@@ -64,4 +68,6 @@ export interface KernelManagerOptions {
   maxProcesses: number
   maxFileMb: number
   maxOpenFiles: number
+  /** Size of the sandbox's /tmp and /dev/shm tmpfs mounts, each, in MiB. */
+  tmpfsMb: number
 }

@@ -4,7 +4,6 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
 import { KernelManager } from '../../services/kernels/manager.js'
-import { kernelUid } from '../../services/kernels/sandbox.js'
 import type { ExecResult, KernelManagerOptions, KernelOutput, Language } from '../../services/kernels/types.js'
 
 // Set before any kernel starts: it must never reach one.
@@ -27,6 +26,7 @@ const options: KernelManagerOptions = {
   bashBin: '/bin/bash',
   idleSeconds: 600,
   maxKernels: 20,
+  maxKernelsPerTenant: 20,
   execTimeoutMs: 20_000,
   execGraceMs: 1_000,
   outputLimitBytes: 1_000_000,
@@ -34,6 +34,7 @@ const options: KernelManagerOptions = {
   maxProcesses: MAX_PROCESSES,
   maxFileMb: 16,
   maxOpenFiles: 256,
+  tmpfsMb: 64,
 }
 const manager = new KernelManager(options)
 t.teardown(() => manager.close())
@@ -45,9 +46,9 @@ const WITHOUT_TAP = 'import os\nTAP = ("_TAPJS_PROCESSINFO_", "NODE_OPTIONS")\nd
 let sessions = 0
 const newSession = () => `escape-${process.pid}-${++sessions}`
 
-async function run(sessionId: string, language: Language, code: string, timeoutMs?: number): Promise<{ result: ExecResult; out: string }> {
+async function run(sessionId: string, language: Language, code: string, timeoutMs?: number, env?: Record<string, string>): Promise<{ result: ExecResult; out: string }> {
   const outputs: KernelOutput[] = []
-  const result = await manager.execute({ sessionId, language, code, timeoutMs, onOutput: (o) => outputs.push(o) })
+  const result = await manager.execute({ sessionId, tenantId: 'tenant', language, code, timeoutMs, env, onOutput: (o) => outputs.push(o) })
   const out = outputs.map((o) => (o.type === 'image' ? '' : o.text)).join('')
   return { result, out }
 }
@@ -135,8 +136,8 @@ t.test('no network: not even the host loopback', async (t) => {
 
 t.test('fork bombs are contained', async (t) => {
   const bombed = newSession()
-  const uid = kernelUid(bombed)
   await run(bombed, 'shell', 'true')
+  const uid = manager.uidOf(bombed)
   const bomb = run(bombed, 'shell', ':(){ :|:& };:', 5_000)
   let peak = 0
   const sampler = setInterval(() => {

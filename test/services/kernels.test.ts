@@ -21,6 +21,7 @@ const options = (over: Partial<KernelManagerOptions> = {}): KernelManagerOptions
   bashBin: '/bin/bash',
   idleSeconds: 600,
   maxKernels: 20,
+  maxKernelsPerTenant: 20,
   execTimeoutMs: 15_000,
   execGraceMs: 1_000,
   outputLimitBytes: 1_000_000,
@@ -28,6 +29,7 @@ const options = (over: Partial<KernelManagerOptions> = {}): KernelManagerOptions
   maxProcesses: 64,
   maxFileMb: 64,
   maxOpenFiles: 256,
+  tmpfsMb: 64,
   ...over,
 })
 
@@ -52,9 +54,15 @@ interface Run {
 let sessions = 0
 const newSession = () => `session-${process.pid}-${++sessions}`
 
-async function run(m: KernelManager, sessionId: string, language: Language, code: string, extra: { timeoutMs?: number; signal?: AbortSignal; env?: Record<string, string> } = {}): Promise<Run> {
+async function run(
+  m: KernelManager,
+  sessionId: string,
+  language: Language,
+  code: string,
+  extra: { timeoutMs?: number; signal?: AbortSignal; env?: Record<string, string>; tenantId?: string } = {},
+): Promise<Run> {
   const outputs: KernelOutput[] = []
-  const result = await m.execute({ sessionId, language, code, ...extra, onOutput: (o) => outputs.push(o) })
+  const result = await m.execute({ sessionId, tenantId: 'tenant', language, code, ...extra, onOutput: (o) => outputs.push(o) })
   const text = (stream: 'stdout' | 'stderr') =>
     outputs
       .filter((o) => o.type === 'stream' && o.stream === stream)
@@ -101,8 +109,8 @@ t.test('protocol pieces', async (t) => {
     )
     splitter.push(Buffer.from('short\nthis line is far too long\nok'))
     splitter.push(Buffer.from('\n'))
-    t.same(lines, ['short', 'ok'])
-    t.same(dropped, [25])
+    t.same(lines, ['short'], 'nothing is read past a line that is too long')
+    t.same(dropped, [25], 'which is reported once')
     t.equal(parseReport('{not json'), undefined)
     t.equal(parseReport('{"type":"image","format":"gif","data":"x"}'), undefined)
     t.same(parseReport('{"type":"done","nonce":"n","exit_code":3}'), { type: 'done', nonce: 'n', exitCode: 3 })
@@ -184,7 +192,7 @@ t.test('stdout and stderr stay apart and stream as produced', async (t) => {
   ] as const) {
     const arrivals: number[] = []
     const started = Date.now()
-    const result = await m.execute({ sessionId: id, language, code, onOutput: (o) => o.type === 'stream' && arrivals.push(Date.now()) })
+    const result = await m.execute({ tenantId: 'tenant', sessionId: id, language, code, onOutput: (o) => o.type === 'stream' && arrivals.push(Date.now()) })
     const finished = Date.now()
     t.equal(result.exitCode, 0)
     t.ok(arrivals.length >= 2, `${language}: ${arrivals.length} output callbacks`)
@@ -314,7 +322,7 @@ t.test('interrupt and abort', async (t) => {
     const going = new Promise<void>((resolve) => {
       started = resolve
     })
-    const pending = m.execute({ sessionId: id, language, code, onOutput: (o) => o.type === 'stream' && started() })
+    const pending = m.execute({ tenantId: 'tenant', sessionId: id, language, code, onOutput: (o) => o.type === 'stream' && started() })
     await going
     await new Promise((r) => setTimeout(r, 100))
     t.equal(await m.interrupt(id), true)
@@ -423,7 +431,7 @@ t.test('least recently used kernels are evicted past maxKernels', async (t) => {
   await new Promise((r) => setTimeout(r, 200))
   t.equal(m.stats().live, 2)
   const evicted = await run(m, s2, 'python', '"x" in globals()')
-  t.match(evicted.notices.join(' '), /stopped to make room for other sessions .*gone/)
+  t.match(evicted.notices.join(' '), /stopped to make room for another \(at most 2 kernels run at once on this server\); .*gone/)
   t.same(evicted.results, ['False'])
   const kept = await run(m, s3, 'python', 'x')
   t.same(kept.notices, [])
@@ -516,11 +524,11 @@ t.test('close() leaves no process behind', async (t) => {
     [],
     'not even re-parented ones',
   )
-  await t.rejects(m.execute({ sessionId: ids[0] ?? '', language: 'python', code: '1' }), { statusCode: 503, code: 'shutting_down' })
+  await t.rejects(m.execute({ tenantId: 'tenant', sessionId: ids[0] ?? '', language: 'python', code: '1' }), { statusCode: 503, code: 'shutting_down' })
 })
 
 t.test('invalid requests', async (t) => {
   const m = manager()
-  await t.rejects(m.execute({ sessionId: '../escape', language: 'python', code: '1' }), { statusCode: 400, code: 'invalid_request' })
-  await t.rejects(m.execute({ sessionId: newSession(), language: 'cobol' as Language, code: '1' }), { statusCode: 400, code: 'invalid_request' })
+  await t.rejects(m.execute({ tenantId: 'tenant', sessionId: '../escape', language: 'python', code: '1' }), { statusCode: 400, code: 'invalid_request' })
+  await t.rejects(m.execute({ tenantId: 'tenant', sessionId: newSession(), language: 'cobol' as Language, code: '1' }), { statusCode: 400, code: 'invalid_request' })
 })

@@ -1,10 +1,8 @@
 // JavaScript kernel driver: a persistent REPL context with top-level await and declarations that
-// survive between cells. Same protocol as the Python driver: `NONCE BASE64(code)` lines, JSON
-// reports on fd 3, a nonce sentinel on fds 1 and 2 after each execution. Runs under plain node,
-// without any node_modules.
-//
-// Node cannot dup file descriptors, so its launcher moves the command channel from stdin to fd 8
-// and gives this process /dev/null as stdin before node starts.
+// survive between cells. Same protocol as the other drivers (protocol.ts): a `BASE64(code)` line
+// then a `NONCE` line on fd 8, the nonce read only after the code ran; JSON reports on fd 3; a
+// nonce sentinel on fds 1 and 2 after each execution. Runs under plain node, without any
+// node_modules.
 import fs from 'node:fs'
 import net from 'node:net'
 import readline from 'node:readline'
@@ -12,8 +10,15 @@ import repl from 'node:repl'
 import { PassThrough } from 'node:stream'
 import util from 'node:util'
 
-const REPORT_FD = 3
-const COMMAND_FD = 8
+// Node cannot dup a descriptor, but reopening a pipe through /proc gives a close-on-exec one; the
+// inherited 3 and 8 are then closed so that programs started by user code get neither channel.
+const reopen = (fd, flags) => {
+  const copy = fs.openSync(`/proc/self/fd/${fd}`, flags)
+  fs.closeSync(fd)
+  return copy
+}
+const REPORT_FD = reopen(3, 'w')
+const COMMAND_FD = reopen(8, 'r')
 const INTERNAL_FRAME = /^\s+at .*(?:node:internal|node:repl|node:vm|node:domain|sigintHandlersWrap|node_driver\.mjs)/
 
 // Values made by user code come from the REPL context's realm, where `instanceof Object` is false.
@@ -99,7 +104,7 @@ function evaluate(code, file) {
 
 const writeAndWait = (stream, text) => new Promise((resolve) => stream.write(text, () => resolve()))
 
-async function execute(nonce, code, file) {
+async function execute(code, file, nextLine) {
   const { error, value, failed } = await evaluate(code, file)
   let exitCode = 0
   if (failed) {
@@ -109,18 +114,23 @@ async function execute(nonce, code, file) {
   } else if (value !== undefined) {
     report({ type: 'result', text: util.inspect(value) })
   }
+  const nonce = ((await nextLine()) ?? '').trim()
   const sentinel = `\x02oi-end:${nonce}\x03`
   await Promise.all([writeAndWait(process.stdout, sentinel), writeAndWait(process.stderr, sentinel)])
   report({ type: 'done', nonce, exit_code: exitCode })
 }
 
 report({ type: 'ready', version: process.versions.node, pid: process.pid })
-const commands = readline.createInterface({ input: new net.Socket({ fd: COMMAND_FD, readable: true, writable: false }), crlfDelay: Infinity })
-let count = 0
-for await (const line of commands) {
-  const [nonce, payload = ''] = line.trim().split(' ')
-  if (!nonce) continue
-  count += 1
-  await execute(nonce, Buffer.from(payload, 'base64').toString('utf8'), `cell-${count}`)
+const commands = readline
+  .createInterface({ input: new net.Socket({ fd: COMMAND_FD, readable: true, writable: false }), crlfDelay: Infinity })
+  [Symbol.asyncIterator]()
+const nextLine = async () => {
+  const { value, done } = await commands.next()
+  return done ? undefined : value
+}
+for (let count = 1; ; count++) {
+  const payload = await nextLine()
+  if (payload === undefined) break
+  await execute(Buffer.from(payload.trim(), 'base64').toString('utf8'), `cell-${count}`, nextLine)
 }
 process.exit(0)

@@ -1,8 +1,9 @@
 """Python kernel driver: one persistent namespace fed cell by cell by the kernel manager.
 
-Protocol (shared with the shell and JavaScript drivers): commands arrive on the original stdin as
-`NONCE BASE64(code)` lines; reports leave on fd 3 as JSON lines; user output goes to the real
-fds 1 and 2, each closed per execution by a sentinel that carries the nonce.
+Protocol (shared with the shell and JavaScript drivers, described in protocol.ts): an execution
+arrives on fd 8 as a `BASE64(code)` line followed by a `NONCE` line, read only once the code has
+run; reports leave on fd 3 as JSON lines; user output goes to the real fds 1 and 2, each closed
+per execution by a sentinel that carries the nonce.
 """
 
 import ast
@@ -18,14 +19,12 @@ import sys
 import traceback
 import types
 
-# The command channel and the report channel move to descriptors user code does not inherit
-# across exec; user code reads /dev/null so input() and `cat` return at once instead of waiting.
+# The command channel and the report channel move to descriptors that programs started by user
+# code do not inherit (os.dup makes non-inheritable copies); stdin is already /dev/null.
 REPORT_FD = os.dup(3)
 os.close(3)
-COMMANDS = os.fdopen(os.dup(0), "rb")
-_null = os.open(os.devnull, os.O_RDONLY)
-os.dup2(_null, 0)
-os.close(_null)
+COMMANDS = os.fdopen(os.dup(8), "rb")
+os.close(8)
 
 DRIVER_PID = os.getpid()
 DRIVER_FILE = __file__
@@ -181,20 +180,21 @@ def main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     report({"type": "ready", "version": sys.version.split()[0], "pid": DRIVER_PID})
     count = 0
-    for line in COMMANDS:
-        nonce, _, payload = line.strip().partition(b" ")
-        if not nonce:
-            continue
+    while True:
+        payload = COMMANDS.readline()
+        if not payload:
+            return
         count += 1
         exit_code = 1
         try:
-            exit_code = execute(base64.b64decode(payload).decode("utf-8", "replace"), f"<cell-{count}>")
+            exit_code = execute(base64.b64decode(payload.strip()).decode("utf-8", "replace"), f"<cell-{count}>")
         except KeyboardInterrupt as exc:
             # The interrupt landed after the user's code, while its output was being reported.
             report_error(exc)
             exit_code = 130
         finally:
-            finish(nonce, exit_code)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            finish(COMMANDS.readline().strip(), exit_code)
 
 
 main()

@@ -1,9 +1,8 @@
 # Bash kernel driver: user code runs in this very shell so `cd`, `export`, variables and
-# functions persist. Same protocol as the Python driver: `NONCE BASE64(code)` lines on the original
-# stdin, JSON reports on fd 3, a nonce sentinel on fds 1 and 2 after each execution.
-
-# Commands now come from fd 8; user code reads /dev/null so `read` or `cat` cannot hang.
-exec 8<&0 0</dev/null
+# functions persist. Same protocol as the other drivers (protocol.ts): a `BASE64(code)` line then a
+# `NONCE` line on fd 8, the nonce read only after the code ran; JSON reports on fd 3; a nonce
+# sentinel on fds 1 and 2 after each execution. User code runs with fds 3 and 8 closed, so the
+# programs it starts have neither; stdin is /dev/null, so `read` or `cat` cannot hang.
 
 __oi_interrupted=0
 # Cells are sourced rather than eval'ed: `return` from the trap then abandons the whole cell,
@@ -14,12 +13,11 @@ builtin printf '{"type":"ready","version":"%s","pid":%d}\n' "${BASH_VERSION%%(*}
 
 # `builtin` and `command` below: user code may define functions named like the tools used here.
 while :; do
-  IFS=' ' builtin read -r -u 8 __oi_nonce __oi_payload
+  IFS= builtin read -r -u 8 __oi_payload
   __oi_status=$?
   # An interrupt that lands while waiting for the next command only cuts the read short.
   ((__oi_status > 128)) && continue
   ((__oi_status == 0)) || exit 0
-  [[ -n $__oi_nonce ]] || continue
 
   __oi_interrupted=0
   if __oi_code=$(command base64 -d <<<"$__oi_payload"); then
@@ -29,6 +27,9 @@ while :; do
     __oi_status=2
   fi
 
+  until IFS= builtin read -r -u 8 __oi_nonce; do
+    (($? > 128)) || exit 0
+  done
   if ((__oi_interrupted)); then
     __oi_status=130
     builtin printf '{"type":"error","name":"KeyboardInterrupt","value":"Interrupted","traceback":""}\n' >&3
