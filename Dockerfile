@@ -19,7 +19,7 @@ FROM node:22-bookworm-slim
 # which node as PID 1 would leave as zombies.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      python3 python3-matplotlib python3-numpy bash bubblewrap util-linux ca-certificates tini \
+      python3 python3-matplotlib python3-numpy python3-seccomp bash bubblewrap util-linux ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 # Owned by root: the service (and code escaping a kernel) cannot rewrite the application.
