@@ -47,10 +47,20 @@ export default fp(
     if (config.SANDBOX === 'none')
       app.log.warn('SANDBOX=none: executed code runs WITHOUT isolation and can read this server\'s files and environment')
     app.readiness.set('sandbox', async () => {
-      if (config.SANDBOX === 'none') return
-      const result = await checkSandbox(options)
-      if (!result.ok) throw new Error(result.reason ?? 'bubblewrap does not work on this host')
+      if (config.SANDBOX !== 'none') {
+        const result = await checkSandbox(options)
+        if (!result.ok) throw new Error(result.reason ?? 'bubblewrap does not work on this host')
+      }
+      return manager.enforcement()
     })
+    // Not awaited: the server answers while the limits are probed; the kernels wait for them.
+    void manager.enforcement().then((found) => {
+      const missing = Object.entries(found.cgroups.missing).map(([controller, why]) => `${controller} (${why})`)
+      app.log.info({ isolation: found }, 'kernel isolation')
+      if (config.SANDBOX === 'bwrap' && !found.seccomp) app.log.warn(`kernels run WITHOUT a seccomp filter: ${found.seccompReason}`)
+      if (missing.length > 0)
+        app.log.warn(`per-kernel limits NOT enforced: ${missing.join(', ')}; only per-process rlimits apply (memory per process, processes per uid)`)
+    }, (err) => app.log.error({ err }, 'kernel isolation could not be probed'))
 
     app.sessions.onDelete(async (sessionId) => {
       await manager.shutdownSession(sessionId)

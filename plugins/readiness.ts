@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import fp from 'fastify-plugin'
 
+/** Throws when not ready; an object it returns is shown as the check's `details`. */
 export type Check = () => Promise<unknown> | unknown
 
 declare module 'fastify' {

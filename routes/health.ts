@@ -10,7 +10,14 @@ const Health = Type.Object({
 })
 const Ready = Type.Object({
   status: Type.Union([Type.Literal('ready'), Type.Literal('not_ready')]),
-  checks: Type.Record(Type.String(), Type.Object({ ok: Type.Boolean(), error: Type.Optional(Type.String()) })),
+  checks: Type.Record(
+    Type.String(),
+    Type.Object({
+      ok: Type.Boolean(),
+      error: Type.Optional(Type.String()),
+      details: Type.Optional(Type.Record(Type.String(), Type.Unknown(), { description: 'What the check found, e.g. which kernel limits this host enforces' })),
+    }),
+  ),
 })
 
 const CHECK_TIMEOUT_MS = 3000
@@ -43,13 +50,13 @@ const health: FastifyPluginAsyncTypebox<{ model: string }> = async (app, opts) =
         [...app.readiness].map(async ([name, check]) => {
           let timer: NodeJS.Timeout | undefined
           try {
-            await Promise.race([
+            const details = await Promise.race([
               check(),
               new Promise((_, reject) => {
                 timer = setTimeout(() => reject(new Error('timed out')), CHECK_TIMEOUT_MS)
               }),
             ])
-            return [name, { ok: true }] as const
+            return [name, typeof details === 'object' && details !== null ? { ok: true, details: details as Record<string, unknown> } : { ok: true }] as const
           } catch (err) {
             return [name, { ok: false, error: (err as Error).message }] as const
           } finally {

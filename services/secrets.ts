@@ -1,4 +1,6 @@
 import type { SecretBox } from './crypto.js'
+import { invalidRequest } from './errors.js'
+import { reservedEnvReason } from './kernels/environment.js'
 import type { Store } from './store/types.js'
 
 /** Values shorter than this are stored and injected but not masked: masking "a" would mask every "a". */
@@ -89,7 +91,15 @@ export class SecretsService {
     return (await this.store.listSecrets(tenantId)).map((s) => ({ name: s.name, created_at: s.createdAt, updated_at: s.updatedAt }))
   }
 
+  /**
+   * Stores a secret; it becomes the environment variable `name` of the tenant's kernels.
+   * @throws ApiError 400 `invalid_request` (`param` "name" or "value") for a name the loader, libc,
+   *   an interpreter or the server itself reads (see kernels/environment.ts), or a value with NUL.
+   */
   async put(tenantId: string, name: string, value: string): Promise<void> {
+    const reason = reservedEnvReason(name)
+    if (reason) throw invalidRequest(`The secret name ${name} ${reason}`, 'name')
+    if (value.includes('\0')) throw invalidRequest('A secret value cannot contain a NUL character: it becomes an environment variable', 'value')
     await this.store.putSecret(tenantId, name, this.box.seal(value, `${tenantId}/${name}`))
     await this.invalidate(tenantId)
   }

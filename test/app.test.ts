@@ -25,6 +25,9 @@ t.test('GET /v1/health/ready reports each check', async (t) => {
   const res = await app.inject({ url: '/v1/health/ready' })
   t.equal(res.statusCode, 200)
   t.match(res.json(), { status: 'ready', checks: { store: { ok: true } } })
+  // Which kernel limits this host enforces, and why the others are not.
+  const { details } = res.json().checks.sandbox
+  t.match(details, { sandbox: String, seccomp: Boolean, tmpfsMb: Number, cgroups: { layout: /^(v1|v2|none)$/, enforced: Array, missing: Object } })
 })
 
 t.test('protected routes: 401 envelopes with rate-limit headers', async (t) => {

@@ -123,6 +123,7 @@ export class KernelManager {
   }
 
   private sandboxRuntime(): Promise<SandboxRuntime> {
+    if (this.closing && !this.runtime) return Promise.reject(closedError())
     this.runtime ??= SandboxRuntime.create(this.opts, this.log)
     return this.runtime
   }

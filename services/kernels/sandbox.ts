@@ -406,7 +406,8 @@ async function wrap(opts: SandboxOptions, runtime: SandboxRuntime, req: Omit<Ker
     seccomp,
     env: HELPER_ENV,
     kernelEnv: kernelEnv(opts, layout.path, SANDBOX_WORKSPACE, req.env),
-    cwd: '/',
+    // The host side runs there too, which tells a session's processes apart in /proc.
+    cwd: req.workspace,
   }
 }
 

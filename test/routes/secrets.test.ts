@@ -106,8 +106,15 @@ t.test('PUT, GET (names only), DELETE; names must be environment variable names'
     t.equal(res.statusCode, 400, name)
     t.match(res.json(), { error: { type: 'validation_error', code: 'invalid_request', param: 'name' } }, name)
   }
+  // Names the dynamic loader, libc, the interpreters or the server read: refused whatever their case.
+  for (const name of ['LD_PRELOAD', 'LD_LIBRARY_PATH', 'ld_audit', 'GCONV_PATH', 'LOCPATH', 'GLIBC_TUNABLES', 'MALLOC_CHECK_', 'HOSTALIASES', 'RES_OPTIONS', 'PYTHONPATH', 'PYTHONSTARTUP', 'NODE_OPTIONS', 'BASH_ENV', 'ENV', 'BASH_FUNC_x', 'PATH', 'HOME']) {
+    const res = await putSecret(app, name, 'value-x')
+    t.equal(res.statusCode, 400, name)
+    t.match(res.json(), { error: { type: 'validation_error', code: 'invalid_request', param: 'name' } }, name)
+  }
   for (const [payload, param] of [
     [{ value: '' }, 'value'],
+    [{ value: 'a\u0000b' }, 'value'],
     [{}, 'value'],
     [{ value: 'x'.repeat(65_537) }, 'value'],
   ] as const) {
