@@ -78,7 +78,10 @@ const BASE_PATH = ['/usr/local/bin', '/usr/bin', '/bin']
 const KERNEL_UID_BASE = 1_600_000_000
 const KERNEL_UID_SPAN = 1 << 24
 
-// Threads and processes of the server itself count against RLIMIT_NPROC when kernels share its uid.
+// Without root every kernel has the server's uid: RLIMIT_NPROC, counted per uid, is then set high
+// enough for all of them and the server (the server's own threads count too) on the host side, and
+// lowered to the kernel's own limit by the launcher inside the kernel's user namespace, where the
+// kernel counts its processes apart from every other (Linux 5.14+ counts per namespace and uid).
 const SHARED_UID_HEADROOM = 256
 
 // The few /etc files programs need; /etc/ssl/private and the host's accounts stay out.
@@ -320,8 +323,9 @@ function limitArgs(opts: SandboxOptions, language: Language | undefined): string
  * pipes (a `cat` each, deaf to interrupts), which the driver reopens and closes so the programs
  * it starts get neither.
  */
-function launcher(shell: string, workspace: string | undefined, language: Language | undefined, command: string[]): string[] {
+function launcher(shell: string, workspace: string | undefined, language: Language | undefined, processLimit: number | undefined, command: string[]): string[] {
   const script = [
+    ...(processLimit === undefined ? [] : [`ulimit -u ${processLimit} || exit 126`]),
     'for v in $(compgen -e); do unset -v "$v" 2>/dev/null; done',
     `while IFS= read -r -d '' v; do export -- "$v" 2>/dev/null; done <&${KERNEL_ENV_FD}`,
     'for fd in /proc/self/fd/*; do fd=${fd##*/}; ((fd > 3)) && eval "exec $fd>&-"; done',
@@ -375,7 +379,7 @@ async function wrap(opts: SandboxOptions, runtime: SandboxRuntime, req: Omit<Ker
   const limited = [requireExecutable('prlimit'), ...limitArgs(opts, language), '--']
   const joined = (command: string[]) => (req.cgroup ? ['/bin/sh', '-c', JOIN_CGROUPS, 'oi-cgroup', ...req.cgroup.procsFiles, '--', ...command] : command)
   if (opts.sandbox === 'none') {
-    const [command, ...args] = joined([...dropPrivileges(req.uid), ...limited, ...launcher(layout.interpreters.shell, undefined, language, inner)])
+    const [command, ...args] = joined([...dropPrivileges(req.uid), ...limited, ...launcher(layout.interpreters.shell, undefined, language, undefined, inner)])
     return { command: command!, args, env: HELPER_ENV, kernelEnv: kernelEnv(opts, layout.path, req.workspace, req.env), cwd: req.workspace }
   }
   const seccomp = runtime.seccompFilter
@@ -396,7 +400,7 @@ async function wrap(opts: SandboxOptions, runtime: SandboxRuntime, req: Omit<Ker
     // bwrap's own init leads the sandbox's session; the driver needs a process group of its own
     // so an interrupt reaches it and the commands it runs, and nothing else.
     systemTool('setsid'),
-    ...launcher(layout.interpreters.shell, SANDBOX_WORKSPACE, language, inner),
+    ...launcher(layout.interpreters.shell, SANDBOX_WORKSPACE, language, req.uid === undefined ? opts.maxProcesses : undefined, inner),
   ])
   // Variables never travel as arguments either: those are world-readable in /proc/PID/cmdline.
   return {
