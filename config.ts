@@ -4,7 +4,8 @@ import envSchema from 'env-schema'
 /**
  * Every setting of the server, read from the environment (and `.env`) and validated once at
  * start-up. A limit of 0 means "off" where documented (RATE_LIMIT_PER_MINUTE,
- * SESSION_RATE_LIMIT_PER_MINUTE, SESSION_TTL_HOURS, KERNEL_IDLE_SECONDS).
+ * SESSION_RATE_LIMIT_PER_MINUTE, SESSION_TTL_HOURS, KERNEL_IDLE_SECONDS, WORKSPACE_MAX_MB,
+ * WORKSPACE_MAX_FILES).
  */
 const Int = (def: number, min = 0, max = Number.MAX_SAFE_INTEGER) => Type.Integer({ default: def, minimum: min, maximum: max })
 const Str = (description: string) => Type.Optional(Type.String({ minLength: 1, description }))
@@ -59,6 +60,9 @@ export const ConfigSchema = Type.Object({
   KERNEL_MAX_OPEN_FILES: Int(256, 16),
   KERNEL_TMPFS_MB: Int(256, 1),
   FILE_MAX_BYTES: Int(100 * 1024 * 1024, 1),
+  // At most 2^32 MiB, so the quota in bytes stays an exact integer.
+  WORKSPACE_MAX_MB: Int(1024, 0, 2 ** 32),
+  WORKSPACE_MAX_FILES: Int(10_000),
   SECRETS_KEY: Type.Optional(Type.String({ pattern: '^[0-9a-fA-F]{64}$', description: '32 bytes as hex' })),
 })
 

@@ -40,7 +40,10 @@ export default fp(
       tmpfsMb: config.KERNEL_TMPFS_MB,
     }
     const manager = new KernelManager(options, app.log)
-    const workspaces = new Workspaces(workspacesDir, { maxFileBytes: config.FILE_MAX_BYTES })
+    const workspaces = new Workspaces(workspacesDir, {
+      maxFileBytes: config.FILE_MAX_BYTES,
+      quota: { maxBytes: config.WORKSPACE_MAX_MB * 1024 * 1024, maxFiles: config.WORKSPACE_MAX_FILES },
+    })
     app.decorate('kernels', manager)
     app.decorate('workspaces', workspaces)
 

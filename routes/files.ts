@@ -5,20 +5,8 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
+import { Binary, DirQuery, Listing, ListQuery, PathQuery, Uploaded, Written } from '../schemas/files.js'
 import { ApiError, invalidRequest } from '../services/errors.js'
-
-/** A streamed binary body, documented as such. */
-const Binary = Type.Unsafe<Readable>({ type: 'string', format: 'binary' })
-
-const PathQuery = Type.Object({ path: Type.String({ maxLength: 4096, description: 'Relative to the workspace' }) })
-const DirQuery = Type.Object({ path: Type.String({ maxLength: 4096, default: '' }) })
-const Entry = Type.Object({
-  name: Type.String(),
-  path: Type.String(),
-  type: Type.Union([Type.Literal('file'), Type.Literal('directory'), Type.Literal('symlink')]),
-  size: Type.Integer(),
-  modified_at: Type.String(),
-})
 
 /**
  * The bytes of an uploaded part, failing at their end when busboy cut the part at the size limit:
@@ -52,15 +40,17 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
     {
       schema: {
         tags: ['files'],
-        summary: 'List a workspace directory',
+        summary: 'List a workspace directory, one page at a time',
         params: SessionIdParams,
-        querystring: DirQuery,
-        response: { 200: Type.Object({ path: Type.String(), entries: Type.Array(Entry) }), ...protectedErrors(400, 404) },
+        querystring: ListQuery,
+        response: { 200: Listing, ...protectedErrors(400, 404) },
       },
     },
     async (request) => {
       const id = await owned(principal(request).tenantId, request.params.id)
-      return { path: request.query.path, entries: await app.workspaces.list(id, request.query.path) }
+      const { path, limit, cursor } = request.query
+      const page = await app.workspaces.list(id, path, { limit, cursor })
+      return { path, entries: page.entries, next_cursor: page.nextCursor }
     },
   )
 
@@ -72,13 +62,14 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
         summary: 'Download a file',
         params: SessionIdParams,
         querystring: PathQuery,
-        response: { 200: Binary, ...protectedErrors(400, 404) },
+        response: { 200: Binary, ...protectedErrors(400, 404, 413) },
       },
     },
     async (request, reply) => {
       const id = await owned(principal(request).tenantId, request.params.id)
-      const stream = await app.workspaces.readStream(id, request.query.path)
+      const { stream, size } = await app.workspaces.readStream(id, request.query.path)
       reply.type('application/octet-stream')
+      reply.header('content-length', size)
       reply.header('content-disposition', `attachment; filename*=UTF-8''${encodeURIComponent(basename(request.query.path))}`)
       return reply.send(stream)
     },
@@ -92,7 +83,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
         summary: 'Upload a file as the raw request body (parents are created)',
         params: SessionIdParams,
         querystring: PathQuery,
-        response: { 201: Type.Object({ path: Type.String(), size: Type.Integer() }), ...protectedErrors(400, 404, 413) },
+        response: { 201: Written, ...protectedErrors(400, 404, 413) },
       },
       preValidation: async (request) => {
         request.body ??= undefined
@@ -134,10 +125,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
         params: SessionIdParams,
         querystring: DirQuery,
         consumes: ['multipart/form-data'],
-        response: {
-          201: Type.Object({ files: Type.Array(Type.Object({ path: Type.String(), size: Type.Integer() })) }),
-          ...protectedErrors(400, 404, 413, 415),
-        },
+        response: { 201: Uploaded, ...protectedErrors(400, 404, 413, 415) },
       },
     },
     async (request, reply) => {

@@ -1,9 +1,11 @@
-import { spawnSync } from 'node:child_process'
+import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync, lstatSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { createServer } from 'node:net'
 import { join } from 'node:path'
 import { inflateRawSync } from 'node:zlib'
 import t from 'tap'
+import { loadConfig } from '../../config.js'
 import { newApiKey } from '../../services/auth.js'
 import { ADMIN_KEY, auth, build, type FastifyInstance, type Tap, tempDir } from '../helpers/build.js'
 
@@ -57,6 +59,34 @@ function multipart(boundary: string, parts: { name: string; filename: string; ty
   }
   chunks.push(Buffer.from(`--${boundary}--\r\n`))
   return Buffer.concat(chunks)
+}
+
+/** 0xff 0xfe: not UTF-8, so only a Buffer path can name such a file (kernel code can make one). */
+const RAW = Buffer.from([0xff, 0xfe])
+const rawPath = (dir: string, ...names: (string | Buffer)[]) =>
+  Buffer.concat([Buffer.from(dir), ...names.flatMap((name) => [Buffer.from('/'), Buffer.from(name)])])
+
+/** `depth` nested directories `d` below `dir` and leaf.txt at the bottom, made through descriptors: no path may be that long. */
+function deepTree(dir: string, depth: number): void {
+  const flags = constants.O_RDONLY | constants.O_DIRECTORY
+  let fd = openSync(dir, flags)
+  try {
+    for (let i = 0; i < depth; i++) {
+      mkdirSync(`/proc/self/fd/${fd}/d`)
+      const next = openSync(`/proc/self/fd/${fd}/d`, flags)
+      closeSync(fd)
+      fd = next
+    }
+    writeFileSync(`/proc/self/fd/${fd}/leaf.txt`, 'bottom')
+  } finally {
+    closeSync(fd)
+  }
+}
+
+/** The comment at the end of a zip. */
+function zipComment(zip: Buffer): string {
+  const end = zip.lastIndexOf(Buffer.from([0x50, 0x4b, 0x05, 0x06]))
+  return zip.subarray(end + 22, end + 22 + zip.readUInt16LE(end + 20)).toString('latin1')
 }
 
 /** The entries of a zip, read from its central directory, with their contents inflated. */
@@ -114,7 +144,7 @@ t.test('PUT then GET is byte-identical, whatever the bytes and the content type'
 
 t.test('list, nested paths and DELETE', async (t) => {
   const { app, files } = await setup(t)
-  t.same((await app.inject({ url: files, headers: auth() })).json(), { path: '', entries: [] }, 'a fresh workspace is empty')
+  t.same((await app.inject({ url: files, headers: auth() })).json(), { path: '', entries: [], next_cursor: null }, 'a fresh workspace is empty')
   t.equal((await put(app, files, 'deep/er/still/file.txt', 'nested')).statusCode, 201, 'parents are created')
   await put(app, files, 'top.txt', '12345')
   const root = (await app.inject({ url: files, headers: auth() })).json()
@@ -392,4 +422,209 @@ t.test('401 without a key, 404 for unknown and foreign sessions', async (t) => {
   const own = await app.inject({ method: 'PUT', url: `/v1/sessions/${theirs}/files/content${q('x.txt')}`, headers: { ...auth(key), 'content-type': 'text/plain' }, payload: 'theirs' })
   t.equal(own.statusCode, 201, 'the other tenant works in its own session')
   t.equal((await app.inject({ url: `/v1/sessions/${theirs}/files/content${q('x.txt')}`, headers: auth() })).statusCode, 404, 'which the admin tenant cannot see')
+})
+
+t.test('a FIFO is refused at once: no thread waits for a writer, and other requests are answered', async (t) => {
+  const { app, session, files } = await setup(t)
+  await put(app, files, 'ok.txt', 'fine')
+  const dir = app.workspaces.dir(session)
+  execFileSync('mkfifo', [join(dir, 'pipe')])
+  // One FIFO read more than libuv has threads: had each of them taken a thread in open(2), no
+  // request that touches the disk could be answered any more, and this test would never end.
+  const threads = Number(process.env.UV_THREADPOOL_SIZE ?? 4)
+  const reads = Array.from({ length: threads + 1 }, () => get(app, files, 'pipe'))
+  const other = await get(app, files, 'ok.txt')
+  t.equal(other.statusCode, 200, 'a concurrent request is answered')
+  t.equal(other.body, 'fine')
+  for (const res of await Promise.all(reads)) {
+    t.equal(res.statusCode, 400)
+    t.match(res.json(), { error: { type: 'validation_error', code: 'invalid_path', param: 'path', message: /FIFO, socket or device/ } })
+  }
+
+  const server = createServer()
+  await new Promise<void>((resolve) => server.listen(join(dir, 'socket'), resolve))
+  t.teardown(() => server.close())
+  const socket = await get(app, files, 'socket')
+  t.equal(socket.statusCode, 400, 'a socket too (it used to be a 500)')
+  t.match(socket.json(), { error: { code: 'invalid_path' } })
+
+  const listing = (await app.inject({ url: files, headers: auth() })).json()
+  t.match(listing.entries, [{ name: 'ok.txt', type: 'file' }, { name: 'pipe', type: 'other' }, { name: 'socket', type: 'other' }])
+  const archive = await app.inject({ url: `${files}/archive`, headers: auth() })
+  t.equal(archive.statusCode, 200)
+  t.same([...unzip(archive.rawPayload).keys()], ['ok.txt'])
+  t.match(zipComment(archive.rawPayload), /FIFOs, sockets or devices: 2/)
+})
+
+t.test('names that are not UTF-8 or hold a backslash: listed, archived with a note, deleted', async (t) => {
+  const { app, session, files } = await setup(t)
+  const dir = app.workspaces.dir(session)
+  await put(app, files, 'keep/ok.txt', 'ok')
+  writeFileSync(rawPath(dir, RAW), 'raw')
+  mkdirSync(rawPath(dir, 'keep', RAW))
+  writeFileSync(rawPath(dir, 'keep', RAW, RAW), 'raw in raw')
+  writeFileSync(join(dir, 'back\\slash'), 'a backslash')
+
+  const listing = await app.inject({ url: files, headers: auth() })
+  t.equal(listing.statusCode, 200)
+  t.same(
+    listing.json().entries.map((e: { name: string; path: string; lossy_name?: boolean }) => [e.name, e.path, e.lossy_name ?? false]),
+    [
+      ['back\\slash', 'back\\slash', false],
+      ['keep', 'keep', false],
+      ['\ufffd\ufffd', '\ufffd\ufffd', true],
+    ],
+  )
+  t.match((await app.inject({ url: `${files}${q('keep')}`, headers: auth() })).json().entries, [{ name: 'ok.txt' }, { name: '\ufffd\ufffd', type: 'directory', lossy_name: true }])
+  t.equal((await get(app, files, 'back\\slash')).body, 'a backslash', 'a backslash is an ordinary character in a path')
+
+  const archive = await app.inject({ url: `${files}/archive`, headers: auth() })
+  t.equal(archive.statusCode, 200)
+  t.same([...unzip(archive.rawPayload).keys()].sort(), ['keep/', 'keep/ok.txt'])
+  t.match(zipComment(archive.rawPayload), /names that are not valid UTF-8, contain a backslash or start like a drive \(C:\): 3/)
+
+  t.equal((await app.inject({ method: 'DELETE', url: `${files}/content${q('keep')}`, headers: auth() })).statusCode, 204)
+  t.same(readdirSync(dir, { encoding: 'buffer' }).sort(Buffer.compare), [Buffer.from('back\\slash'), RAW])
+  t.equal((await app.inject({ method: 'DELETE', url: `/v1/sessions/${session}`, headers: auth() })).statusCode, 204)
+  t.notOk(existsSync(dir), 'deleting the session removed the raw name too')
+})
+
+t.test('the listing is paginated: limit, cursor and next_cursor', async (t) => {
+  const { app, session, files } = await setup(t)
+  await put(app, files, 'f00', '')
+  const dir = app.workspaces.dir(session)
+  for (let i = 1; i < 12; i++) writeFileSync(join(dir, `f${String(i).padStart(2, '0')}`), '')
+  const names: string[] = []
+  let url = `${files}?limit=5`
+  const pages = []
+  for (;;) {
+    const res = await app.inject({ url, headers: auth() })
+    t.equal(res.statusCode, 200)
+    const page = res.json()
+    pages.push(page.entries.length)
+    names.push(...page.entries.map((e: { name: string }) => e.name))
+    if (page.next_cursor === null) break
+    url = `${files}?limit=5&cursor=${page.next_cursor}`
+  }
+  t.same(pages, [5, 5, 2])
+  t.same(names, Array.from({ length: 12 }, (_, i) => `f${String(i).padStart(2, '0')}`), 'each entry once, in order')
+  t.match((await app.inject({ url: files, headers: auth() })).json(), { next_cursor: null, entries: { length: 12 } }, 'the default limit (1000) holds them all')
+
+  for (const [query, param] of [
+    ['limit=0', 'limit'],
+    ['limit=10001', 'limit'],
+    ['cursor=not%20base64', 'cursor'],
+    ['cursor=Lw', 'cursor'],
+  ]) {
+    const res = await app.inject({ url: `${files}?${query}`, headers: auth() })
+    t.equal(res.statusCode, 400, query)
+    t.match(res.json(), { error: { type: 'validation_error', param } }, query)
+  }
+})
+
+t.test('WORKSPACE_MAX_MB and WORKSPACE_MAX_FILES: an upload past the quota gets 413 and leaves nothing', async (t) => {
+  const { app, files } = await setup(t, { WORKSPACE_MAX_MB: '1', WORKSPACE_MAX_FILES: '4' })
+  const names = async () => ((await app.inject({ url: files, headers: auth() })).json().entries as { name: string }[]).map((e) => e.name)
+  t.equal((await put(app, files, 'a.bin', randomBytes(600 * 1024))).statusCode, 201)
+  const refused = await put(app, files, 'sub/b.bin', randomBytes(600 * 1024))
+  t.equal(refused.statusCode, 413)
+  t.match(refused.json(), {
+    error: {
+      type: 'validation_error',
+      code: 'workspace_quota_exceeded',
+      message: 'The workspace would exceed its quota of 1 MiB (WORKSPACE_MAX_MB); delete files to make room',
+      quota: { max_bytes: 1024 * 1024, max_files: 4, used_files: 1 },
+    },
+  })
+  t.same(await names(), ['a.bin'], 'nothing of the refused upload remains: no file, no temporary file, no directory')
+
+  const boundary = 'oi-quota'
+  const upload = await app.inject({
+    method: 'POST',
+    url: `${files}/upload`,
+    headers: { ...auth(), 'content-type': `multipart/form-data; boundary=${boundary}` },
+    payload: multipart(boundary, [
+      { name: 'file', filename: 'small.txt', data: 'fits' },
+      { name: 'file', filename: 'big.bin', data: randomBytes(600 * 1024) },
+    ]),
+  })
+  t.equal(upload.statusCode, 413)
+  t.match(upload.json(), { error: { code: 'workspace_quota_exceeded' } })
+  t.same(await names(), ['a.bin', 'small.txt'], 'the part that fitted is kept, the one that did not left nothing')
+
+  t.equal((await put(app, files, 'c', 'c')).statusCode, 201)
+  t.equal((await put(app, files, 'd', 'd')).statusCode, 201)
+  const fifth = await put(app, files, 'e', 'e')
+  t.equal(fifth.statusCode, 413)
+  t.match(fifth.json(), { error: { code: 'workspace_quota_exceeded', message: /quota of 4 files and directories \(WORKSPACE_MAX_FILES\)/ } })
+  t.equal((await put(app, files, 'c', 'replaced')).statusCode, 201, 'replacing a file adds no entry')
+  t.equal((await app.inject({ method: 'DELETE', url: `${files}/content${q('a.bin')}`, headers: auth() })).statusCode, 204)
+  t.equal((await put(app, files, 'e', 'e')).statusCode, 201, 'deleting makes room')
+})
+
+t.test('FILE_MAX_BYTES applies to downloads: a larger file gets 413 and is left out of the archive', async (t) => {
+  const { app, session, files } = await setup(t, { FILE_MAX_BYTES: '1024' })
+  await put(app, files, 'fits.bin', randomBytes(1024))
+  const fits = await get(app, files, 'fits.bin')
+  t.equal(fits.statusCode, 200)
+  t.equal(fits.headers['content-length'], '1024')
+  writeFileSync(join(app.workspaces.dir(session), 'big.bin'), randomBytes(2048))
+  const big = await get(app, files, 'big.bin')
+  t.equal(big.statusCode, 413)
+  t.match(big.json(), { error: { type: 'validation_error', code: 'file_too_large', param: 'path', message: /2048 bytes/ } })
+  const archive = await app.inject({ url: `${files}/archive`, headers: auth() })
+  t.same([...unzip(archive.rawPayload).keys()], ['fits.bin'])
+  t.match(zipComment(archive.rawPayload), /files larger than FILE_MAX_BYTES: 1/)
+})
+
+t.test('a 2000-deep tree is archived, and deleted with its session', async (t) => {
+  const { app, session, files } = await setup(t)
+  await put(app, files, 'top.txt', 'top')
+  const dir = app.workspaces.dir(session)
+  // Runs before the data directory is removed (teardowns run last first), which rmSync could not do this deep.
+  t.teardown(() => spawnSync('rm', ['-rf', dir]))
+  deepTree(dir, 2000)
+  const res = await app.inject({ url: `${files}/archive`, headers: auth() })
+  t.equal(res.statusCode, 200)
+  const entries = unzip(res.rawPayload)
+  t.equal(entries.size, 2002, 'top.txt, 2000 directories and the leaf')
+  t.equal(entries.get(`${'d/'.repeat(2000)}leaf.txt`)?.toString(), 'bottom')
+  t.equal((await app.inject({ method: 'DELETE', url: `/v1/sessions/${session}`, headers: auth() })).statusCode, 204)
+  t.notOk(existsSync(dir))
+})
+
+t.test('deleting a session removes its workspace, whatever its code left there', async (t) => {
+  const { app, session, files } = await setup(t)
+  await put(app, files, 'uploaded.txt', 'by the API')
+  const made = await run(
+    app,
+    session,
+    [
+      'import os',
+      `os.chdir(${JSON.stringify(WORKSPACE || '.')})`,
+      'os.makedirs("locked/none/deeper")',
+      'open("locked/none/deeper/f", "w").write("f")',
+      'open(b"\\xff\\xfe", "w").write("raw")',
+      'os.mkfifo("pipe")',
+      'os.chmod("locked/none", 0)',
+      'os.chmod("locked", 0o555)',
+    ].join('\n'),
+  )
+  t.equal(made.exit_code, 0, `the kernel made the mess: ${made.error?.value ?? ''}`)
+  const dir = app.workspaces.dir(session)
+  t.ok(readdirSync(dir, { encoding: 'buffer' }).some((name) => name.equals(RAW)))
+  const res = await app.inject({ method: 'DELETE', url: `/v1/sessions/${session}`, headers: auth() })
+  t.equal(res.statusCode, 204)
+  t.notOk(existsSync(dir), 'the workspace is gone')
+})
+
+t.test('WORKSPACE_MAX_MB and WORKSPACE_MAX_FILES are validated like the other limits and reach the files API', async (t) => {
+  const defaults = loadConfig({})
+  t.equal(defaults.WORKSPACE_MAX_MB, 1024)
+  t.equal(defaults.WORKSPACE_MAX_FILES, 10_000)
+  t.match(loadConfig({ WORKSPACE_MAX_MB: '0', WORKSPACE_MAX_FILES: '0' }), { WORKSPACE_MAX_MB: 0, WORKSPACE_MAX_FILES: 0 }, '0 turns them off')
+  t.throws(() => loadConfig({ WORKSPACE_MAX_MB: '-1' }), /^Invalid configuration: WORKSPACE_MAX_MB must be >= 0 \(got "-1"\)$/)
+  t.throws(() => loadConfig({ WORKSPACE_MAX_FILES: 'lots' }), /^Invalid configuration: WORKSPACE_MAX_FILES must be integer \(got "lots"\)$/)
+  const { app } = await setup(t, { WORKSPACE_MAX_MB: '3', WORKSPACE_MAX_FILES: '7' })
+  t.same(app.workspaces.limits, { maxBytes: 3 * 1024 * 1024, maxFiles: 7 })
 })
