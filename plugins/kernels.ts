@@ -38,12 +38,10 @@ export default fp(
       maxFileMb: config.KERNEL_MAX_FILE_MB,
       maxOpenFiles: config.KERNEL_MAX_OPEN_FILES,
       tmpfsMb: config.KERNEL_TMPFS_MB,
+      workspaceQuota: { maxBytes: config.WORKSPACE_MAX_MB * 1024 * 1024, maxFiles: config.WORKSPACE_MAX_FILES },
     }
     const manager = new KernelManager(options, app.log)
-    const workspaces = new Workspaces(workspacesDir, {
-      maxFileBytes: config.FILE_MAX_BYTES,
-      quota: { maxBytes: config.WORKSPACE_MAX_MB * 1024 * 1024, maxFiles: config.WORKSPACE_MAX_FILES },
-    })
+    const workspaces = new Workspaces(workspacesDir, { maxFileBytes: config.FILE_MAX_BYTES, quota: options.workspaceQuota })
     app.decorate('kernels', manager)
     app.decorate('workspaces', workspaces)
 

@@ -2,6 +2,7 @@ import { lstat, mkdir } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { ApiError, invalidRequest } from '../errors.js'
+import { workspaceUsage } from '../workspaces.js'
 import { Kernel, type KernelExit, type KernelLogger, PROTOCOL_VIOLATION, type RunOutcome } from './kernel.js'
 import { detectLanguages, LANGUAGES } from './languages.js'
 import { buildKernelCommand, chownWorkspace, SandboxRuntime, type SandboxEnforcement, UidAllocator } from './sandbox.js'
@@ -15,6 +16,8 @@ const SESSION_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/
 const MAX_PENDING_NOTICES = 10_000
 const NAMES: Record<Language, string> = { python: 'Python', shell: 'shell', javascript: 'JavaScript' }
 const STATE_GONE = 'variables, imports and everything else from earlier executions are gone'
+// How often the workspace's disk use is measured while code runs.
+const QUOTA_CHECK_MS = 1000
 
 const silentLogger: KernelLogger = { info() {}, warn() {}, error() {} }
 const noop = () => {}
@@ -272,10 +275,22 @@ export class KernelManager {
     }
     req.signal?.addEventListener('abort', interrupt, { once: true })
     this.running.set(req.sessionId, { interrupt })
+    const workspace = join(this.opts.workspacesDir, req.sessionId)
+    let measuring = false
+    const quotaWatch = setInterval(async () => {
+      if (measuring || killing) return
+      measuring = true
+      const usage = await this.overQuota(workspace)
+      measuring = false
+      if (!usage || killing) return
+      emit({ type: 'notice', text: `${usage}; the kernel was stopped and ${STATE_GONE}. Delete files to make room.` })
+      kill('workspace quota')
+    }, QUOTA_CHECK_MS)
     let outcome: RunOutcome
     try {
       outcome = await kernel.run(req.code, onOutput)
     } finally {
+      clearInterval(quotaWatch)
       clearTimeout(timer)
       clearTimeout(graceTimer)
       req.signal?.removeEventListener('abort', interrupt)
@@ -289,11 +304,27 @@ export class KernelManager {
     }
     if (!outcome.exited && !killing) {
       if (result.timedOut) emit({ type: 'notice', text: `Execution timed out after ${seconds(timeoutMs)} and was interrupted; the kernel kept its state.` })
+      const usage = await this.overQuota(workspace)
+      if (usage) emit({ type: 'notice', text: `${usage}. Delete files to make room: writing more stops the kernel.` })
       return
     }
     result.stateLost = true
     const notice = this.lostStateNotice(req.language, kernel, outcome, result, timeoutMs, outcome.exited && (await kernel.outOfMemory()))
     if (notice) emit({ type: 'notice', text: notice })
+  }
+
+  /** A sentence saying how far the workspace is over its quota, or undefined when it is not. */
+  private async overQuota(workspace: string): Promise<string | undefined> {
+    const { maxBytes, maxFiles } = this.opts.workspaceQuota
+    if (maxBytes === 0 && maxFiles === 0) return undefined
+    const usage = await workspaceUsage(workspace, this.opts.workspaceQuota).catch((err) => {
+      this.log.warn({ err, workspace }, 'workspace usage not measured')
+      return undefined
+    })
+    if (!usage?.over) return undefined
+    const mb = (bytes: number) => `${Math.round(bytes / (1024 * 1024))} MB`
+    const limits = [maxBytes > 0 ? mb(maxBytes) : undefined, maxFiles > 0 ? `${maxFiles} files` : undefined].filter(Boolean).join(' or ')
+    return `The workspace passed its quota of ${limits} (at least ${mb(usage.bytes)} in ${usage.files} files)`
   }
 
   private lostStateNotice(language: Language, kernel: Kernel, outcome: RunOutcome, result: ExecResult, timeoutMs: number, outOfMemory: boolean): string | undefined {

@@ -1,3 +1,5 @@
+import type { WorkspaceLimits } from '../workspaces.js'
+
 /** Languages a kernel can run. Aliases (py, bash, sh, js, node) are resolved by `resolveLanguage`. */
 export type Language = 'python' | 'shell' | 'javascript'
 
@@ -50,6 +52,8 @@ export interface ExecuteRequest {
 }
 
 export interface KernelManagerOptions {
+  /** Disk quota of each workspace, watched while code runs (0 = no limit). */
+  workspaceQuota: WorkspaceLimits
   /** Root under which each session's workspace lives: `${workspacesDir}/${sessionId}`. */
   workspacesDir: string
   sandbox: 'bwrap' | 'none'

@@ -38,6 +38,7 @@ const options: KernelManagerOptions = {
   maxFileMb: 16,
   maxOpenFiles: 256,
   tmpfsMb: 64,
+  workspaceQuota: { maxBytes: 48 * 1024 * 1024, maxFiles: 500 },
 }
 const manager = new KernelManager(options)
 t.teardown(() => manager.close())
@@ -477,4 +478,23 @@ t.test('enforcement is detected and reported', async (t) => {
   t.ok(['v1', 'v2', 'none'].includes(enforcement.cgroups.layout))
   for (const controller of ['memory', 'pids', 'cpu'] as const)
     t.ok(enforcement.cgroups.enforced.includes(controller) !== (enforcement.cgroups.missing[controller] !== undefined), `${controller}: enforced or a reason`)
+})
+
+t.test('the workspace quota holds for code: a writer is stopped, an execution that ends over it is told', async (t) => {
+  const id = newSession()
+  await run(id, 'python', 'kept = 1')
+  const writer = await run(
+    id,
+    'python',
+    'import time\nfor i in range(400):\n    with open(f"fill{i}.bin", "wb") as f:\n        f.write(b"x" * (1024 * 1024))\n    time.sleep(0.05)\nprint("finished")',
+    60_000,
+  )
+  t.notMatch(writer.out, /finished/, 'the writer did not get to write 400 MB')
+  t.equal(writer.result.stateLost, true, 'its kernel was stopped')
+  t.match(writer.out, /passed its quota of 48 MB or 500 files/)
+  const cleaned = await run(id, 'shell', 'rm -f fill*.bin; echo cleaned')
+  t.match(cleaned.out, /cleaned/, 'code can still run to delete files')
+  const files = await run(id, 'shell', 'mkdir many; for i in $(seq 600); do : > many/$i; done; echo made')
+  t.match(files.out, /made[\s\S]*passed its quota of 48 MB or 500 files/, 'too many files: the execution is told')
+  await run(id, 'shell', 'rm -rf many')
 })

@@ -30,6 +30,7 @@ const options = (over: Partial<KernelManagerOptions> = {}): KernelManagerOptions
   maxFileMb: 64,
   maxOpenFiles: 256,
   tmpfsMb: 64,
+  workspaceQuota: { maxBytes: 0, maxFiles: 0 },
   ...over,
 })
 
