@@ -1,13 +1,15 @@
 import { readFileSync } from 'node:fs'
+import type { ServerOptions } from 'node:http'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { Config } from './config.js'
-import websocket from '@fastify/websocket'
 import agentPlugin from './plugins/agent.js'
 import authPlugin, { protect } from './plugins/auth.js'
+import connectionsPlugin from './plugins/connections.js'
 import corsPlugin from './plugins/cors.js'
-import errorsPlugin from './plugins/errors.js'
+import errorsPlugin, { clientErrorHandler } from './plugins/errors.js'
 import httpPlugin, { RequestLog, requestId } from './plugins/http.js'
+import jsonPlugin from './plugins/json.js'
 import kernelsPlugin from './plugins/kernels.js'
 import llmPlugin from './plugins/llm.js'
 import metricsPlugin from './plugins/metrics.js'
@@ -17,6 +19,7 @@ import redisPlugin from './plugins/redis.js'
 import sessionsPlugin from './plugins/sessions.js'
 import storePlugin from './plugins/store.js'
 import swaggerPlugin from './plugins/swagger.js'
+import websocketPlugin from './plugins/websocket.js'
 import chatRoutes from './routes/chat.js'
 import { eventLog, eventSocket } from './routes/events.js'
 import executeRoutes from './routes/execute.js'
@@ -39,6 +42,9 @@ export interface AppOptions {
   store?: Store
 }
 
+/** The least that is read and thrown away of a body answered before it was read (see plugins/connections.ts). */
+const DRAIN_FLOOR_BYTES = 64 * 1024 * 1024
+
 /**
  * The whole application: infrastructure plugins first (order matters: the rate limiter must
  * see every route registered after it, Swagger must see every documented route), then the public
@@ -46,10 +52,30 @@ export interface AppOptions {
  */
 export async function buildApp(config: Config, opts: AppOptions = {}): Promise<FastifyInstance> {
   const tls = config.TLS_CERT_FILE && config.TLS_KEY_FILE
-  const options: FastifyServerOptions & { https?: { cert: Buffer; key: Buffer } } = {
+  // Half-sent requests are cut before they reach any hook: headers, then the whole request, must
+  // arrive in time. Neither limits a response, so SSE streams and upgraded sockets are unaffected.
+  const timeouts: ServerOptions = {
+    headersTimeout: config.HEADERS_TIMEOUT_MS,
+    requestTimeout: config.REQUEST_TIMEOUT_MS,
+    // Node checks both on this interval (30 s by default, which would stretch a 10 s limit to 40 s)
+    connectionsCheckingInterval: Math.min(1000, config.HEADERS_TIMEOUT_MS),
+  }
+  const options: FastifyServerOptions & { http?: ServerOptions; https?: ServerOptions & { cert: Buffer; key: Buffer; handshakeTimeout: number } } = {
     ...(opts.logger ? { loggerInstance: opts.logger } : { logger: false }),
     logController: new RequestLog(),
-    ...(tls ? { https: { cert: readFileSync(config.TLS_CERT_FILE!), key: readFileSync(config.TLS_KEY_FILE!) } } : {}),
+    ...(tls
+      ? {
+          https: {
+            cert: readFileSync(config.TLS_CERT_FILE!),
+            key: readFileSync(config.TLS_KEY_FILE!),
+            handshakeTimeout: config.HEADERS_TIMEOUT_MS,
+            ...timeouts,
+          },
+        }
+      : { http: timeouts }),
+    requestTimeout: config.REQUEST_TIMEOUT_MS,
+    keepAliveTimeout: config.KEEP_ALIVE_TIMEOUT_MS,
+    clientErrorHandler,
     // a number is a hop count, which Fastify accepts although its types do not say so
     trustProxy: config.TRUST_PROXY as boolean | string,
     bodyLimit: config.BODY_LIMIT,
@@ -68,6 +94,11 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
   await app.register(readinessPlugin)
   await app.register(httpPlugin, { tls: Boolean(tls) })
   await app.register(metricsPlugin)
+  await app.register(connectionsPlugin, {
+    maxPerAddress: config.MAX_CONNECTIONS_PER_IP,
+    drainBytes: Math.max(4 * config.BODY_LIMIT, DRAIN_FLOOR_BYTES),
+  })
+  await app.register(jsonPlugin)
   await app.register(corsPlugin, { origins: config.CORS_ORIGINS })
   await app.register(swaggerPlugin, { version: VERSION })
   await app.register(redisPlugin, { url: config.REDIS_URL })
@@ -75,13 +106,13 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     const redis = app.redis
     app.readiness.set('redis', () => redis.ping())
   }
+  await app.register(storePlugin, { databaseUrl: config.DATABASE_URL, dataDir: config.DATA_DIR, store: opts.store })
+  await app.register(authPlugin, { adminKeys: config.adminKeys })
   await app.register(rateLimitPlugin, {
     perMinute: config.RATE_LIMIT_PER_MINUTE,
     sessionPerMinute: config.SESSION_RATE_LIMIT_PER_MINUTE,
   })
   await app.register(errorsPlugin)
-  await app.register(storePlugin, { databaseUrl: config.DATABASE_URL, dataDir: config.DATA_DIR, store: opts.store })
-  await app.register(authPlugin, { adminKeys: config.adminKeys })
   await app.register(sessionsPlugin, { defaultModel: config.LITELLM_MODEL, ttlHours: config.SESSION_TTL_HOURS })
   await app.register(llmPlugin, {
     baseURL: config.LLM_BASE_URL,
@@ -92,7 +123,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
   })
   await app.register(kernelsPlugin, { config })
   await app.register(agentPlugin, { config })
-  await app.register(websocket, { options: { maxPayload: 1024 * 1024 } })
+  await app.register(websocketPlugin, { maxPayload: 1024 * 1024, pingIntervalMs: config.WS_PING_INTERVAL_MS })
 
   await app.register(healthRoutes, { model: config.LITELLM_MODEL })
   await app.register(async (api) => {

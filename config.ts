@@ -5,7 +5,7 @@ import envSchema from 'env-schema'
  * Every setting of the server, read from the environment (and `.env`) and validated once at
  * start-up. A limit of 0 means "off" where documented (RATE_LIMIT_PER_MINUTE,
  * SESSION_RATE_LIMIT_PER_MINUTE, SESSION_TTL_HOURS, KERNEL_IDLE_SECONDS, WORKSPACE_MAX_MB,
- * WORKSPACE_MAX_FILES).
+ * WORKSPACE_MAX_FILES, MAX_CONNECTIONS_PER_IP, REQUEST_TIMEOUT_MS).
  */
 const Int = (def: number, min = 0, max = Number.MAX_SAFE_INTEGER) => Type.Integer({ default: def, minimum: min, maximum: max })
 const Str = (description: string) => Type.Optional(Type.String({ minLength: 1, description }))
@@ -40,6 +40,11 @@ export const ConfigSchema = Type.Object({
   CORS_ORIGINS: Str('comma-separated allowed origins; unset allows any localhost origin, * allows all'),
   TRUST_PROXY: Type.Union([Type.Boolean(), Type.Integer({ minimum: 0 }), Type.String()], { default: false }),
   BODY_LIMIT: Int(10 * 1024 * 1024, 1024),
+  MAX_CONNECTIONS_PER_IP: Int(256),
+  HEADERS_TIMEOUT_MS: Int(10_000, 100),
+  REQUEST_TIMEOUT_MS: Int(120_000),
+  KEEP_ALIVE_TIMEOUT_MS: Int(10_000, 1),
+  WS_PING_INTERVAL_MS: Int(30_000, 100),
   TLS_CERT_FILE: Str('PEM certificate; with TLS_KEY_FILE serves HTTPS'),
   TLS_KEY_FILE: Str('PEM private key'),
   SHUTDOWN_GRACE_MS: Int(10_000, 0),
@@ -118,6 +123,8 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   }
   if (Boolean(parsed.TLS_CERT_FILE) !== Boolean(parsed.TLS_KEY_FILE))
     throw new ConfigError('Invalid configuration: TLS_CERT_FILE and TLS_KEY_FILE must be set together')
+  if (parsed.REQUEST_TIMEOUT_MS > 0 && parsed.HEADERS_TIMEOUT_MS > parsed.REQUEST_TIMEOUT_MS)
+    throw new ConfigError('Invalid configuration: HEADERS_TIMEOUT_MS must not exceed REQUEST_TIMEOUT_MS')
   const { OPENAI_BASE_URL, OPENAI_API_KEY, API_KEY, ...rest } = parsed
   const adminKeys = (API_KEY ?? '').split(',').map((k) => k.trim()).filter(Boolean)
   return {

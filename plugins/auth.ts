@@ -1,7 +1,7 @@
 import bearerAuth from '@fastify/bearer-auth'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { type Principal, KeyResolver } from '../services/auth.js'
+import { type Principal, type RevocationChannel, KeyResolver } from '../services/auth.js'
 import { ApiError } from '../services/errors.js'
 import { envelope } from './errors.js'
 
@@ -14,15 +14,44 @@ declare module 'fastify' {
   }
 }
 
+const REVOKED_CHANNEL = 'oi-server:keys:revoked'
+
+/**
+ * Revocations reach the other replicas over Redis pub/sub, so a socket authenticated with the key
+ * on another process closes as quickly as one here. Without Redis there is one process to tell.
+ * A failed publish is logged: the key is deleted all the same, and the other replicas refuse it on
+ * the next request or frame.
+ */
+function redisChannel(app: FastifyInstance, onRevoked: (keyId: string) => void): RevocationChannel | undefined {
+  const redis = app.redis
+  if (!redis) return undefined
+  // a subscribed connection can do nothing else; its queue holds the SUBSCRIBE until Redis is up
+  const subscriber = redis.duplicate({ lazyConnect: false, enableOfflineQueue: true })
+  subscriber.on('error', () => {})
+  subscriber.on('message', (channel: string, keyId: string) => {
+    if (channel === REVOKED_CHANNEL) onRevoked(keyId)
+  })
+  subscriber.subscribe(REVOKED_CHANNEL).catch((err: Error) => app.log.warn({ err: err.message }, 'revocations from other replicas are not received'))
+  app.addHook('onClose', async () => {
+    subscriber.disconnect()
+  })
+  return {
+    publish: async (keyId) => {
+      await redis.publish(REVOKED_CHANNEL, keyId).catch((err: Error) => app.log.warn({ err: err.message, keyId }, 'revocation not sent to other replicas'))
+    },
+  }
+}
+
 /** Decorates the key resolver; `protect` below turns auth on for a route scope. */
 export default fp(
   async function auth(app: FastifyInstance, opts: { adminKeys: string[] }) {
-    const keys = new KeyResolver(opts.adminKeys, app.store)
+    const channel = redisChannel(app, (keyId) => keys.ended(keyId))
+    const keys = new KeyResolver(opts.adminKeys, app.store, { channel })
     app.decorate('keys', keys)
     app.decorateRequest('principal', null)
     app.addHook('onClose', async () => keys.flush())
   },
-  { name: 'auth', dependencies: ['store'] },
+  { name: 'auth', dependencies: ['store', 'redis'] },
 )
 
 /**

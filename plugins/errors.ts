@@ -1,3 +1,5 @@
+import { STATUS_CODES } from 'node:http'
+import type { Socket } from 'node:net'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import FindMyWay from 'find-my-way'
@@ -43,6 +45,30 @@ export function toApiError(err: FastifyError | ApiError | Error): ApiError {
   if (status >= 400 && status < 500)
     return new ApiError(status, 'invalid_request_error', 'invalid_request', e.message)
   return new ApiError(500, 'server_error', 'internal_error', 'Internal server error')
+}
+
+const CLIENT_ERRORS: Record<string, [status: number, code: string, message: string]> = {
+  ERR_HTTP_REQUEST_TIMEOUT: [408, 'request_timeout', 'The request did not arrive in time'],
+  HPE_HEADER_OVERFLOW: [431, 'headers_too_large', 'Request headers are too large'],
+  HPE_CHUNK_EXTENSIONS_OVERFLOW: [413, 'payload_too_large', 'Chunk extensions are too large'],
+}
+
+/**
+ * The server's `clientErrorHandler`: a request cut by a timeout or too malformed to reach a route
+ * still gets the envelope (Fastify's default writes a body of its own), then the connection is
+ * closed. Nothing is written on a socket whose writing side is already done.
+ */
+export function clientErrorHandler(err: Error & { code?: string }, socket: Socket): void {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return
+  const [status, code, message] = CLIENT_ERRORS[err.code ?? ''] ?? [400, 'bad_request', 'Malformed HTTP request']
+  const body = JSON.stringify(envelope(new ApiError(status, 'invalid_request_error', code, message)))
+  if (socket.writable) {
+    socket.write(
+      `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nConnection: close\r\nContent-Type: application/json; charset=utf-8\r\n` +
+        `Content-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+    )
+  }
+  socket.destroy(err)
 }
 
 declare module 'fastify' {

@@ -20,8 +20,11 @@ const exceeded = (retryAfter: number) =>
     retry_after: retryAfter,
   })
 
-/** The session a request works on: the `:id` param, the body's `session_id`, or `X-Session-Id`. */
-function sessionKey(request: FastifyRequest): string | undefined {
+/**
+ * The session id a request names: the `:id` param, the body's `session_id`, or `X-Session-Id`.
+ * Raw client input: it only counts once the store has matched it to a session of the caller.
+ */
+function namedSession(request: FastifyRequest): string | undefined {
   const params = request.params as { id?: string } | undefined
   const body = request.body as { session_id?: unknown } | undefined
   const fromBody = body && typeof body === 'object' && typeof body.session_id === 'string' ? body.session_id : undefined
@@ -35,6 +38,11 @@ function sessionKey(request: FastifyRequest): string | undefined {
  * `config: { sessionRateLimit: true }`. Counters live in Redis when configured; if Redis is
  * unreachable requests are let through (availability over strictness) and a warning is logged.
  * A limit of 0 turns that limit off.
+ *
+ * The per-session counter is keyed on the session's canonical id from the store, looked up with
+ * the caller's tenant: another spelling of the same id (letter case) shares its counter, and an
+ * unknown or another tenant's id counts against nothing (the route answers 404; the per-IP limit
+ * still applies). A request that creates its session names none and is not counted here.
  */
 export default fp(
   async function rateLimits(app: FastifyInstance, opts: RateLimitOptions) {
@@ -50,20 +58,25 @@ export default fp(
     })
 
     if (opts.sessionPerMinute <= 0) return
+    const canonical = new WeakMap<FastifyRequest, string>()
     const limiter = app.createRateLimit({
       max: opts.sessionPerMinute,
       timeWindow: 60_000,
-      keyGenerator: (request) => `session:${sessionKey(request)}`,
+      keyGenerator: (request) => `session:${canonical.get(request)}`,
     })
     app.addHook('onRoute', (route) => {
       if (!route.config?.sessionRateLimit) return
       const hook = async (request: FastifyRequest) => {
-        if (!sessionKey(request)) return
+        const named = namedSession(request)
+        if (!named || !request.principal) return
+        const session = await app.store.getSession(request.principal.tenantId, named)
+        if (!session) return
+        canonical.set(request, session.id)
         const result = await limiter(request)
         if (!result.isAllowed && result.isExceeded) throw exceeded(Math.max(1, result.ttlInSeconds))
       }
       route.preHandler = [...[route.preHandler ?? []].flat(), hook]
     })
   },
-  { name: 'rate-limit', dependencies: ['redis'] },
+  { name: 'rate-limit', dependencies: ['redis', 'store', 'auth'] },
 )

@@ -5,6 +5,7 @@ import type { FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import { principal } from '../plugins/auth.js'
 import { envelope, toApiError } from '../plugins/errors.js'
+import { CLOSE, TOO_SLOW_REASON } from '../plugins/websocket.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
 import type { Principal } from '../services/auth.js'
 import type { EventRecord } from '../services/store/types.js'
@@ -12,8 +13,6 @@ import type { EventRecord } from '../services/store/types.js'
 const Event = Type.Object({ id: Type.Integer(), type: Type.String(), created_at: Type.String(), data: Type.Unknown() })
 const view = (e: EventRecord) => ({ id: e.id, type: e.type, created_at: e.createdAt, data: e.data })
 
-/** WebSocket close codes (documented in the README). */
-export const CLOSE = { unauthorized: 4001, notFound: 4004, tooSlow: 4008 } as const
 const AUTH_TIMEOUT_MS = 10_000
 const REPLAY_PAGE = 100
 /** Past this many unsent bytes the subscriber is dropped; it resumes with latest_event_id. */
@@ -97,12 +96,22 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
       // bus, the run registry and the kernels key on the stored id.
       let sessionId: string | undefined
       let unsubscribe: (() => void) | undefined
+      let unwatchKey: (() => void) | undefined
       let ready = false
-      const tooSlow = () => socket.close(CLOSE.tooSlow, 'subscriber too slow; reconnect with latest_event_id')
+      let live: { id: number; frame: string }[] | undefined
+      // Nothing more is queued for a socket being dropped: the subscription and the events held
+      // back during the replay go at once, and the heartbeat (plugins/websocket.ts) terminates
+      // the socket if its close frame cannot get through the unread data ahead of it.
+      const tooSlow = () => {
+        unsubscribe?.()
+        live = undefined
+        socket.close(CLOSE.tooSlow, TOO_SLOW_REASON)
+      }
       const send = (frame: unknown) => {
         if (socket.readyState !== socket.OPEN) return
-        if (socket.bufferedAmount > MAX_BUFFERED_BYTES) return tooSlow()
-        socket.send(JSON.stringify(frame))
+        const text = JSON.stringify(frame)
+        if (socket.bufferedAmount + Buffer.byteLength(text) > MAX_BUFFERED_BYTES) return tooSlow()
+        socket.send(text)
       }
       /**
        * Replay sends at the client's pace: it can be far larger than the buffer, and a client
@@ -136,10 +145,12 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         // `live` (bounded like the socket buffer) and are sent after it, skipping any the
         // replay already covered.
         let last = request.query.latest_event_id
-        let live: { id: number; frame: string }[] | undefined = []
+        live = []
         let liveBytes = 0
+        let replaying = true
         unsubscribe = app.bus.subscribe(session.id, (event) => {
-          if (live) {
+          if (replaying) {
+            if (!live) return
             const frame = eventFrame(event)
             live.push({ id: event.id, frame })
             liveBytes += frame.length
@@ -159,7 +170,7 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
           if (!page.hasMore) break
         }
         // an index loop: events keep arriving in `live` while this waits for the client
-        for (let i = 0; i < live.length; i++) {
+        for (let i = 0; live && i < live.length; i++) {
           const event = live[i]!
           liveBytes -= event.frame.length
           if (event.id <= last) continue
@@ -168,6 +179,7 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
           await paced(event.frame)
         }
         live = undefined
+        replaying = false
         if (socket.readyState !== socket.OPEN) return
         ready = true
         send({ type: 'ready', latest_event_id: last })
@@ -178,7 +190,8 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         const frame = parseFrame(raw)
         if (!frame) return send({ type: 'error', error: { message: 'Invalid frame', type: 'validation_error', code: 'invalid_message', param: null } })
         if (frame.type === 'auth') return
-        // Revocation and expiry take effect on the next frame, as on the next HTTP request.
+        // Checked again on every frame, as on every HTTP request (the watch below closes the
+        // socket at once; this covers a revocation on a replica it never heard from).
         const who = await app.keys.resolve(token)
         if (!who) return socket.close(CLOSE.unauthorized, 'API key revoked or expired')
         const id = sessionId!
@@ -199,15 +212,27 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         handling = handling.then(() => handle(data)).catch(fail)
       }
 
+      // The key is watched for as long as the socket is open: revoking it or its expiry closes
+      // the socket at once, not only at its next frame.
+      const keyEnded = () => socket.close(CLOSE.unauthorized, 'API key revoked or expired')
       const authenticate = (key: string) => {
         authenticating = true
         token = key
-        void app.keys.resolve(key).then((who) => (who ? start(who) : socket.close(CLOSE.unauthorized, 'invalid API key'))).catch(fail)
+        void app.keys
+          .watch(key, keyEnded)
+          .then((watched) => {
+            if (!watched) return socket.close(CLOSE.unauthorized, 'invalid API key')
+            if (socket.readyState !== socket.OPEN) return watched.stop()
+            unwatchKey = watched.stop
+            return start(watched.principal)
+          })
+          .catch(fail)
       }
 
       socket.on('close', () => {
         clearTimeout(timer)
         unsubscribe?.()
+        unwatchKey?.()
       })
       socket.on('message', (data) => {
         if (ready) return enqueue(data)

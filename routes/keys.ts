@@ -70,13 +70,13 @@ const keys: FastifyPluginAsyncTypebox = async (app) => {
     {
       schema: {
         tags: ['keys'],
-        summary: 'Revoke an API key (effective on the next request)',
+        summary: 'Revoke an API key (its next request fails; its open WebSockets close with 4001)',
         params: Type.Object({ id: Type.String() }),
         response: { 204: Type.Null(), ...protectedErrors(403, 404) },
       },
     },
     async (request, reply) => {
-      if (!(await app.store.deleteApiKey(request.params.id))) throw notFound('API key')
+      if (!(await app.keys.revoke(request.params.id))) throw notFound('API key')
       return reply.code(204).send(null)
     },
   )

@@ -19,6 +19,11 @@ export function createMetrics() {
       buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30],
       registers: [registry],
     }),
+    connectionsRefused: new Counter({
+      name: 'oi_http_connections_refused_total',
+      help: 'Connections closed on accept because their client address had MAX_CONNECTIONS_PER_IP open',
+      registers: [registry],
+    }),
     runs: new Counter({
       name: 'oi_agent_runs_total',
       help: 'Agent runs by outcome',

@@ -14,6 +14,11 @@ t.test('defaults match the specification', async (t) => {
   t.equal(c.SANDBOX, 'bwrap')
   t.equal(c.DATA_DIR, './data')
   t.same(c.adminKeys, [])
+  t.equal(c.MAX_CONNECTIONS_PER_IP, 256)
+  t.equal(c.HEADERS_TIMEOUT_MS, 10_000)
+  t.equal(c.REQUEST_TIMEOUT_MS, 120_000)
+  t.equal(c.KEEP_ALIVE_TIMEOUT_MS, 10_000)
+  t.equal(c.WS_PING_INTERVAL_MS, 30_000)
 })
 
 t.test('aliases and comma-separated admin keys', async (t) => {
@@ -34,9 +39,13 @@ t.test('bad values name the variable and what is allowed', async (t) => {
     [{ DATABASE_URL: 'mysql://x' }, /DATABASE_URL must match/],
     [{ TEMPERATURE: '3' }, /TEMPERATURE must be <= 2/],
     [{ TLS_CERT_FILE: '/x.pem' }, /TLS_CERT_FILE and TLS_KEY_FILE must be set together/],
+    [{ HEADERS_TIMEOUT_MS: '50' }, /HEADERS_TIMEOUT_MS must be >= 100/],
+    [{ HEADERS_TIMEOUT_MS: '5000', REQUEST_TIMEOUT_MS: '1000' }, /HEADERS_TIMEOUT_MS must not exceed REQUEST_TIMEOUT_MS/],
+    [{ MAX_CONNECTIONS_PER_IP: '-1' }, /MAX_CONNECTIONS_PER_IP must be >= 0/],
   ]
   for (const [env, re] of cases) t.throws(() => loadConfig(env), re, JSON.stringify(env))
   t.throws(() => loadConfig({ PORT: 'abc' }), ConfigError)
+  t.equal(loadConfig({ HEADERS_TIMEOUT_MS: '5000', REQUEST_TIMEOUT_MS: '0' }).REQUEST_TIMEOUT_MS, 0, 'no request timeout, any header timeout')
 })
 
 t.test('the process stops with one line and exit code 1 on a bad value', async (t) => {

@@ -1,6 +1,6 @@
-import { createServer } from 'node:net'
+import { type AddressInfo, createServer } from 'node:net'
 import t from 'tap'
-import { auth, build } from './helpers/build.js'
+import { auth, build, tempDir } from './helpers/build.js'
 
 const url = process.env.REDIS_URL
 
@@ -36,4 +36,29 @@ t.test('Redis unreachable: requests keep being answered, readiness says why', as
   const ready = await app.inject({ url: '/v1/health/ready' })
   t.equal(ready.statusCode, 503)
   t.match(ready.json(), { status: 'not_ready', checks: { redis: { ok: false, error: String } } })
+})
+
+t.test('a key revoked on one instance closes its socket on another at once (pub/sub)', { skip: url ? false : 'REDIS_URL not set (CI sets it)' }, async (t) => {
+  const { default: WebSocket } = await import('ws')
+  const shared = tempDir(t)
+  const { Redis } = await import('ioredis')
+  const redis = new Redis(url!)
+  t.teardown(() => redis.quit())
+  const subscribers = async () => Number(((await redis.pubsub('NUMSUB', 'oi-server:keys:revoked')) as [string, number])[1])
+  const before = await subscribers()
+  const a = await build(t, { REDIS_URL: url!, DATA_DIR: shared })
+  const b = await build(t, { REDIS_URL: url!, DATA_DIR: shared })
+  // both instances subscribe in the background; a revocation published earlier would be missed
+  while ((await subscribers()) < before + 2) await new Promise((r) => setTimeout(r, 20))
+  const { key, id } = (await a.inject({ method: 'POST', url: '/v1/keys', headers: auth(), payload: { name: 'replicated' } })).json()
+  const session = (await a.inject({ method: 'POST', url: '/v1/sessions', headers: auth(key) })).json().session_id
+  await b.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = b.server.address() as AddressInfo
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/v1/sessions/${session}/events/ws`, { headers: auth(key) })
+  t.teardown(() => ws.terminate())
+  const closed = new Promise<{ code: number; reason: string }>((resolve) => ws.on('close', (code, reason) => resolve({ code, reason: String(reason) })))
+  await new Promise<void>((resolve) => ws.on('message', (data) => JSON.parse(String(data)).type === 'ready' && resolve()))
+
+  t.equal((await a.inject({ method: 'DELETE', url: `/v1/keys/${id}`, headers: auth() })).statusCode, 204)
+  t.same(await closed, { code: 4001, reason: 'API key revoked or expired' })
 })

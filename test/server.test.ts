@@ -59,3 +59,41 @@ t.test('HTTPS with TLS_CERT_FILE and TLS_KEY_FILE, with HSTS', async (t) => {
   t.match(headers['strict-transport-security'], /max-age=\d+/)
   t.equal(await server.stop(), 0)
 })
+
+t.test('a body over BODY_LIMIT gets a readable 413 while fetch is still sending it', async (t) => {
+  // A separate process, as in production: in one process the client reads the answer before
+  // the server's close reaches it, and the failure this guards against does not show.
+  const server = await startServer({ DATA_DIR: tempDir(t), API_KEY: 'k', BODY_LIMIT: '1024', RATE_LIMIT_PER_MINUTE: '0' })
+  t.teardown(() => server.stop('SIGKILL'))
+  const body = Buffer.alloc(60 * 1024 * 1024, 'x')
+  const chunks = () =>
+    new ReadableStream({
+      start(controller) {
+        for (let i = 0; i < body.length; i += 1024 * 1024) controller.enqueue(body.subarray(i, i + 1024 * 1024))
+        controller.close()
+      },
+    })
+  const outcomes: string[] = []
+  for (let i = 0; i < 6; i++) {
+    for (const [name, init] of [
+      ['buffer', { body }],
+      ['stream', { body: chunks(), duplex: 'half' }],
+      ['no key', { body, anonymous: true }],
+    ] as const) {
+      const headers: Record<string, string> = { 'content-type': 'application/json' }
+      if (!('anonymous' in init)) headers.authorization = 'Bearer k'
+      try {
+        const res = await fetch(`${server.url}/v1/sessions`, { method: 'POST', headers, ...init } as RequestInit)
+        const text = await res.text()
+        outcomes.push(`${name} ${res.status} ${res.headers.get('connection')} ${JSON.parse(text).error?.code}`)
+      } catch (err) {
+        outcomes.push(`${name} ${(err as { cause?: { code?: string } }).cause?.code ?? (err as Error).message}`)
+      }
+    }
+  }
+  t.same(
+    outcomes,
+    Array.from({ length: 6 }, () => ['buffer 413 close payload_too_large', 'stream 413 close payload_too_large', 'no key 401 close missing_api_key']).flat(),
+  )
+  t.equal(await server.stop('SIGTERM'), 0, 'and the server shuts down cleanly afterwards')
+})

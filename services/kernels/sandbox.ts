@@ -217,7 +217,8 @@ export class SandboxRuntime {
     readonly layout: HostLayout,
     readonly cgroups: Cgroups,
     readonly enforcement: SandboxEnforcement,
-    private readonly seccomp: Buffer | undefined,
+    /** The BPF program for `bwrap --seccomp`, when libseccomp could make one. */
+    readonly seccompFilter: Buffer | undefined,
   ) {}
 
   static async create(opts: SandboxOptions, log?: { warn(obj: object, msg?: string): void }): Promise<SandboxRuntime> {
@@ -239,10 +240,6 @@ export class SandboxRuntime {
 
   get driversDir(): string {
     return join(this.dir, 'drivers')
-  }
-
-  get seccompFilter(): Buffer | undefined {
-    return this.seccomp
   }
 
   /** passwd and group files naming the kernel's user, so `whoami` and `os.userInfo()` work. */

@@ -1,5 +1,6 @@
-import { randomUUID } from 'node:crypto'
-import type { AddressInfo } from 'node:net'
+import { randomBytes, randomUUID } from 'node:crypto'
+import { once } from 'node:events'
+import { type AddressInfo, connect } from 'node:net'
 import t from 'tap'
 import WebSocket from 'ws'
 import { newApiKey } from '../../services/auth.js'
@@ -613,6 +614,8 @@ t.test('ws: a subscriber that stops reading is closed with 4008 and resumes with
   t.equal(fast.events.length, total, 'the reading subscriber got every event')
   t.ok(elapsed < 10_000, `appends were not held up by the slow subscriber (${elapsed} ms)`)
 
+  t.equal(app.bus.subscriberCount(session), 1, 'the dropped subscriber stopped receiving at once, before its socket closed')
+
   raw.resume()
   t.same(await slow.closed, { code: 4008, reason: 'subscriber too slow; reconnect with latest_event_id' })
   const got = slow.events.map((e) => e.id)
@@ -627,4 +630,109 @@ t.test('ws: a subscriber that stops reading is closed with 4008 and resumes with
     'resuming delivers the rest',
   )
   t.equal(fast.ws.readyState, WebSocket.OPEN, 'the reading subscriber stays connected')
+})
+
+t.test('ws: revoking a key closes its open sockets at once with 4001; other sockets stay', async (t) => {
+  const { app } = await setup(t)
+  const url = await listen(app)
+  const { key, id } = (await app.inject({ method: 'POST', url: '/v1/keys', headers: auth(), payload: { name: 'revoked' } })).json()
+  const other = await tenantKey(app)
+  const session = await newSession(app, key)
+  const otherSession = await newSession(app, other)
+  const adminSession = await newSession(app)
+
+  const byHeader = await open(t, url(session), auth(key))
+  const byFrame = await open(t, url(session), {})
+  byFrame.send({ type: 'auth', token: key })
+  const bystanders = [await open(t, url(otherSession), auth(other)), await open(t, url(adminSession))]
+  for (const client of [byHeader, byFrame, ...bystanders]) await client.until((f) => f.type === 'ready')
+
+  // no frame is sent after the revocation: the revocation alone closes the sockets
+  t.equal((await app.inject({ method: 'DELETE', url: `/v1/keys/${id}`, headers: auth() })).statusCode, 204)
+  t.same(await byHeader.closed, { code: 4001, reason: 'API key revoked or expired' })
+  t.same(await byFrame.closed, { code: 4001, reason: 'API key revoked or expired' })
+
+  await app.bus.append(otherSession, 'custom', { n: 1 })
+  await app.bus.append(adminSession, 'custom', { n: 1 })
+  for (const client of bystanders) {
+    t.match((await client.untilEvent('custom')).event, { data: { n: 1 } })
+    t.equal(client.ws.readyState, WebSocket.OPEN, 'a socket of another key stays open')
+  }
+})
+
+t.test('ws: a key that expires while its socket is open closes it with 4001', async (t) => {
+  const { app } = await setup(t)
+  const url = await listen(app)
+  const { key, record } = newApiKey('short-lived', new Date(Date.now() + 2000).toISOString())
+  await app.store.createApiKey(record)
+  const session = await newSession(app, key)
+  const client = await open(t, url(session), auth(key))
+  t.same(await client.closed, { code: 4001, reason: 'API key revoked or expired' })
+  t.ok(client.frames.some((f) => f.type === 'ready'), 'it was open and ready before the key expired')
+})
+
+/**
+ * Completes the WebSocket handshake over a raw TCP socket and then never reads: what the server
+ * sends stays in the kernel buffers and then in the server's.
+ */
+async function nonReader(t: Tap, url: string): Promise<import('node:net').Socket> {
+  const { hostname, port, pathname, search } = new URL(url)
+  const socket = connect(Number(port), hostname)
+  t.teardown(() => socket.destroy())
+  await once(socket, 'connect')
+  socket.pause()
+  socket.write(
+    [
+      `GET ${pathname}${search} HTTP/1.1`,
+      `Host: ${hostname}:${port}`,
+      'Upgrade: websocket',
+      'Connection: Upgrade',
+      `Sec-WebSocket-Key: ${randomBytes(16).toString('base64')}`,
+      'Sec-WebSocket-Version: 13',
+      'Authorization: Bearer test-admin-key',
+      '',
+      '',
+    ].join('\r\n'),
+  )
+  return socket
+}
+
+t.test('ws: a replay reader that never reads is closed with 4008 and released; the server keeps serving', async (t) => {
+  const { app } = await setup(t, { WS_PING_INTERVAL_MS: '200' })
+  const url = await listen(app)
+  const session = await newSession(app)
+  // 60 events of 200 kB: 12 MB to replay, far more than loopback TCP and the replay window hold
+  const total = 60
+  const filler = 'x'.repeat(200_000)
+  for (let i = 1; i <= total; i++) await app.bus.append(session, 'bulk', { i, filler })
+
+  const accepted = once(app.websocketServer, 'connection') as Promise<[WebSocket]>
+  const client = await nonReader(t, url(session))
+  const [serverSide] = await accepted
+  const codes: number[] = []
+  const close = serverSide.close.bind(serverSide)
+  serverSide.close = (code?: number, reason?: string | Buffer) => {
+    if (code !== undefined) codes.push(code)
+    close(code, reason)
+  }
+
+  await once(serverSide, 'close')
+  t.same(codes, [4008], 'the server closed it as too slow')
+  t.equal(serverSide.bufferedAmount, 0, 'nothing is left buffered for it')
+  t.equal(app.websocketServer.clients.size, 0)
+  t.equal(app.bus.subscriberCount(session), 0, 'its subscription is gone')
+
+  // the client, reading at last, finds its connection ended
+  const ended = once(client, 'close')
+  client.resume()
+  await ended
+
+  const reader = await open(t, url(session, `?latest_event_id=${total - 2}`))
+  t.same(await reader.until((f) => f.type === 'ready'), { type: 'ready', latest_event_id: total })
+  t.same(
+    reader.events.map((e) => e.data.i),
+    [total - 1, total],
+  )
+  const rest = await app.inject({ url: `/v1/sessions/${session}/events?reverse=true&limit=1`, headers: auth() })
+  t.equal(rest.json().events[0].id, total)
 })

@@ -121,9 +121,8 @@ async function execute(code, file, nextLine) {
 }
 
 report({ type: 'ready', version: process.versions.node, pid: process.pid })
-const commands = readline
-  .createInterface({ input: new net.Socket({ fd: COMMAND_FD, readable: true, writable: false }), crlfDelay: Infinity })
-  [Symbol.asyncIterator]()
+const lines = readline.createInterface({ input: new net.Socket({ fd: COMMAND_FD, readable: true, writable: false }), crlfDelay: Infinity })
+const commands = lines[Symbol.asyncIterator]()
 const nextLine = async () => {
   const { value, done } = await commands.next()
   return done ? undefined : value
