@@ -439,6 +439,36 @@ t.test('least recently used kernels are evicted past maxKernels', async (t) => {
   t.same(kept.results, ['3'])
 })
 
+t.test('a tenant at its kernel quota evicts its own kernels, never another tenant\'s', async (t) => {
+  const m = manager({ maxKernels: 4, maxKernelsPerTenant: 2 })
+  const [a1, a2, a3, b1, c1] = [newSession(), newSession(), newSession(), newSession(), newSession()]
+  await run(m, b1, 'python', 'x = "b"', { tenantId: 'b' })
+  await run(m, a1, 'python', 'x = "a1"', { tenantId: 'a' })
+  await run(m, a2, 'python', 'x = "a2"', { tenantId: 'a' })
+  const third = await run(m, a3, 'python', 'x = "a3"', { tenantId: 'a' })
+  t.same(third.notices, [], 'the tenant that starts a kernel is not told anything')
+  const evicted = await run(m, a1, 'python', '"x" in globals()', { tenantId: 'a' })
+  t.match(evicted.notices.join(' '), /this API key runs at most 2 kernels at once/, "tenant a's own oldest kernel made room")
+  t.same((await run(m, b1, 'python', 'x', { tenantId: 'b' })).results, ["'b'"], "tenant b's kernel is untouched")
+
+  // The server is full (a: 2, b: 1, and one more for c): c, holding fewer, takes from the tenant holding most.
+  await run(m, c1, 'python', 'x = "c"', { tenantId: 'c' })
+  const c2 = newSession()
+  await run(m, c2, 'python', 'x = "c2"', { tenantId: 'c' })
+  t.same((await run(m, b1, 'python', 'x', { tenantId: 'b' })).results, ["'b'"], 'the tenant with the fewest kernels keeps its kernel')
+
+  // Every kernel of a tenant busy: the next one is refused rather than evicting a running one.
+  const started: Promise<void>[] = []
+  const busy = [a3, a1].map((sessionId) => {
+    let going: () => void = () => {}
+    started.push(new Promise<void>((resolve) => (going = resolve)))
+    return m.execute({ sessionId, tenantId: 'a', language: 'python', code: 'import time\nprint("go", flush=True)\ntime.sleep(2)', onOutput: () => going() })
+  })
+  await Promise.all(started)
+  await t.rejects(m.execute({ sessionId: newSession(), tenantId: 'a', language: 'python', code: '1' }), { statusCode: 429, code: 'kernel_quota_exceeded' })
+  await Promise.all(busy)
+})
+
 t.test('idle kernels are reaped', async (t) => {
   const m = manager({ idleSeconds: 1 })
   const id = newSession()
