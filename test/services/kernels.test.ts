@@ -462,7 +462,7 @@ t.test('a tenant at its kernel quota evicts its own kernels, never another tenan
   const busy = [a3, a1].map((sessionId) => {
     let going: () => void = () => {}
     started.push(new Promise<void>((resolve) => (going = resolve)))
-    return m.execute({ sessionId, tenantId: 'a', language: 'python', code: 'import time\nprint("go", flush=True)\ntime.sleep(2)', onOutput: () => going() })
+    return m.execute({ sessionId, tenantId: 'a', language: 'python', code: 'import time\nprint("go", flush=True)\ntime.sleep(2)', onOutput: (o) => o.type === 'stream' && going() })
   })
   await Promise.all(started)
   await t.rejects(m.execute({ sessionId: newSession(), tenantId: 'a', language: 'python', code: '1' }), { statusCode: 429, code: 'kernel_quota_exceeded' })
