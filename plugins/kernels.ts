@@ -63,9 +63,13 @@ export default fp(
         app.log.warn(`per-kernel limits NOT enforced: ${missing.join(', ')}; only per-process rlimits apply (memory per process, processes per uid)`)
     }, (err) => app.log.error({ err }, 'kernel isolation could not be probed'))
 
+    // The workspace goes even when stopping the kernels failed; either failure reaches the log.
     app.sessions.onDelete(async (sessionId) => {
-      await manager.shutdownSession(sessionId)
-      await workspaces.removeWorkspace(sessionId)
+      try {
+        await manager.shutdownSession(sessionId)
+      } finally {
+        await workspaces.removeWorkspace(sessionId)
+      }
     })
     const gauge = setInterval(() => app.metrics.liveKernels.set(manager.stats().live), 5000).unref()
     app.addHook('onClose', async () => {
