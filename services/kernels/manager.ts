@@ -46,6 +46,7 @@ export class KernelManager {
   private readonly opts: KernelManagerOptions
   // Insertion order is use order: the first entry is the least recently used kernel.
   private readonly kernels = new Map<string, Kernel>()
+  // The tenant of every kernel, those still starting included.
   private readonly tenants = new Map<string, string>()
   private readonly uids = new UidAllocator()
   private readonly queues = new Map<string, Promise<void>>()
@@ -177,6 +178,8 @@ export class KernelManager {
       return existing
     }
     this.evictForRoom(req.tenantId)
+    // Counted from now on, so concurrent starts of one tenant cannot pass its quota together.
+    this.tenants.set(key, req.tenantId)
     return this.startKernel(key, req)
   }
 
@@ -202,13 +205,15 @@ export class KernelManager {
       const started = new Kernel(spec, this.log, `${req.sessionId}/${req.language}`, maxReportLineBytes, cgroup)
       kernel = started
       this.kernels.set(key, started)
-      this.tenants.set(key, req.tenantId)
       started.onExit = (exit) => this.onKernelExit(key, started, req.language, exit)
       await started.ready
       return started
     } catch (err) {
       if (kernel && this.kernels.get(key) === kernel) this.forget(key)
-      if (!kernel) this.releaseUidIfIdle(req.sessionId)
+      if (!kernel) {
+        this.tenants.delete(key)
+        this.releaseUidIfIdle(req.sessionId)
+      }
       this.notices.delete(key)
       if (err instanceof ApiError) throw err
       if (this.closing) throw closedError()
@@ -412,7 +417,7 @@ export class KernelManager {
       if (this.evictOne(tenantId, `this API key runs at most ${this.opts.maxKernelsPerTenant} kernels at once`)) return
       throw new ApiError(429, 'rate_limit_error', 'kernel_quota_exceeded', `All ${this.opts.maxKernelsPerTenant} kernels of this API key are busy; try again when one has finished`)
     }
-    if (this.kernels.size < this.opts.maxKernels) return
+    if (this.tenants.size < this.opts.maxKernels) return
     let victim = tenantId
     for (const [tenant, count] of counts) if (count > (counts.get(victim) ?? 0) && count > own) victim = tenant
     // Every kernel busy: the server runs one more than MAX_KERNELS rather than refuse.
