@@ -318,7 +318,8 @@ function limitArgs(opts: SandboxOptions, language: Language | undefined): string
  * Node cannot make a descriptor close-on-exec, only open a new one, and /proc/self/fd/N reopens
  * a pipe but not the socket pair spawn makes: for JavaScript both channels are relayed through
  * pipes (a `cat` each, deaf to interrupts), which the driver reopens and closes so the programs
- * it starts get neither.
+ * it starts get neither. Its stdout and stderr are relayed too, so that the driver can reopen
+ * them for its end-of-execution sentinels, out of reach of code that closes fds 1 and 2.
  */
 function launcher(shell: string, workspace: string | undefined, language: Language | undefined, processLimit: number | undefined, command: string[]): string[] {
   const script = [
@@ -327,7 +328,9 @@ function launcher(shell: string, workspace: string | undefined, language: Langua
     `while IFS= read -r -d '' v; do export -- "$v" 2>/dev/null; done <&${KERNEL_ENV_FD}`,
     'for fd in /proc/self/fd/*; do fd=${fd##*/}; ((fd > 3)) && eval "exec $fd>&-"; done',
     'exec 8<&0 0</dev/null',
-    ...(language === 'javascript' ? ["exec 3> >(trap '' INT; exec cat >&3) 8< <(trap '' INT; exec cat <&8)"] : []),
+    ...(language === 'javascript'
+      ? ["exec 3> >(trap '' INT; exec cat >&3) 8< <(trap '' INT; exec cat <&8)", "exec 2> >(trap '' INT; exec cat >&2)", "exec 1> >(trap '' INT; exec cat 2>/dev/null)"]
+      : []),
     ...(workspace ? [`cd ${workspace} || exit 126`] : []),
     'exec "$@"',
   ].join('; ')

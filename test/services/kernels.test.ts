@@ -268,6 +268,68 @@ t.test('shell syntax errors fail fast and exit restarts the shell', async (t) =>
   t.equal(after.result.exitCode, 0)
 })
 
+t.test('shell messages name bash, not a path of the driver', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const syntax = await run(m, id, 'shell', 'echo "unterminated')
+  t.equal(syntax.stderr, "bash: eval: line 1: unexpected EOF while looking for matching `\"'\n")
+  const missing = await run(m, id, 'shell', 'true\nno-such-command-here')
+  t.equal(missing.stderr, 'bash: line 2: no-such-command-here: command not found\n')
+  t.equal((await run(m, id, 'shell', 'echo $0')).stdout, 'bash\n')
+})
+
+t.test('redirecting or closing stdout and stderr neither hangs nor gets the end markers', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const file = (name: string) => readFileSync(join(workspacesDir, id, name), 'utf8')
+  const sh = await run(m, id, 'shell', 'KEPT=yes; exec > out.txt 2>&1; echo hidden; echo oops >&2')
+  t.same([sh.result.exitCode, sh.result.timedOut, sh.result.stateLost, sh.stdout, sh.stderr], [0, false, false, '', ''])
+  await run(m, id, 'shell', 'echo more')
+  t.equal(file('out.txt'), 'hidden\noops\nmore\n', 'the file has what the code wrote, and no marker')
+  const closed = await run(m, id, 'shell', 'exec 1>&- 2>&-; echo gone; echo "$KEPT" > kept.txt')
+  t.same([closed.result.exitCode, closed.result.timedOut, closed.result.stateLost], [0, false, false])
+  t.equal(file('kept.txt'), 'yes\n', 'the shell kept its variables')
+
+  const py = await run(m, id, 'python', 'import os, sys\nkept = 1\nsys.stdout = open("py.txt", "w")\nprint("to the file")')
+  t.same([py.result.exitCode, py.result.timedOut, py.stdout], [0, false, ''])
+  t.same((await run(m, id, 'python', 'sys.stdout.close()\nsys.stdout = sys.__stdout__\nprint("back")')).stdout, 'back\n')
+  t.equal(file('py.txt'), 'to the file\n')
+  const dup = await run(m, id, 'python', 'saved = os.dup(1)\nos.dup2(os.open("dup.txt", os.O_WRONLY | os.O_CREAT), 1)\nos.write(1, b"c-level\\n")\nprint("python-level")')
+  t.same([dup.result.exitCode, dup.result.timedOut, dup.stdout], [0, false, ''])
+  t.equal((await run(m, id, 'python', 'os.dup2(saved, 1)\nprint("restored")')).stdout, 'restored\n')
+  t.equal(file('dup.txt'), 'c-level\npython-level\n')
+  const gone = await run(m, id, 'python', 'os.close(1)\nos.close(2)\nkept + 1')
+  t.same([gone.result.exitCode, gone.result.stateLost, gone.results], [0, false, ['2']])
+
+  const js = await run(m, id, 'javascript', 'const fs = require("node:fs")\nfs.closeSync(1)\nfs.closeSync(2)\n41 + 1')
+  t.same([js.result.exitCode, js.result.timedOut, js.result.stateLost, js.results], [0, false, false, ['42']])
+  t.same((await run(m, id, 'javascript', 'typeof fs')).results, ["'object'"])
+})
+
+t.test('an interrupt is never lost, even as the cell starts', async (t) => {
+  const m = manager({ execTimeoutMs: 10_000 })
+  const id = newSession()
+  for (const [language, setup, code, check] of [
+    ['python', 'kept = "yes"', 'import time\ntime.sleep(60)', 'kept'],
+    // A builtin loop: a signal that lands while a command is being started (between fork and exec)
+    // is lost for that command, in bash as in any shell.
+    ['shell', 'KEPT=yes', 'while :; do :; done', 'echo "$KEPT"'],
+  ] as const) {
+    await run(m, id, language, setup)
+    const outcomes = new Map<string, number>()
+    for (let i = 0; i < 100; i++) {
+      const pending = m.execute({ tenantId: 'tenant', sessionId: id, language, code })
+      while (!(await m.interrupt(id))) await new Promise((r) => setImmediate(r))
+      const r = await pending
+      const outcome = `interrupted=${r.interrupted} timedOut=${r.timedOut} stateLost=${r.stateLost} error=${r.error?.name}`
+      outcomes.set(outcome, (outcomes.get(outcome) ?? 0) + 1)
+    }
+    t.same(Object.fromEntries(outcomes), { 'interrupted=true timedOut=false stateLost=false error=KeyboardInterrupt': 100 }, language)
+    const after = await run(m, id, language, check)
+    t.same([...after.results, after.stdout], language === 'shell' ? ['yes\n'] : ["'yes'", ''], `${language}: the kernel kept its state`)
+  }
+})
+
 t.test('figures and images come back as PNG', async (t) => {
   const m = manager()
   const id = newSession()

@@ -7,7 +7,7 @@ import fs from 'node:fs'
 import net from 'node:net'
 import readline from 'node:readline'
 import repl from 'node:repl'
-import { PassThrough } from 'node:stream'
+import { PassThrough, Writable } from 'node:stream'
 import util from 'node:util'
 
 // Node cannot dup a descriptor, but reopening a pipe through /proc gives a close-on-exec one; the
@@ -19,6 +19,8 @@ const reopen = (fd, flags) => {
 }
 const REPORT_FD = reopen(3, 'w')
 const COMMAND_FD = reopen(8, 'r')
+const OUT_FD = fs.openSync('/proc/self/fd/1', 'w')
+const ERR_FD = fs.openSync('/proc/self/fd/2', 'w')
 const INTERNAL_FRAME = /^\s+at .*(?:node:internal|node:repl|node:vm|node:domain|sigintHandlersWrap|node_driver\.mjs)/
 
 // Values made by user code come from the REPL context's realm, where `instanceof Object` is false.
@@ -74,8 +76,17 @@ server.removeAllListeners('SIGINT')
 server.context.console = console
 
 const interruptError = Object.assign(new Error('Execution interrupted'), { code: 'ERR_SCRIPT_EXECUTION_INTERRUPTED' })
-const onSigint = () => settle?.(interruptError)
+// An interrupt outside a cell (as it starts, while its output is reported) is kept until the
+// execution it was meant for ends; a cell that starts with one pending stops at once.
+let interruptPending = false
+const onSigint = () => {
+  if (settle) settle(interruptError)
+  else interruptPending = true
+}
 process.on('SIGINT', onSigint)
+// Code may close fds 1 and 2: what is written to them then goes nowhere, as in a terminal,
+// instead of raising errors that would be printed to them again.
+for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {})
 process.on('uncaughtException', printUncaught)
 process.on('unhandledRejection', (reason) => process.stderr.write(`Unhandled promise rejection: ${util.inspect(reason)}\n`))
 
@@ -91,6 +102,11 @@ function evaluate(code, file) {
   }
   const own = (error) => finish(error, undefined, true)
   settle = own
+  if (interruptPending) {
+    interruptPending = false
+    own(interruptError)
+    return settled
+  }
   // The SIGINT watchdog of a synchronous evaluation restores the default disposition when it
   // stops, which would drop a listener installed before it: reinstall it afterwards.
   process.removeListener('SIGINT', onSigint)
@@ -102,7 +118,9 @@ function evaluate(code, file) {
   return settled
 }
 
-const writeAndWait = (stream, text) => new Promise((resolve) => stream.write(text, () => resolve()))
+// Resolves once what user code wrote to the stream has reached the descriptor (or failed, when
+// the code closed it). The stream's own write, in case user code replaced the method.
+const drained = (stream) => new Promise((resolve) => Writable.prototype.write.call(stream, '', () => resolve()))
 
 async function execute(code, file, nextLine) {
   const { error, value, failed } = await evaluate(code, file)
@@ -116,7 +134,10 @@ async function execute(code, file, nextLine) {
   }
   const nonce = ((await nextLine()) ?? '').trim()
   const sentinel = `\x02oi-end:${nonce}\x03`
-  await Promise.all([writeAndWait(process.stdout, sentinel), writeAndWait(process.stderr, sentinel)])
+  await Promise.all([drained(process.stdout), drained(process.stderr)])
+  fs.writeSync(OUT_FD, sentinel)
+  fs.writeSync(ERR_FD, sentinel)
+  interruptPending = false
   report({ type: 'done', nonce, exit_code: exitCode })
 }
 

@@ -2,8 +2,10 @@
 
 Protocol (shared with the shell and JavaScript drivers, described in protocol.ts): an execution
 arrives on fd 8 as a `BASE64(code)` line followed by a `NONCE` line, read only once the code has
-run; reports leave on fd 3 as JSON lines; user output goes to the real fds 1 and 2, each closed
-per execution by a sentinel that carries the nonce.
+run; reports leave on fd 3 as JSON lines; user output goes to fds 1 and 2, each closed per
+execution by a sentinel that carries the nonce. The sentinels go to copies of fds 1 and 2 made at
+start, so code that redirects or closes its own (`os.dup2`, `sys.stdout = open(...)`) can neither
+hang the execution nor get the sentinel in its file.
 """
 
 import ast
@@ -25,6 +27,8 @@ REPORT_FD = os.dup(3)
 os.close(3)
 COMMANDS = os.fdopen(os.dup(8), "rb")
 os.close(8)
+OUT_FD = os.dup(1)
+ERR_FD = os.dup(2)
 
 DRIVER_PID = os.getpid()
 DRIVER_FILE = __file__
@@ -139,16 +143,40 @@ def report_error(exc):
     report({"type": "error", "name": type(exc).__name__, "value": str(exc), "traceback": _user_traceback(exc)})
 
 
+# An interrupt is never ignored: one that arrives outside a cell (as it starts, while its output
+# is reported) is kept pending until the execution it was meant for ends, and a cell that starts
+# with one pending stops at once.
+_interrupt_pending = False
+_in_cell = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupt_pending
+    if _in_cell:
+        raise KeyboardInterrupt
+    _interrupt_pending = True
+
+
+def _start_cell():
+    global _in_cell, _interrupt_pending
+    _in_cell = True
+    if _interrupt_pending:
+        _interrupt_pending = False
+        raise KeyboardInterrupt
+
+
 def execute(source, filename):
     """Runs one cell; returns its exit code (0 ok, 1 exception, 130 interrupted)."""
+    global _in_cell
     error = None
     value = None
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        _start_cell()
         value = run_cell(source, filename)
     except BaseException as exc:
         error = exc
     finally:
+        _in_cell = False
         # A child forked by user code must not go on to act as the driver.
         if os.getpid() != DRIVER_PID:
             os._exit(1 if error is not None else 0)
@@ -168,16 +196,18 @@ def execute(source, filename):
 
 
 def finish(nonce, exit_code):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _interrupt_pending
     _flush_user_streams()
     sentinel = b"\x02oi-end:" + nonce + b"\x03"
-    _write_all(1, sentinel)
-    _write_all(2, sentinel)
+    _write_all(OUT_FD, sentinel)
+    _write_all(ERR_FD, sentinel)
+    _interrupt_pending = False
     report({"type": "done", "nonce": nonce.decode("ascii"), "exit_code": exit_code})
 
 
 def main():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _in_cell
+    signal.signal(signal.SIGINT, _on_sigint)
     report({"type": "ready", "version": sys.version.split()[0], "pid": DRIVER_PID})
     count = 0
     while True:
@@ -189,11 +219,11 @@ def main():
         try:
             exit_code = execute(base64.b64decode(payload.strip()).decode("utf-8", "replace"), f"<cell-{count}>")
         except KeyboardInterrupt as exc:
-            # The interrupt landed after the user's code, while its output was being reported.
+            # The interrupt landed as the user's code ended, before the cell was marked as over.
+            _in_cell = False
             report_error(exc)
             exit_code = 130
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             finish(COMMANDS.readline().strip(), exit_code)
 
 

@@ -1,13 +1,24 @@
 # Bash kernel driver: user code runs in this very shell so `cd`, `export`, variables and
 # functions persist. Same protocol as the other drivers (protocol.ts): a `BASE64(code)` line then a
 # `NONCE` line on fd 8, the nonce read only after the code ran; JSON reports on fd 3; a nonce
-# sentinel on fds 1 and 2 after each execution. User code runs with fds 3 and 8 closed, so the
-# programs it starts have neither; stdin is /dev/null, so `read` or `cat` cannot hang.
+# sentinel after each execution on the descriptors fds 1 and 2 had when the driver started (user
+# code may redirect or close its own 1 and 2: `exec > f` must neither hang the execution nor get
+# the sentinel). User code runs with fds 3, 8 and those saved copies closed, so the programs it
+# starts have none of them; stdin is /dev/null, so `read` or `cat` cannot hang.
 
+exec {__oi_out}>&1 {__oi_err}>&2
+# An interrupt sets the flag until the execution it belongs to has ended (`done` is written), so
+# one that lands before the cell starts still stops it. Inside a cell, `return` from the trap
+# abandons the whole cell, loops included, while a plain trap would only kill the foreground
+# child and carry on.
 __oi_interrupted=0
-# Cells are sourced rather than eval'ed: `return` from the trap then abandons the whole cell,
-# loops included, while a plain trap would only kill the foreground child and carry on.
-trap '__oi_interrupted=1; return 130 2>/dev/null' INT
+__oi_in_cell=0
+# (No arithmetic in the trap: bash can run it in the middle of parsing the cell, and `((` there
+# confuses its parser.)
+trap '__oi_interrupted=1; [ "$__oi_in_cell" = 1 ] && return 130' INT
+
+builtin cd -- "${0%/*}" && PATH= builtin . bash && builtin cd -- "$OLDPWD" || exit 126
+BASH_ARGV0=bash
 
 builtin printf '{"type":"ready","version":"%s","pid":%d}\n' "${BASH_VERSION%%(*}" "$$" >&3
 
@@ -19,10 +30,10 @@ while :; do
   ((__oi_status > 128)) && continue
   ((__oi_status == 0)) || exit 0
 
-  __oi_interrupted=0
   if __oi_code=$(command base64 -d <<<"$__oi_payload"); then
-    { builtin . /dev/fd/7 7<<<"$__oi_code"; } 3>&- 8<&-
+    __oi_cell "$__oi_code" 3>&- 8<&- {__oi_out}>&- {__oi_err}>&-
     __oi_status=$?
+    __oi_in_cell=0
   else
     __oi_status=2
   fi
@@ -34,7 +45,8 @@ while :; do
     __oi_status=130
     builtin printf '{"type":"error","name":"KeyboardInterrupt","value":"Interrupted","traceback":""}\n' >&3
   fi
-  builtin printf '\002oi-end:%s\003' "$__oi_nonce"
-  builtin printf '\002oi-end:%s\003' "$__oi_nonce" >&2
+  builtin printf '\002oi-end:%s\003' "$__oi_nonce" >&$__oi_out
+  builtin printf '\002oi-end:%s\003' "$__oi_nonce" >&$__oi_err
+  __oi_interrupted=0
   builtin printf '{"type":"done","nonce":"%s","exit_code":%d}\n' "$__oi_nonce" "$__oi_status" >&3
 done
