@@ -173,6 +173,20 @@ t.test('trailing expressions and top-level await', async (t) => {
   t.same((await run(m, id, 'javascript', 'v')).results, ['7'], 'a declaration made with top-level await persists')
 })
 
+t.test('the JavaScript kernel takes ES module syntax', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const first = await run(
+    m,
+    id,
+    'javascript',
+    'import fs from "node:fs"\nimport { join as joinPath } from "node:path"\nimport * as os from "node:os"\nexport const answer = await Promise.resolve(42)\nexport function twice(n) { return n * 2 }\n`${typeof fs.readFileSync} ${joinPath("a", "b")} ${typeof os.platform}`',
+  )
+  t.same([first.result.error, first.results], [undefined, ["'function a/b function'"]])
+  const second = await run(m, id, 'javascript', 'import fs from "node:fs"\nexport default twice(answer)')
+  t.same([second.result.error, second.results], [undefined, ['84']], 'declarations persist and an import can be repeated')
+})
+
 t.test('stdout and stderr stay apart and stream as produced', async (t) => {
   const m = manager()
   const id = newSession()

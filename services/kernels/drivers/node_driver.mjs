@@ -122,8 +122,42 @@ function evaluate(code, file) {
 // the code closed it). The stream's own write, in case user code replaced the method.
 const drained = (stream) => new Promise((resolve) => Writable.prototype.write.call(stream, '', () => resolve()))
 
+// Static ES module syntax, which models write, as the REPL would run it: each `import`
+// declaration at the start of a line becomes a dynamic import assigned to `var`s (kept between
+// cells, and imported again without a clash), and `export` keywords are dropped. A line-based
+// rewrite, not a parser: an import written inside a template string at the start of a line would
+// be rewritten too.
+const IMPORT = /^([ \t]*)import\s+(?:([\w$]+)\s*(?:,\s*)?)?(?:\*\s*as\s+([\w$]+)\s*)?(?:\{([^}]*)\}\s*)?from\s*(['"][^'"\n]+['"])[ \t]*(?:with\s*\{[^}]*\}[ \t]*)?;?/gm
+const SIDE_EFFECT_IMPORT = /^([ \t]*)import\s*(['"][^'"\n]+['"])[ \t]*;?/gm
+const EXPORT_LIST = /^[ \t]*export\s*\{[^}]*\}(?:\s*from\s*['"][^'"\n]+['"])?[ \t]*;?/gm
+const EXPORT = /^([ \t]*)export\s+(?:default\s+)?(?=\S)/gm
+
+function rewriteModuleSyntax(code) {
+  return code
+    .replace(IMPORT, (whole, indent, defaultName, namespace, names, source) => {
+      if (!defaultName && !namespace && names === undefined) return whole
+      const parts = []
+      const bindings = (names ?? '')
+        .split(',')
+        .map((name) => name.trim())
+        .filter(Boolean)
+        .map((name) => name.replace(/^([\w$]+|'[^']*'|"[^"]*")\s+as\s+([\w$]+)$/, '$1: $2'))
+      if (namespace) {
+        parts.push(`var ${namespace} = await import(${source});`)
+        if (defaultName) parts.push(`var ${defaultName} = ${namespace}.default;`)
+        if (bindings.length > 0) parts.push(`var { ${bindings.join(', ')} } = ${namespace};`)
+      } else {
+        parts.push(`var { ${[...(defaultName ? [`default: ${defaultName}`] : []), ...bindings].join(', ')} } = await import(${source});`)
+      }
+      return indent + parts.join(' ')
+    })
+    .replace(SIDE_EFFECT_IMPORT, (_, indent, source) => `${indent}await import(${source});`)
+    .replace(EXPORT_LIST, '')
+    .replace(EXPORT, '$1')
+}
+
 async function execute(code, file, nextLine) {
-  const { error, value, failed } = await evaluate(code, file)
+  const { error, value, failed } = await evaluate(rewriteModuleSyntax(code), file)
   let exitCode = 0
   if (failed) {
     const described = describeError(error)
