@@ -1,11 +1,15 @@
+import { renderTerminal } from './terminal.js'
+
 /** Open Interpreter's default budget for output shown to the model. */
 export const MODEL_OUTPUT_CHARS = 2800
 
 /**
- * Shortens output before the model sees it. Both ends are kept because the head usually says
+ * Output as the model sees it: rendered as a terminal shows it (see renderTerminal), then
+ * shortened. Both ends are kept because the head usually says
  * what ran and the tail holds the result or the error; the cut is marked so the model knows.
  */
-export function capForModel(text: string, maxChars: number = MODEL_OUTPUT_CHARS): string {
+export function capForModel(raw: string, maxChars: number = MODEL_OUTPUT_CHARS): string {
+  const text = renderTerminal(raw)
   if (text.length <= maxChars) return text
   const marker = (cut: number) => `\n[… ${cut} characters cut …]\n`
   const room = Math.max(0, maxChars - marker(text.length).length)

@@ -215,6 +215,29 @@ t.test('stdout and stderr stay apart and stream as produced', async (t) => {
   }
 })
 
+t.test('the model reads output as a terminal shows it, the client gets it raw', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const progress = await run(
+    m,
+    id,
+    'python',
+    'import sys\nfor i in range(2001):\n    sys.stdout.write(f"\\rprogress {i / 20:5.1f}% [{\'#\' * (i // 100):<20}]")\nprint()\nfor row in range(60):\n    print(f"row {row:2d}: value {row * row:5d}")',
+  )
+  t.equal(progress.stdout.split('\r').length - 1, 2001, 'the client gets every redraw')
+  const seen = capForModel(progress.stdout)
+  t.equal(seen.split('\n')[0], 'progress 100.0% [####################]', 'the model gets the last frame only')
+  t.equal(seen.split('progress').length - 1, 1)
+  t.same(
+    seen.trimEnd().split('\n').slice(1),
+    Array.from({ length: 60 }, (_, row) => `row ${String(row).padStart(2)}: value ${String(row * row).padStart(5)}`),
+    'and all 60 rows',
+  )
+  const colours = await run(m, id, 'shell', "printf '\\033[32mPASSED\\033[0m\\n\\033]0;a title\\007done\\n50%%\\b\\b\\b75%%\\n'")
+  t.match(colours.stdout, /\x1b\[32m/, 'the client gets the escape sequences')
+  t.equal(capForModel(colours.stdout), 'PASSED\ndone\n75%\n')
+})
+
 t.test('UTF-8 is never split inside a character', async (t) => {
   const m = manager()
   const id = newSession()
