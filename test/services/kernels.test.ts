@@ -234,7 +234,7 @@ t.test('the model reads output as a terminal shows it, the client gets it raw', 
     'and all 60 rows',
   )
   const colours = await run(m, id, 'shell', "printf '\\033[32mPASSED\\033[0m\\n\\033]0;a title\\007done\\n50%%\\b\\b\\b75%%\\n'")
-  t.match(colours.stdout, /\x1b\[32m/, 'the client gets the escape sequences')
+  t.ok(colours.stdout.includes('\x1b[32m'), 'the client gets the escape sequences')
   t.equal(capForModel(colours.stdout), 'PASSED\ndone\n75%\n')
 })
 
