@@ -17,7 +17,11 @@ __oi_in_cell=0
 # confuses its parser.)
 trap '__oi_interrupted=1; [ "$__oi_in_cell" = 1 ] && return 130' INT
 
-builtin cd -- "${0%/*}" && PATH= builtin . bash && builtin cd -- "$OLDPWD" || exit 126
+# The way back is a descriptor: the workspace's parent may be closed to the kernel's user.
+exec {__oi_cwd}<.
+builtin cd -- "${0%/*}" && PATH= builtin . bash && builtin cd -P "/proc/self/fd/$__oi_cwd" || exit 126
+exec {__oi_cwd}<&-
+unset OLDPWD __oi_cwd
 BASH_ARGV0=bash
 
 builtin printf '{"type":"ready","version":"%s","pid":%d}\n' "${BASH_VERSION%%(*}" "$$" >&3
