@@ -46,6 +46,8 @@ export interface RecordedRequest {
   body: any
   /** The client closed the connection before the response was complete. */
   aborted: boolean
+  /** The whole response has been written (a test can tell what happened while it was streaming). */
+  finished: boolean
 }
 
 export interface FakeUpstream {
@@ -150,8 +152,12 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
         headers: req.headers,
         body,
         aborted: false,
+        finished: false,
       }
       if (keep) requests.push(entry)
+      res.on('finish', () => {
+        entry.finished = true
+      })
       const done = handle(entry, res).catch(() => {
         res.destroy()
       })

@@ -368,12 +368,12 @@ t.test('ws: the first frame must come within 10 s', async (t) => {
   const { app } = await setup(t)
   const url = await listen(app)
   const session = await newSession(app)
-  const started = Date.now()
+  const started = performance.now()
   const silent = await open(t, url(session), {})
   const closed = await silent.closed
-  const waited = Date.now() - started
   t.same(closed, { code: 4001, reason: 'authentication timed out' })
-  t.ok(waited >= 9_500 && waited < 15_000, `closed after ${waited} ms`)
+  // a lower bound only: a timer never fires early, however loaded the machine
+  t.ok(performance.now() - started >= 9_900, 'not before the 10 s (timers round to the millisecond)')
 })
 
 t.test('ws: a revoked key cannot drive the agent through a socket it opened before', async (t) => {
@@ -604,15 +604,14 @@ t.test('ws: a subscriber that stops reading is closed with 4008 and resumes with
   // The clients live in this process, so each append yields to let the reading one read.
   const total = 200
   const filler = 'x'.repeat(200_000)
-  const started = Date.now()
   for (let i = 1; i <= total; i++) {
     await app.bus.append(session, 'bulk', { i, filler })
     await sleep(2)
   }
-  const elapsed = Date.now() - started
   await fast.until((f) => f.type === 'event' && f.event.data.i === total)
+  // the slow socket is still paused: had appends waited for it, they could not have completed
+  t.ok(raw.isPaused(), 'every append completed while the slow subscriber read nothing')
   t.equal(fast.events.length, total, 'the reading subscriber got every event')
-  t.ok(elapsed < 10_000, `appends were not held up by the slow subscriber (${elapsed} ms)`)
 
   t.equal(app.bus.subscriberCount(session), 1, 'the dropped subscriber stopped receiving at once, before its socket closed')
 

@@ -105,7 +105,7 @@ t.test('JSON result shape for every language and alias', sandboxed, async (t) =>
       content: 'hello\n',
       created_at: /^\d{4}-\d\d-\d\dT.*Z$/,
     })
-    t.ok(body.duration_ms >= 0 && body.duration_ms < 30_000)
+    t.ok(body.duration_ms >= 0)
   }
 })
 
@@ -212,12 +212,10 @@ t.test('SSE: message chunks with start/end framing, then done', sandboxed, async
 t.test('a small timeout_ms stops an infinite loop; the session keeps working', sandboxed, async (t) => {
   const { exec } = await setup(t)
   await exec('python', 'kept = "yes"')
-  const started = Date.now()
   const { res, body } = await exec('python', 'while True:\n    pass', { timeout_ms: 300 })
   t.equal(res.statusCode, 200)
   t.match(body, { timed_out: true, state_lost: false, error: { name: 'KeyboardInterrupt' } })
-  t.ok(Date.now() - started < 10_000, 'it returned promptly')
-  t.match(text(body, 'stderr'), /timed out after 0\.3 s/)
+  t.match(text(body, 'stderr'), /timed out after 0\.3 s/, 'the request\'s timeout stopped it')
   t.match((await exec('python', 'kept')).body.outputs, [{ content: "'yes'" }], 'interrupted, not killed: state is kept')
 
   const sh = (await exec('shell', 'while :; do :; done', { timeout_ms: 300 })).body
@@ -228,10 +226,9 @@ t.test('a small timeout_ms stops an infinite loop; the session keeps working', s
 t.test('timeout_ms is capped at EXEC_TIMEOUT_MS; a loop deaf to SIGINT loses its state', sandboxed, async (t) => {
   const { exec } = await setup(t, { EXEC_TIMEOUT_MS: '500', EXEC_GRACE_MS: '300' })
   await exec('python', 'x = 1')
-  const started = Date.now()
   const { body } = await exec('python', 'import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass', { timeout_ms: 600_000 })
-  t.ok(Date.now() - started < 10_000, `capped (${Date.now() - started} ms)`)
   t.match(body, { timed_out: true, state_lost: true, exit_code: null })
+  t.match(text(body, 'stderr'), /timed out after 0\.5 s/, 'capped at EXEC_TIMEOUT_MS')
   t.match(text(body, 'stderr'), /killed/)
   t.match((await exec('python', 'x')).body, { exit_code: 1, error: { name: 'NameError' } }, 'a new kernel, without the old variables')
 })
@@ -252,7 +249,6 @@ t.test('POST /interrupt stops a running execution', sandboxed, async (t) => {
   const { res, body } = await running
   t.equal(res.statusCode, 200)
   t.match(body, { exit_code: 130, timed_out: false, state_lost: false, error: { name: 'KeyboardInterrupt' } })
-  t.ok(body.duration_ms < 30_000)
   t.equal(text(body, 'stdout'), 'sleeping\n')
   t.match((await exec('python', 'before + 1')).body.outputs, [{ content: '2' }], 'state survives an interrupt')
 
@@ -261,8 +257,8 @@ t.test('POST /interrupt stops a running execution', sandboxed, async (t) => {
   t.ok(await until(() => existsSync(started)), 'the shell command started')
   t.same((await app.inject({ method: 'POST', url: `/v1/sessions/${session}/interrupt`, headers: auth() })).json(), { ok: true })
   const sh = (await shell).body
-  t.ok(sh.duration_ms < 30_000, 'the shell stopped too')
-  t.not(sh.exit_code, 0)
+  t.equal(sh.timed_out, false)
+  t.not(sh.exit_code, 0, 'the shell stopped too: its sleep did not run to the end')
 })
 
 t.test('a client that goes away interrupts its code', sandboxed, async (t) => {
@@ -276,13 +272,15 @@ t.test('a client that goes away interrupts its code', sandboxed, async (t) => {
     req.end(JSON.stringify({ language: 'python', code: 'import time\ntime.sleep(60)', stream }))
     await sleep(500)
     req.destroy()
-    const started = Date.now()
     const next = (await exec('python', 'state')).body
-    t.ok(Date.now() - started < 10_000, `${stream ? 'stream' : 'JSON'}: the next execution did not wait for the sleep`)
     t.match(next.outputs, [{ content: "'kept'" }], 'interrupted, not killed')
     const events = (await app.inject({ url: `/v1/sessions/${session}/events?reverse=true&limit=10`, headers: auth() })).json().events
     const finished = events.filter((e: { type: string }) => e.type === 'execution_finished')
-    t.match(finished[1], { data: { exit_code: 130, timed_out: false, error: { name: 'KeyboardInterrupt' } } }, 'the abandoned execution was interrupted')
+    t.match(
+      finished[1],
+      { data: { exit_code: 130, timed_out: false, error: { name: 'KeyboardInterrupt' } } },
+      `${stream ? 'stream' : 'JSON'}: the abandoned execution was interrupted, so the next one did not wait for its sleep`,
+    )
   }
 })
 
