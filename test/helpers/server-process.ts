@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from 'node:child_process'
+import { type ChildProcess, type SpawnOptions, spawn } from 'node:child_process'
 import { once } from 'node:events'
 
 export interface ServerProcess {
@@ -11,11 +11,19 @@ export interface ServerProcess {
 }
 
 /**
+ * Spawns a Node process that is killed when the test process dies, however it dies (a tap
+ * timeout, a crash, SIGKILL): `setpriv --pdeathsig` asks the kernel to send SIGKILL then.
+ */
+export function spawnNode(args: string[], options: SpawnOptions): ChildProcess {
+  return spawn('setpriv', ['--pdeathsig', 'SIGKILL', '--', process.execPath, ...args], options)
+}
+
+/**
  * Starts the real server process (`cli.ts` through tsx) on a free port and resolves once its
- * banner names the URL.
+ * banner names the URL. A server that does not start is killed before the promise rejects.
  */
 export async function startServer(env: Record<string, string>, args: string[] = []): Promise<ServerProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'cli.ts', '--port', '0', ...args], {
+  const child = spawnNode(['--import', 'tsx', 'cli.ts', '--port', '0', ...args], {
     env: { PATH: process.env.PATH ?? '', LOG_LEVEL: 'warn', SANDBOX: 'none', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
@@ -24,7 +32,10 @@ export async function startServer(env: Record<string, string>, args: string[] = 
   child.stdout!.on('data', (d) => (out += d))
   child.stderr!.on('data', (d) => (err += d))
   const url = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server did not start: ${out}${err}`)), 30_000)
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL')
+      reject(new Error(`server did not start: ${out}${err}`))
+    }, 60_000)
     const check = () => {
       const m = /listening on (\S+)/.exec(out)
       if (m) {

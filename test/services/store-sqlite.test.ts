@@ -1,4 +1,3 @@
-import { spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
 import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -8,6 +7,7 @@ import { fileURLToPath } from 'node:url'
 import Sqlite from 'better-sqlite3'
 import t from 'tap'
 import { createSqliteStore, createStore } from '../../services/store/index.js'
+import { spawnNode } from '../helpers/server-process.js'
 import { storeContract } from './store-contract.js'
 
 const dir = mkdtempSync(join(tmpdir(), 'oi-store-'))
@@ -55,8 +55,10 @@ t.test('an acknowledged write survives SIGKILL', async (t) => {
       console.log(event.id)
     }
   `
-  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', writer], {
-    stdio: ['ignore', 'pipe', 'inherit'],
+  const child = spawnNode(['--import', 'tsx', '--input-type=module', '-e', writer], { stdio: ['ignore', 'pipe', 'inherit'] })
+  // also when an assertion below throws: a writer left running grows its file forever
+  t.teardown(() => {
+    child.kill('SIGKILL')
   })
   const lines = createInterface({ input: child.stdout })
   let sessionId = ''
