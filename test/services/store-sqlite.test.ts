@@ -60,7 +60,7 @@ t.test('an acknowledged write survives SIGKILL', async (t) => {
   t.teardown(() => {
     child.kill('SIGKILL')
   })
-  const lines = createInterface({ input: child.stdout })
+  const lines = createInterface({ input: child.stdout! })
   let sessionId = ''
   let acknowledged = 0
   for await (const line of lines) {
