@@ -74,9 +74,16 @@ export const ConfigSchema = Type.Object({
 type Env = Static<typeof ConfigSchema>
 
 export type Config = Omit<Env, 'OPENAI_BASE_URL' | 'OPENAI_API_KEY' | 'API_KEY'> & {
-  /** Admin bearer keys; `generatedApiKey` is set when none was configured and one was made up. */
+  /** Admin bearer keys; `generatedApiKey` is set when none was configured and the kept one is used. */
   adminKeys: string[]
-  generatedApiKey?: string
+  generatedApiKey?: GeneratedKey
+}
+
+/** The admin key kept in DATA_DIR when API_KEY is unset; `created` when this start made it. */
+export interface GeneratedKey {
+  key: string
+  file: string
+  created: boolean
 }
 
 export class ConfigError extends Error {

@@ -1,7 +1,8 @@
-import { randomBytes } from 'node:crypto'
+import { resolve } from 'node:path'
 import closeWithGrace from 'close-with-grace'
 import { buildApp } from './app.js'
 import { type Config, ConfigError, loadConfig } from './config.js'
+import { loadAdminKey } from './services/crypto.js'
 import { createLogger } from './services/logger.js'
 import { VERSION } from './services/version.js'
 
@@ -15,8 +16,16 @@ function banner(config: Config, url: string): string {
     `  model:     ${config.LITELLM_MODEL}${config.LLM_BASE_URL ? ` via ${config.LLM_BASE_URL}` : '  (no LLM_BASE_URL: set it to enable /v1/chat)'}`,
     `  rate limit: ${config.REDIS_URL ? 'Redis' : 'in memory'}`,
   ]
-  if (config.generatedApiKey)
-    lines.push(`  API key:   ${config.generatedApiKey}  (generated because API_KEY is unset; shown only now)`)
+  const generated = config.generatedApiKey
+  if (generated?.created) {
+    lines.push(`  API key:   ${generated.key}  (generated because API_KEY is unset; shown only now)`)
+  } else if (generated) {
+    lines.push(`  API key:   the one kept in ${generated.file} (generated at the first start because API_KEY is unset)`)
+  }
+  if (generated) {
+    lines.push(`             kept in ${generated.file} (mode 0600) and reused at every start;`)
+    lines.push('             to rotate it, delete that file and restart, or set API_KEY')
+  }
   return `${lines.join('\n')}\n`
 }
 
@@ -35,8 +44,10 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
   if (overrides.host) config.HOST = overrides.host
   if (overrides.port !== undefined) config.PORT = overrides.port
   if (config.adminKeys.length === 0) {
-    config.generatedApiKey = `oia_${randomBytes(24).toString('base64url')}`
-    config.adminKeys = [config.generatedApiKey]
+    const file = resolve(config.DATA_DIR, 'admin.key')
+    const { key, created } = loadAdminKey(file)
+    config.generatedApiKey = { key, file, created }
+    config.adminKeys = [key]
   }
 
   // secret values that reach a log line (an upstream error quoting a prompt, say) are masked

@@ -32,17 +32,34 @@ export class SecretBox {
   }
 }
 
-/** SECRETS_KEY (hex) when set; otherwise a key file made once with mode 0600. */
-export function loadSecretsKey(hexKey: string | undefined, keyFile: string): Buffer {
-  if (hexKey) return Buffer.from(hexKey, 'hex')
-  if (!existsSync(keyFile)) {
-    mkdirSync(dirname(keyFile), { recursive: true, mode: 0o700 })
+/**
+ * Reads a key kept in a file, creating the file (mode 0600, in a 0700 directory) with `make()`
+ * the first time. `created` says whether this call made it.
+ */
+export function keyFile(file: string, make: () => string): { value: string; created: boolean } {
+  let created = false
+  if (!existsSync(file)) {
+    mkdirSync(dirname(file), { recursive: true, mode: 0o700 })
     try {
-      writeFileSync(keyFile, randomBytes(32).toString('hex'), { mode: 0o600, flag: 'wx' })
+      writeFileSync(file, `${make()}\n`, { mode: 0o600, flag: 'wx' })
+      created = true
     } catch (err) {
       // another replica or process created it first: use theirs
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
     }
   }
-  return Buffer.from(readFileSync(keyFile, 'utf8').trim(), 'hex')
+  return { value: readFileSync(file, 'utf8').trim(), created }
+}
+
+/** SECRETS_KEY (hex) when set; otherwise a key file made once with mode 0600. */
+export function loadSecretsKey(hexKey: string | undefined, file: string): Buffer {
+  if (hexKey) return Buffer.from(hexKey, 'hex')
+  return Buffer.from(keyFile(file, () => randomBytes(32).toString('hex')).value, 'hex')
+}
+
+/** The admin key used when API_KEY is unset: made once and kept in `file`, so it survives restarts. */
+export function loadAdminKey(file: string): { key: string; created: boolean } {
+  const { value, created } = keyFile(file, () => `oia_${randomBytes(24).toString('base64url')}`)
+  if (!value) throw new Error(`${file} is empty: delete it to have a new admin key made, or set API_KEY`)
+  return { key: value, created }
 }

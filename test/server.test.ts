@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process'
-import { readFileSync } from 'node:fs'
+import { readFileSync, rmSync, statSync } from 'node:fs'
 import { request } from 'node:https'
 import { join } from 'node:path'
 import t from 'tap'
@@ -21,6 +21,36 @@ t.test('starts with a banner, answers health, exits 0 on SIGTERM', async (t) => 
   t.equal(metrics.status, 200, 'the printed key works')
   t.equal(await server.stop('SIGTERM'), 0)
   t.notMatch(server.stderr(), new RegExp(key!), 'the generated key is never logged')
+})
+
+t.test('the generated admin key is kept in DATA_DIR and reused after a restart', async (t) => {
+  const dataDir = tempDir(t)
+  const file = join(dataDir, 'admin.key')
+  const first = await startServer({ DATA_DIR: dataDir })
+  t.teardown(() => first.stop('SIGKILL'))
+  const key = /API key: +(oia_\S+)/.exec(first.stdout())?.[1]
+  t.ok(key, 'the first start shows the key it made')
+  t.match(first.stdout(), `kept in ${file} (mode 0600)`)
+  t.match(first.stdout(), /to rotate it, delete that file and restart, or set API_KEY/)
+  t.equal(statSync(file).mode & 0o777, 0o600)
+  t.equal(readFileSync(file, 'utf8').trim(), key)
+  t.equal(await first.stop('SIGTERM'), 0)
+
+  const second = await startServer({ DATA_DIR: dataDir })
+  t.teardown(() => second.stop('SIGKILL'))
+  t.notMatch(second.stdout(), key!, 'a restart does not print the key again')
+  t.match(second.stdout(), `API key:   the one kept in ${file}`)
+  const metrics = await fetch(`${second.url}/metrics`, { headers: { authorization: `Bearer ${key}` } })
+  t.equal(metrics.status, 200, 'the key from the first start still works')
+  t.equal(await second.stop('SIGTERM'), 0)
+
+  rmSync(file)
+  const rotated = await startServer({ DATA_DIR: dataDir })
+  t.teardown(() => rotated.stop('SIGKILL'))
+  const fresh = /API key: +(oia_\S+)/.exec(rotated.stdout())?.[1]
+  t.ok(fresh && fresh !== key, 'deleting the file rotates the key')
+  const old = await fetch(`${rotated.url}/metrics`, { headers: { authorization: `Bearer ${key}` } })
+  t.equal(old.status, 401, 'the old key no longer works')
 })
 
 t.test('in-flight requests finish during graceful shutdown', async (t) => {
