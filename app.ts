@@ -10,7 +10,7 @@ import corsPlugin from './plugins/cors.js'
 import errorsPlugin, { clientErrorHandler } from './plugins/errors.js'
 import httpPlugin, { RequestLog, requestId } from './plugins/http.js'
 import jsonPlugin from './plugins/json.js'
-import kernelsPlugin from './plugins/kernels.js'
+import kernelsPlugin, { type SandboxProbe } from './plugins/kernels.js'
 import llmPlugin from './plugins/llm.js'
 import metricsPlugin from './plugins/metrics.js'
 import rateLimitPlugin from './plugins/rate-limit.js'
@@ -40,6 +40,8 @@ export interface AppOptions {
   logger?: FastifyBaseLogger
   /** Injected store (tests), otherwise made from the config. */
   store?: Store
+  /** Injected sandbox probe (tests), otherwise a throwaway sandbox started as a kernel's would be. */
+  sandboxProbe?: SandboxProbe
 }
 
 /** The least that is read and thrown away of a body answered before it was read (see plugins/connections.ts). */
@@ -121,7 +123,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     models: config.MODELS,
     defaultModel: config.LITELLM_MODEL,
   })
-  await app.register(kernelsPlugin, { config })
+  await app.register(kernelsPlugin, { config, probe: opts.sandboxProbe })
   await app.register(agentPlugin, { config })
   await app.register(websocketPlugin, { maxPayload: 1024 * 1024, pingIntervalMs: config.WS_PING_INTERVAL_MS })
 

@@ -3,16 +3,17 @@ import closeWithGrace from 'close-with-grace'
 import { buildApp } from './app.js'
 import { type Config, ConfigError, loadConfig } from './config.js'
 import { loadAdminKey } from './services/crypto.js'
+import type { SandboxStatus } from './plugins/kernels.js'
 import { createLogger } from './services/logger.js'
 import { VERSION } from './services/version.js'
 
-function banner(config: Config, url: string): string {
+function banner(config: Config, url: string, sandbox: SandboxStatus): string {
   const storage = config.DATABASE_URL ? 'PostgreSQL (DATABASE_URL)' : `SQLite in ${config.DATA_DIR}`
   const lines = [
     `oi-server ${VERSION} listening on ${url}`,
     `  docs:      ${url}/docs`,
     `  storage:   ${storage}`,
-    `  sandbox:   ${config.SANDBOX}${config.SANDBOX === 'none' ? '  (WARNING: code runs without isolation)' : ''}`,
+    `  sandbox:   ${config.SANDBOX}${config.SANDBOX === 'none' ? '  (WARNING: code runs without isolation)' : ''}${sandbox.ok ? '' : `  (NOT WORKING, no code can run: ${sandbox.reason})`}`,
     `  model:     ${config.LITELLM_MODEL}${config.LLM_BASE_URL ? ` via ${config.LLM_BASE_URL}` : '  (no LLM_BASE_URL: set it to enable /v1/chat)'}`,
     `  rate limit: ${config.REDIS_URL ? 'Redis' : 'in memory'}`,
   ]
@@ -63,5 +64,7 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
   })
 
   const address = await app.listen({ host: config.HOST, port: config.PORT })
-  process.stdout.write(banner(config, address.replace('[::1]', 'localhost')))
+  // the probe logs its one line (with the fix) when the sandbox cannot work
+  const sandbox = await app.sandboxStatus()
+  process.stdout.write(banner(config, address.replace('[::1]', 'localhost'), sandbox))
 }

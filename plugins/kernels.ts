@@ -10,15 +10,29 @@ declare module 'fastify' {
   interface FastifyInstance {
     kernels: KernelManager
     workspaces: Workspaces
+    /** Whether code can run here: the sandbox probed once (again by each readiness check). */
+    sandboxStatus: () => Promise<SandboxStatus>
   }
 }
+
+export type SandboxProbe = () => Promise<{ ok: boolean; reason?: string }>
+export interface SandboxStatus {
+  ok: boolean
+  /** Why code cannot run, and what to do about it (when not ok). */
+  reason?: string
+  fix?: string
+}
+
+export const SANDBOX_FIX =
+  'install bubblewrap (Debian: apt-get install bubblewrap) and allow unprivileged user namespaces ' +
+  '(sysctl kernel.unprivileged_userns_clone=1; in Docker the --security-opt flags of the README), or set SANDBOX=none on a trusted host'
 
 /**
  * Kernels and workspaces live under DATA_DIR/workspaces. Deleting or expiring a session stops
  * its kernels and removes its workspace; closing the app kills every kernel.
  */
 export default fp(
-  async function kernels(app: FastifyInstance, { config }: { config: Config }) {
+  async function kernels(app: FastifyInstance, { config, probe }: { config: Config; probe?: SandboxProbe }) {
     const workspacesDir = join(config.DATA_DIR, 'workspaces')
     const options = {
       workspacesDir,
@@ -47,11 +61,25 @@ export default fp(
 
     if (config.SANDBOX === 'none')
       app.log.warn('SANDBOX=none: executed code runs WITHOUT isolation and can read this server\'s files and environment')
+
+    // Probed on first need (the server asks right after it listens), not while the app is built.
+    const probeSandbox = probe ?? (() => checkSandbox(options))
+    let reported = false
+    const check = async (): Promise<SandboxStatus> => {
+      if (config.SANDBOX === 'none') return { ok: true }
+      const result = await probeSandbox()
+      if (result.ok) return { ok: true }
+      const status = { ok: false, reason: result.reason ?? 'bubblewrap does not work on this host', fix: SANDBOX_FIX }
+      if (!reported) app.log.error(`sandbox unusable, no code can run: ${status.reason}. Fix: ${status.fix}`)
+      reported = true
+      return status
+    }
+    let status: Promise<SandboxStatus> | undefined
+    app.decorate('sandboxStatus', () => (status ??= check()))
     app.readiness.set('sandbox', async () => {
-      if (config.SANDBOX !== 'none') {
-        const result = await checkSandbox(options)
-        if (!result.ok) throw new Error(result.reason ?? 'bubblewrap does not work on this host')
-      }
+      status = check()
+      const found = await status
+      if (!found.ok) throw new Error(found.reason)
       return manager.enforcement()
     })
     // Not awaited: the server answers while the limits are probed; the kernels wait for them.

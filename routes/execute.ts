@@ -4,7 +4,7 @@ import { principal } from '../plugins/auth.js'
 import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { Ack } from '../schemas/chat.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
-import { invalidRequest } from '../services/errors.js'
+import { ApiError, invalidRequest } from '../services/errors.js'
 import { OutputMessages } from '../services/execution.js'
 import { resolveLanguage } from '../services/kernels/manager.js'
 import type { ExecResult, Language } from '../services/kernels/types.js'
@@ -34,6 +34,7 @@ const Language = Type.Object({
   aliases: Type.Array(Type.String()),
   version: Type.Union([Type.String(), Type.Null()]),
   available: Type.Boolean(),
+  reason: Type.Optional(Type.String({ description: 'Why the language is not available' })),
 })
 
 const summary = (r: ExecResult) => ({
@@ -47,7 +48,17 @@ const summary = (r: ExecResult) => ({
 
 /** Code straight into the session's kernel, no model involved. */
 const execute: FastifyPluginAsyncTypebox = async (app) => {
+  const languages = async () => {
+    const [found, sandbox] = await Promise.all([app.kernels.languages(), app.sandboxStatus()])
+    return found.map((info) => {
+      if (!sandbox.ok) return { ...info, available: false, reason: `the sandbox does not work on this host: ${sandbox.reason}` }
+      return info.available ? info : { ...info, reason: 'its interpreter was not found on this host' }
+    })
+  }
+
   const usable = async (name: string): Promise<Language> => {
+    const sandbox = await app.sandboxStatus()
+    if (!sandbox.ok) throw new ApiError(503, 'unavailable_error', 'kernel_unavailable', `No code can run: the sandbox does not work on this host (${sandbox.reason})`)
     const language = resolveLanguage(name)
     const info = (await app.kernels.languages()).find((l) => l.name === language)
     if (!language || !info?.available) throw invalidRequest(`Language '${name}' is not available on this server (see GET /v1/languages)`, 'language')
@@ -63,7 +74,7 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
         response: { 200: Type.Object({ languages: Type.Array(Language) }), ...protectedErrors() },
       },
     },
-    async () => ({ languages: await app.kernels.languages() }),
+    async () => ({ languages: await languages() }),
   )
 
   app.post(

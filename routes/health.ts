@@ -3,10 +3,17 @@ import { Type } from '@sinclair/typebox'
 import { VERSION } from '../services/version.js'
 
 const Health = Type.Object({
-  status: Type.Literal('healthy'),
+  status: Type.Union([Type.Literal('healthy'), Type.Literal('degraded')], {
+    description: 'degraded: the server answers, but part of it cannot work (see problems)',
+  }),
   version: Type.String(),
   model: Type.String(),
   uptime_s: Type.Number(),
+  problems: Type.Optional(
+    Type.Array(Type.Object({ component: Type.String(), message: Type.String(), fix: Type.String() }), {
+      description: 'What does not work on this host and how to fix it',
+    }),
+  ),
 })
 const Ready = Type.Object({
   status: Type.Union([Type.Literal('ready'), Type.Literal('not_ready')]),
@@ -29,9 +36,16 @@ const health: FastifyPluginAsyncTypebox<{ model: string }> = async (app, opts) =
     '/v1/health',
     {
       config: { rateLimit: false },
-      schema: { tags: ['health'], summary: 'Liveness', security: [], response: { 200: Health } },
+      schema: { tags: ['health'], summary: 'Liveness, and what cannot work on this host', security: [], response: { 200: Health } },
     },
-    async () => ({ status: 'healthy' as const, version: VERSION, model: opts.model, uptime_s: Math.round((Date.now() - started) / 1000) }),
+    // Still 200 when degraded: the process is alive and should not be restarted for it.
+    async () => {
+      const sandbox = await app.sandboxStatus()
+      const base = { version: VERSION, model: opts.model, uptime_s: Math.round((Date.now() - started) / 1000) }
+      if (sandbox.ok) return { status: 'healthy' as const, ...base }
+      const problem = { component: 'sandbox', message: `no code can run: ${sandbox.reason}`, fix: sandbox.fix ?? '' }
+      return { status: 'degraded' as const, ...base, problems: [problem] }
+    },
   )
 
   app.get(

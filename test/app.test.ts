@@ -1,6 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Validator } from '@seriousme/openapi-schema-validator'
+import { pino } from 'pino'
 import t from 'tap'
 import { ADMIN_KEY, auth, build, tempDir } from './helpers/build.js'
 
@@ -28,6 +29,39 @@ t.test('GET /v1/health/ready reports each check', async (t) => {
   // Which kernel limits this host enforces, and why the others are not.
   const { details } = res.json().checks.sandbox
   t.match(details, { sandbox: String, seccomp: Boolean, tmpfsMb: Number, cgroups: { layout: /^(v1|v2|none)$/, enforced: Array, missing: Object } })
+})
+
+t.test('a sandbox that cannot work is reported at once, by health, languages and execute', async (t) => {
+  const lines: { level: number; msg: string }[] = []
+  const logger = pino({ level: 'info' }, { write: (line: string) => lines.push(JSON.parse(line)) })
+  const reason = 'bwrap: setting up uid map: Permission denied'
+  const app = await build(t, {}, { logger, sandboxProbe: async () => ({ ok: false, reason }) })
+
+  const health = await app.inject({ url: '/v1/health' })
+  t.equal(health.statusCode, 200, 'degraded is still alive')
+  t.match(health.json(), {
+    status: 'degraded',
+    problems: [{ component: 'sandbox', message: `no code can run: ${reason}`, fix: /apt-get install bubblewrap.*SANDBOX=none/ }],
+  })
+  const logged = lines.filter((l) => /sandbox/.test(l.msg))
+  t.equal(logged.length, 1, 'one log line')
+  t.equal(logged[0]?.level, 50)
+  t.match(logged[0]?.msg, `sandbox unusable, no code can run: ${reason}. Fix: install bubblewrap`)
+
+  const { languages } = (await app.inject({ url: '/v1/languages', headers: auth() })).json()
+  t.equal(languages.length, 3)
+  for (const language of languages) t.match(language, { available: false, reason: `the sandbox does not work on this host: ${reason}` }, language.name)
+
+  const session = (await app.inject({ method: 'POST', url: '/v1/sessions', headers: auth() })).json().session_id
+  const exec = await app.inject({ method: 'POST', url: `/v1/sessions/${session}/execute`, headers: auth(), payload: { language: 'python', code: '1' } })
+  t.equal(exec.statusCode, 503)
+  t.match(exec.json(), envelopeShape('kernel_unavailable', 'unavailable_error'))
+  t.match(exec.json().error.message, reason)
+
+  const ready = await app.inject({ url: '/v1/health/ready' })
+  t.equal(ready.statusCode, 503)
+  t.match(ready.json(), { checks: { sandbox: { ok: false, error: reason } } })
+  t.equal(lines.filter((l) => /sandbox unusable/.test(l.msg)).length, 1, 'asked again, not logged again')
 })
 
 t.test('protected routes: 401 envelopes with rate-limit headers', async (t) => {

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { FastifyInstance } from 'fastify'
-import { buildApp } from '../../app.js'
+import { type AppOptions, buildApp } from '../../app.js'
 import { loadConfig } from '../../config.js'
 
 export const ADMIN_KEY = 'test-admin-key'
@@ -21,7 +21,7 @@ export function tempDir(t: Tap, prefix = 'oi-test-'): string {
  * The app as the server builds it, on a temporary SQLite store, with an admin key and quiet
  * logs. `env` overrides any setting exactly as the environment would.
  */
-export async function build(t: Tap, env: Record<string, string> = {}): Promise<FastifyInstance> {
+export async function build(t: Tap, env: Record<string, string> = {}, opts: AppOptions = {}): Promise<FastifyInstance> {
   const config = loadConfig({
     API_KEY: ADMIN_KEY,
     DATA_DIR: tempDir(t),
@@ -29,7 +29,7 @@ export async function build(t: Tap, env: Record<string, string> = {}): Promise<F
     SESSION_RATE_LIMIT_PER_MINUTE: '1000',
     ...env,
   })
-  const app = await buildApp(config)
+  const app = await buildApp(config, opts)
   t.teardown(() => app.close())
   return app
 }
