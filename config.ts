@@ -33,8 +33,8 @@ export const ConfigSchema = Type.Object({
   HOST: Type.String({ default: '127.0.0.1', minLength: 1 }),
   PORT: Int(5001, 0, 65535),
   DATA_DIR: Type.String({ default: './data', minLength: 1 }),
-  DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://' })),
-  REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://' })),
+  DATABASE_URL: Str('postgres:// or postgresql:// URL'),
+  REDIS_URL: Str('redis:// or rediss:// URL'),
   SANDBOX: Type.Union([Type.Literal('bwrap'), Type.Literal('none')], { default: 'bwrap' }),
   SANDBOX_NETWORK: Type.Boolean({ default: false }),
   CORS_ORIGINS: Str('comma-separated allowed origins; unset allows any localhost origin, * allows all'),
@@ -110,6 +110,35 @@ function literals(name: string): string[] | undefined {
   return values?.every((v) => typeof v === 'string') ? (values as string[]) : undefined
 }
 
+/** The URL settings: the schemes each accepts and an example for the message. */
+const URLS = [
+  { names: ['LLM_BASE_URL', 'OPENAI_BASE_URL'], schemes: ['http:', 'https:'], example: 'http://localhost:4000/v1' },
+  { names: ['DATABASE_URL'], schemes: ['postgres:', 'postgresql:'], example: 'postgres://user:password@localhost:5432/oi' },
+  { names: ['REDIS_URL'], schemes: ['redis:', 'rediss:'], example: 'redis://localhost:6379' },
+]
+
+/** A URL setting that does not parse, or has another scheme, stops the start (rather than failing at first use). */
+function checkUrls(env: Record<string, unknown>): void {
+  for (const { names, schemes, example } of URLS) {
+    for (const name of names) {
+      const value = env[name]
+      if (typeof value !== 'string') continue
+      let url: URL | undefined
+      try {
+        url = new URL(value)
+      } catch {
+        // reported below
+      }
+      if (!url || !schemes.includes(url.protocol) || !url.hostname) {
+        const accepted = schemes.map((s) => `${s}//`).join(' or ')
+        // the value may hold a password: show it only when it does not parse as a URL with credentials
+        const shown = url?.password ? `${url.protocol}//…` : value
+        throw new ConfigError(`Invalid configuration: ${name} must be a ${accepted} URL such as ${example} (got ${JSON.stringify(shown)})`)
+      }
+    }
+  }
+}
+
 /**
  * Reads and validates the configuration. Throws ConfigError with one line naming the variable.
  * Pass `env` to validate a given object (tests); `dotenv` reads `.env` from the working directory.
@@ -128,6 +157,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     if (allowed) throw new ConfigError(`Invalid configuration: ${name} must be one of ${allowed.join(', ')} (got ${JSON.stringify(data[name])})`)
     throw new ConfigError(`Invalid configuration: ${describe(first, data)}`)
   }
+  checkUrls(parsed)
   if (Boolean(parsed.TLS_CERT_FILE) !== Boolean(parsed.TLS_KEY_FILE))
     throw new ConfigError('Invalid configuration: TLS_CERT_FILE and TLS_KEY_FILE must be set together')
   if (parsed.REQUEST_TIMEOUT_MS > 0 && parsed.HEADERS_TIMEOUT_MS > parsed.REQUEST_TIMEOUT_MS)

@@ -36,7 +36,13 @@ t.test('bad values name the variable and what is allowed', async (t) => {
     [{ RATE_LIMIT_PER_MINUTE: '-1' }, /RATE_LIMIT_PER_MINUTE must be >= 0/],
     [{ LOG_LEVEL: 'loud' }, /LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent \(got "loud"\)/],
     [{ SANDBOX: 'docker' }, /SANDBOX must be one of bwrap, none/],
-    [{ DATABASE_URL: 'mysql://x' }, /DATABASE_URL must match/],
+    [{ DATABASE_URL: 'mysql://x' }, /^Invalid configuration: DATABASE_URL must be a postgres:\/\/ or postgresql:\/\/ URL such as postgres:\/\/user:password@localhost:5432\/oi \(got "mysql:\/\/x"\)$/],
+    [{ DATABASE_URL: 'postgres://' }, /DATABASE_URL must be a postgres:\/\/ or postgresql:\/\/ URL/],
+    [{ LLM_BASE_URL: 'localhost:4000/v1' }, /^Invalid configuration: LLM_BASE_URL must be a http:\/\/ or https:\/\/ URL such as http:\/\/localhost:4000\/v1 \(got "localhost:4000\/v1"\)$/],
+    [{ LLM_BASE_URL: 'http//localhost:4000' }, /LLM_BASE_URL must be a http:\/\/ or https:\/\/ URL/],
+    [{ OPENAI_BASE_URL: 'api.openai.com/v1' }, /OPENAI_BASE_URL must be a http:\/\/ or https:\/\/ URL/],
+    [{ REDIS_URL: 'localhost:6379' }, /^Invalid configuration: REDIS_URL must be a redis:\/\/ or rediss:\/\/ URL such as redis:\/\/localhost:6379 \(got "localhost:6379"\)$/],
+    [{ REDIS_URL: 'http://user:hunter2@h' }, /REDIS_URL must be .* \(got "http:\/\/…"\)$/],
     [{ TEMPERATURE: '3' }, /TEMPERATURE must be <= 2/],
     [{ TLS_CERT_FILE: '/x.pem' }, /TLS_CERT_FILE and TLS_KEY_FILE must be set together/],
     [{ HEADERS_TIMEOUT_MS: '50' }, /HEADERS_TIMEOUT_MS must be >= 100/],
@@ -45,6 +51,8 @@ t.test('bad values name the variable and what is allowed', async (t) => {
   ]
   for (const [env, re] of cases) t.throws(() => loadConfig(env), re, JSON.stringify(env))
   t.throws(() => loadConfig({ PORT: 'abc' }), ConfigError)
+  const urls = loadConfig({ LLM_BASE_URL: 'https://api.openai.com/v1', DATABASE_URL: 'postgresql://u:p@db/oi', REDIS_URL: 'rediss://r:6380/0' })
+  t.match(urls, { LLM_BASE_URL: 'https://api.openai.com/v1', DATABASE_URL: 'postgresql://u:p@db/oi', REDIS_URL: 'rediss://r:6380/0' }, 'good URLs pass')
   t.equal(loadConfig({ HEADERS_TIMEOUT_MS: '5000', REQUEST_TIMEOUT_MS: '0' }).REQUEST_TIMEOUT_MS, 0, 'no request timeout, any header timeout')
 })
 
