@@ -66,5 +66,6 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
   const address = await app.listen({ host: config.HOST, port: config.PORT })
   // the probe logs its one line (with the fix) when the sandbox cannot work
   const sandbox = await app.sandboxStatus()
-  process.stdout.write(banner(config, address.replace('[::1]', 'localhost'), sandbox))
+  // stderr: stdout carries only the JSON log lines, so a pipe into a log collector stays parsable
+  process.stderr.write(banner(config, address.replace('[::1]', 'localhost'), sandbox))
 }

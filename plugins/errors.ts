@@ -103,7 +103,10 @@ export default fp(
 
     app.setErrorHandler((err: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
       const apiError = toApiError(err)
-      if (apiError.statusCode >= 500) request.log.error({ err }, 'request failed')
+      // Only a server fault needs its stack; a refused request or an upstream or host condition
+      // the error names (llm_not_configured, llm_timeout, kernel_unavailable…) is one line.
+      if (apiError.type === 'server_error') request.log.error({ err }, 'request failed')
+      else if (apiError.statusCode >= 500) request.log.warn({ code: apiError.code, status: apiError.statusCode }, apiError.message)
       else request.log.info({ code: apiError.code, status: apiError.statusCode }, apiError.message)
       if (apiError.statusCode === 429 && apiError.extra.retry_after !== undefined)
         reply.header('retry-after', String(apiError.extra.retry_after))

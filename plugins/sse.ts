@@ -1,4 +1,3 @@
-import { ApiError } from '../services/errors.js'
 import { envelope, toApiError } from './errors.js'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 
@@ -93,7 +92,8 @@ export async function streamRun<T>(
     opts.done(sse, await running)
   } catch (err) {
     const apiError = toApiError(err as Error)
-    if (apiError.statusCode >= 500 && !(err instanceof ApiError)) request.log.error({ err }, 'streamed run failed')
+    if (apiError.type === 'server_error') request.log.error({ err }, 'streamed run failed')
+    else if (apiError.statusCode >= 500) request.log.warn({ code: apiError.code, status: apiError.statusCode }, apiError.message)
     opts.error(sse, envelope(apiError))
   } finally {
     opts.end?.(sse)

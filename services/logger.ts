@@ -19,6 +19,26 @@ export const REDACT_PATHS = [
   '*.SECRETS_KEY',
 ]
 
+/**
+ * For people: one line per event, a request as `GET /v1/sessions 200 3.1ms`, other fields inline.
+ * The JSON lines keep every field.
+ */
+export const PRETTY = {
+  colorize: true,
+  sync: true,
+  singleLine: true,
+  ignore: 'pid,hostname,req,res,responseTime',
+  messageFormat: (log: Record<string, unknown>, messageKey: string) => {
+    const req = log.req as { method?: string; url?: string } | undefined
+    const res = log.res as { statusCode?: number } | undefined
+    const message = String(log[messageKey] ?? '')
+    if (!req?.method) return message
+    const time = typeof log.responseTime === 'number' ? ` ${log.responseTime.toFixed(1)}ms` : ''
+    const outcome = message === 'request completed' ? '' : ` ${message}`
+    return `${req.method} ${req.url} ${res?.statusCode ?? ''}${time}${outcome}`
+  },
+}
+
 export interface LoggerOptions {
   level: string
   /** Also write server_out.log (everything) and server_err.log (warnings and errors) there. */
@@ -34,7 +54,7 @@ export interface LoggerOptions {
 export function createLogger(opts: LoggerOptions, mask: (line: string) => string = (l) => l): Logger {
   const masked = (dest: DestinationStream): DestinationStream => ({ write: (line: string) => dest.write(mask(line)) })
   const streams: StreamEntry[] = [
-    { level: 'trace', stream: masked(opts.pretty ? pretty({ colorize: true, sync: true }) : pino.destination({ dest: 1, sync: false })) },
+    { level: 'trace', stream: masked(opts.pretty ? pretty(PRETTY) : pino.destination({ dest: 1, sync: false })) },
   ]
   if (opts.logDir) {
     mkdirSync(opts.logDir, { recursive: true })

@@ -209,7 +209,7 @@ async function killAndRestart(
   const known: Knowledge = { sessions: [], byClient: [], unansweredCreates: 0 }
   let server = await startServer(env)
   t.teardown(() => server.stop('SIGKILL'))
-  t.match(server.stdout(), storage)
+  t.match(server.stderr(), storage)
   let cutOff = 0
   let committedUnanswered = 0
   for (let round = 1; round <= ROUNDS; round++) {

@@ -10,17 +10,19 @@ t.test('starts with a banner, answers health, exits 0 on SIGTERM', async (t) => 
   const dataDir = tempDir(t)
   const server = await startServer({ DATA_DIR: dataDir })
   t.teardown(() => server.stop('SIGKILL'))
-  t.match(server.stdout(), /docs: +http:\/\/127\.0\.0\.1:\d+\/docs/)
-  t.match(server.stdout(), /storage: +SQLite/)
-  t.match(server.stdout(), /sandbox: +none/)
-  const key = /API key: +(\S+)/.exec(server.stdout())?.[1]
+  t.match(server.stderr(), /docs: +http:\/\/127\.0\.0\.1:\d+\/docs/)
+  t.match(server.stderr(), /storage: +SQLite/)
+  t.match(server.stderr(), /sandbox: +none/)
+  const key = /API key: +(\S+)/.exec(server.stderr())?.[1]
   t.ok(key, 'a generated admin key is printed once')
   const health = await fetch(`${server.url}/v1/health`)
   t.equal(health.status, 200)
   const metrics = await fetch(`${server.url}/metrics`, { headers: { authorization: `Bearer ${key}` } })
   t.equal(metrics.status, 200, 'the printed key works')
   t.equal(await server.stop('SIGTERM'), 0)
-  t.notMatch(server.stderr(), new RegExp(key!), 'the generated key is never logged')
+  t.notMatch(server.stdout(), new RegExp(key!), 'the generated key is never logged')
+  t.equal(server.stderr().split(key!).length, 2, 'it is printed once, in the banner')
+  for (const line of server.stdout().trim().split('\n')) t.doesNotThrow(() => JSON.parse(line), `stdout is JSON lines only: ${line}`)
 })
 
 t.test('the generated admin key is kept in DATA_DIR and reused after a restart', async (t) => {
@@ -28,18 +30,18 @@ t.test('the generated admin key is kept in DATA_DIR and reused after a restart',
   const file = join(dataDir, 'admin.key')
   const first = await startServer({ DATA_DIR: dataDir })
   t.teardown(() => first.stop('SIGKILL'))
-  const key = /API key: +(oia_\S+)/.exec(first.stdout())?.[1]
+  const key = /API key: +(oia_\S+)/.exec(first.stderr())?.[1]
   t.ok(key, 'the first start shows the key it made')
-  t.match(first.stdout(), `kept in ${file} (mode 0600)`)
-  t.match(first.stdout(), /to rotate it, delete that file and restart, or set API_KEY/)
+  t.match(first.stderr(), `kept in ${file} (mode 0600)`)
+  t.match(first.stderr(), /to rotate it, delete that file and restart, or set API_KEY/)
   t.equal(statSync(file).mode & 0o777, 0o600)
   t.equal(readFileSync(file, 'utf8').trim(), key)
   t.equal(await first.stop('SIGTERM'), 0)
 
   const second = await startServer({ DATA_DIR: dataDir })
   t.teardown(() => second.stop('SIGKILL'))
-  t.notMatch(second.stdout(), key!, 'a restart does not print the key again')
-  t.match(second.stdout(), `API key:   the one kept in ${file}`)
+  t.notMatch(second.stderr(), key!, 'a restart does not print the key again')
+  t.match(second.stderr(), `API key:   the one kept in ${file}`)
   const metrics = await fetch(`${second.url}/metrics`, { headers: { authorization: `Bearer ${key}` } })
   t.equal(metrics.status, 200, 'the key from the first start still works')
   t.equal(await second.stop('SIGTERM'), 0)
@@ -47,7 +49,7 @@ t.test('the generated admin key is kept in DATA_DIR and reused after a restart',
   rmSync(file)
   const rotated = await startServer({ DATA_DIR: dataDir })
   t.teardown(() => rotated.stop('SIGKILL'))
-  const fresh = /API key: +(oia_\S+)/.exec(rotated.stdout())?.[1]
+  const fresh = /API key: +(oia_\S+)/.exec(rotated.stderr())?.[1]
   t.ok(fresh && fresh !== key, 'deleting the file rotates the key')
   const old = await fetch(`${rotated.url}/metrics`, { headers: { authorization: `Bearer ${key}` } })
   t.equal(old.status, 401, 'the old key no longer works')

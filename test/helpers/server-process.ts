@@ -20,7 +20,7 @@ export function spawnNode(args: string[], options: SpawnOptions): ChildProcess {
 
 /**
  * Starts the real server process (`cli.ts` through tsx) on a free port and resolves once its
- * banner names the URL. A server that does not start is killed before the promise rejects.
+ * banner (on stderr) names the URL. A server that does not start is killed before the promise rejects.
  */
 export async function startServer(env: Record<string, string>, args: string[] = []): Promise<ServerProcess> {
   const child = spawnNode(['--import', 'tsx', 'cli.ts', '--port', '0', ...args], {
@@ -37,13 +37,13 @@ export async function startServer(env: Record<string, string>, args: string[] = 
       reject(new Error(`server did not start: ${out}${err}`))
     }, 60_000)
     const check = () => {
-      const m = /listening on (\S+)/.exec(out)
+      const m = /listening on (\S+)/.exec(err)
       if (m) {
         clearTimeout(timer)
         resolve(m[1]!)
       }
     }
-    child.stdout!.on('data', check)
+    child.stderr!.on('data', check)
     child.once('exit', (code) => {
       clearTimeout(timer)
       reject(new Error(`server exited with ${code}: ${out}${err}`))
