@@ -41,7 +41,7 @@ export function keyFile(file: string, make: () => string): { value: string; crea
   if (!existsSync(file)) {
     mkdirSync(dirname(file), { recursive: true, mode: 0o700 })
     try {
-      writeFileSync(file, `${make()}\n`, { mode: 0o600, flag: 'wx' })
+      writeFileSync(file, make(), { mode: 0o600, flag: 'wx' })
       created = true
     } catch (err) {
       // another replica or process created it first: use theirs
