@@ -1,7 +1,39 @@
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
+import { OptionalKind } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import fp from 'fastify-plugin'
+
+type Operation = {
+  operationId?: string
+  parameters?: { required?: boolean; schema?: { default?: unknown } }[]
+  requestBody?: { required?: boolean }
+}
+type RouteSchema = { operationId?: string; body?: object; params?: { properties?: Record<string, { title?: string }>; required?: string[] } }
+
+const AUTH_DESCRIPTION = [
+  'Paste an API key as it is, without `Bearer `:',
+  '- the **admin key**: `API_KEY`, or, when that is unset, the key the server generated on its first start. It is kept in',
+  '  `DATA_DIR/admin.key` (`cat data/admin.key`), printed in the banner of that start and reused by every restart;',
+  '- or a **managed key** made with `POST /v1/keys`: it sees only its own sessions, settings and secrets.',
+  '',
+  'Swagger UI keeps the key in this browser, so it survives a reload.',
+].join('\n')
+
+/**
+ * A trailing `*` is how Fastify matches the rest of a path, slashes included; OpenAPI has no such
+ * parameter. It is documented as a named path parameter (the `title` of the params schema's `*`
+ * property): a client that encodes the value (`a%2Fb`) reaches the same route.
+ */
+function namedWildcard(url: string, schema: RouteSchema): { url: string; schema: RouteSchema } | undefined {
+  const wildcard = schema.params?.properties?.['*']
+  if (!url.endsWith('/*') || !wildcard?.title) return undefined
+  const { title, ...param } = wildcard
+  return {
+    url: `${url.slice(0, -1)}:${title}`,
+    schema: { ...schema, params: { ...schema.params, properties: { [title]: param }, required: [title] } },
+  }
+}
 
 /**
  * OpenAPI 3.1 generated from the route schemas, served at /openapi.json, with Swagger UI at
@@ -10,6 +42,9 @@ import fp from 'fastify-plugin'
  */
 export default fp(
   async function openapi(app: FastifyInstance, opts: { version: string }) {
+    // operations whose body may be left out (`body: Type.Optional(...)`): @fastify/swagger marks
+    // every body required, and a generated client would then insist on one
+    const optionalBodies = new Set<string>()
     await app.register(swagger, {
       refResolver: { buildLocalReference: (json, _base, _fragment, i) => (json.$id as string) ?? `def-${i}` },
       openapi: {
@@ -19,8 +54,10 @@ export default fp(
           version: opts.version,
           description:
             'An Open Interpreter-style code agent over HTTP: native REST + SSE, an OpenAI-compatible API and a control plane.',
+          license: { name: 'MIT', identifier: 'MIT' },
         },
-        components: { securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer' } } },
+        servers: [{ url: '/', description: 'The server that serves this document' }],
+        components: { securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer', description: AUTH_DESCRIPTION } } },
         security: [{ bearerAuth: [] }],
         tags: [
           { name: 'health', description: 'Liveness and readiness' },
@@ -34,6 +71,23 @@ export default fp(
           { name: 'settings', description: 'Per-tenant settings and secrets' },
           { name: 'metrics', description: 'Prometheus metrics' },
         ],
+      },
+      transform: ({ schema, url }) => {
+        const routeSchema = schema as RouteSchema
+        if (routeSchema?.operationId && routeSchema.body && OptionalKind in routeSchema.body) optionalBodies.add(routeSchema.operationId)
+        return (routeSchema && namedWildcard(url, routeSchema)) ?? { schema, url }
+      },
+      transformObject: (document) => {
+        if (!('openapiObject' in document)) return document.swaggerObject
+        const { openapiObject } = document
+        for (const item of Object.values(openapiObject.paths ?? {})) {
+          for (const operation of Object.values(item as Record<string, Operation>)) {
+            if (operation.requestBody && optionalBodies.has(operation.operationId ?? '')) operation.requestBody.required = false
+            // a parameter with a default need not be sent
+            for (const parameter of operation.parameters ?? []) if (parameter.schema?.default !== undefined) parameter.required = false
+          }
+        }
+        return openapiObject
       },
     })
     await app.register(swaggerUi, {

@@ -3,6 +3,7 @@ import { principal } from '../plugins/auth.js'
 import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { Ack, ChatBody, ChatResponse, ConfirmBody } from '../schemas/chat.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
+import { ChatStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { ApiError } from '../services/errors.js'
 
 const chat: FastifyPluginAsyncTypebox = async (app) => {
@@ -11,12 +12,13 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
     {
       config: { sessionRateLimit: true },
       schema: {
+        operationId: 'runChat',
         tags: ['chat'],
         summary: 'Run one agent turn (JSON, or SSE with stream: true)',
         description:
           'Without session_id a new session is created. The stream sends `event: message` LMC chunks, `event: error` on failure and finally `event: done` with the session id and usage.',
         body: ChatBody,
-        response: { 200: ChatResponse, ...protectedErrors(400, 404, 409, 502, 503, 504) },
+        response: { 200: jsonOrEventStream('The turn: its final answer and every message it added', ChatResponse, ChatStreamEvent), ...protectedErrors(400, 404, 409, 502, 503, 504) },
       },
     },
     async (request, reply) => {
@@ -46,6 +48,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions/:id/stop',
     {
       schema: {
+        operationId: 'stopRun',
         tags: ['chat'],
         summary: 'Cancel the running turn (upstream request aborted, code interrupted)',
         params: SessionIdParams,
@@ -63,6 +66,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions/:id/confirm',
     {
       schema: {
+        operationId: 'confirmRun',
         tags: ['chat'],
         summary: 'Approve or decline the code a run is waiting on (auto_run: false)',
         params: SessionIdParams,

@@ -26,6 +26,7 @@ export const eventLog: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions/:id/events',
     {
       schema: {
+        operationId: 'listEvents',
         tags: ['events'],
         summary: 'Search the session event log',
         params: SessionIdParams,
@@ -35,7 +36,7 @@ export const eventLog: FastifyPluginAsyncTypebox = async (app) => {
           reverse: Type.Boolean({ default: false }),
           limit: Type.Integer({ minimum: 1, maximum: 100, default: 20 }),
         }),
-        response: { 200: Type.Object({ events: Type.Array(Event), has_more: Type.Boolean() }), ...protectedErrors(400, 404) },
+        response: { 200: Type.Object({ events: Type.Array(Event), has_more: Type.Boolean() }, { description: 'A page of events' }), ...protectedErrors(400, 404) },
       },
     },
     async (request) => {
@@ -77,6 +78,7 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
     {
       websocket: true,
       schema: {
+        operationId: 'connectEvents',
         tags: ['events'],
         summary: 'Live events over WebSocket, with replay after latest_event_id',
         description:

@@ -4,6 +4,7 @@ import { principal } from '../plugins/auth.js'
 import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { Ack } from '../schemas/chat.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
+import { ErrorEvent, jsonOrEventStream, LmcChunk, sseEvent } from '../schemas/streams.js'
 import { ApiError, invalidRequest } from '../services/errors.js'
 import { OutputMessages } from '../services/execution.js'
 import { resolveLanguage } from '../services/kernels/manager.js'
@@ -16,18 +17,28 @@ const ExecuteBody = Type.Object(
     timeout_ms: Type.Optional(Type.Integer({ minimum: 1, description: 'capped at EXEC_TIMEOUT_MS' })),
     stream: Type.Optional(Type.Boolean({ default: false })),
   },
-  { additionalProperties: false },
+  { additionalProperties: false, examples: [{ language: 'python', code: 'print(1+1)', timeout_ms: 10_000 }] },
 )
 
-const ExecuteResponse = Type.Object({
-  outputs: Type.Array(Type.Ref('LmcMessage')),
+const ExecutionSummary = {
   exit_code: Type.Union([Type.Integer(), Type.Null()]),
   error: Type.Optional(Type.Object({ name: Type.String(), value: Type.String(), traceback: Type.String() })),
   duration_ms: Type.Number(),
   timed_out: Type.Boolean(),
   state_lost: Type.Boolean(),
   truncated: Type.Boolean(),
-})
+}
+
+const ExecuteResponse = Type.Object({ outputs: Type.Array(Type.Ref('LmcMessage')), ...ExecutionSummary })
+
+const ExecuteStreamEvent = Type.Union(
+  [
+    sseEvent('message', LmcChunk, 'A piece of an output message (console text, an image, an error) as the code produces it'),
+    ErrorEvent,
+    sseEvent('done', Type.Object(ExecutionSummary), 'The execution ended; the stream ends'),
+  ],
+  { title: 'Execute stream event', description: 'With `stream: true`: `event: message` pieces, then `event: done` (or `event: error`).' },
+)
 
 const Language = Type.Object({
   name: Type.String(),
@@ -69,9 +80,10 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/languages',
     {
       schema: {
+        operationId: 'listLanguages',
         tags: ['execute'],
         summary: 'Languages this host can run, with versions',
-        response: { 200: Type.Object({ languages: Type.Array(Language) }), ...protectedErrors() },
+        response: { 200: Type.Object({ languages: Type.Array(Language) }, { description: 'The languages' }), ...protectedErrors() },
       },
     },
     async () => ({ languages: await languages() }),
@@ -82,11 +94,12 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
     {
       config: { sessionRateLimit: true },
       schema: {
+        operationId: 'executeCode',
         tags: ['execute'],
         summary: 'Run code in the session kernel (JSON, or SSE of LMC chunks with stream: true)',
         params: SessionIdParams,
         body: ExecuteBody,
-        response: { 200: ExecuteResponse, ...protectedErrors(400, 404) },
+        response: { 200: jsonOrEventStream('The outputs and how the code ended', ExecuteResponse, ExecuteStreamEvent), ...protectedErrors(400, 404) },
       },
     },
     async (request, reply) => {
@@ -124,7 +137,13 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
     {
       // Like /stop, outside the per-session limit: a session that used up its executions must
       // still be able to stop the one that hangs instead of waiting for EXEC_TIMEOUT_MS.
-      schema: { tags: ['execute'], summary: 'Interrupt the running execution', params: SessionIdParams, response: { 200: Ack, ...protectedErrors(404) } },
+      schema: {
+        operationId: 'interruptExecution',
+        tags: ['execute'],
+        summary: 'Interrupt the running execution',
+        params: SessionIdParams,
+        response: { 200: Ack, ...protectedErrors(404) },
+      },
     },
     async (request) => {
       const session = await app.sessions.get(principal(request).tenantId, request.params.id)
@@ -138,10 +157,16 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
     {
       config: { sessionRateLimit: true },
       schema: {
+        operationId: 'restartKernels',
         tags: ['execute'],
         summary: "Restart the session's kernels (variables are lost; files stay)",
         params: SessionIdParams,
-        body: Type.Optional(Type.Object({ language: Type.Optional(Type.String({ maxLength: 32 })) }, { additionalProperties: false })),
+        body: Type.Optional(
+          Type.Object(
+            { language: Type.Optional(Type.String({ maxLength: 32, description: 'Only this language (all when left out)' })) },
+            { additionalProperties: false, examples: [{ language: 'python' }] },
+          ),
+        ),
         response: { 200: Ack, ...protectedErrors(400, 404) },
       },
       preValidation: async (request) => {

@@ -39,6 +39,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
     '/v1/sessions/:id/files',
     {
       schema: {
+        operationId: 'listFiles',
         tags: ['files'],
         summary: 'List a workspace directory, one page at a time',
         params: SessionIdParams,
@@ -58,6 +59,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
     '/v1/sessions/:id/files/content',
     {
       schema: {
+        operationId: 'downloadFile',
         tags: ['files'],
         summary: 'Download a file',
         params: SessionIdParams,
@@ -79,6 +81,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
     '/v1/sessions/:id/files/content',
     {
       schema: {
+        operationId: 'uploadFile',
         tags: ['files'],
         summary: 'Upload a file as the raw request body (parents are created)',
         params: SessionIdParams,
@@ -102,11 +105,12 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
     '/v1/sessions/:id/files/content',
     {
       schema: {
+        operationId: 'deleteFile',
         tags: ['files'],
         summary: 'Delete a file or directory',
         params: SessionIdParams,
         querystring: PathQuery,
-        response: { 204: Type.Null(), ...protectedErrors(400, 404) },
+        response: { 204: Type.Null({ description: 'Deleted' }), ...protectedErrors(400, 404) },
       },
     },
     async (request, reply) => {
@@ -120,6 +124,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
     '/v1/sessions/:id/files/upload',
     {
       schema: {
+        operationId: 'uploadFiles',
         tags: ['files'],
         summary: 'Multipart upload of one or more files into a directory (?path=)',
         params: SessionIdParams,
@@ -145,6 +150,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
     '/v1/sessions/:id/files/archive',
     {
       schema: {
+        operationId: 'downloadArchive',
         tags: ['files'],
         summary: 'The whole workspace as a zip',
         params: SessionIdParams,

@@ -2,19 +2,22 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { VERSION } from '../services/version.js'
 
-const Health = Type.Object({
-  status: Type.Union([Type.Literal('healthy'), Type.Literal('degraded')], {
-    description: 'degraded: the server answers, but part of it cannot work (see problems)',
-  }),
-  version: Type.String(),
-  model: Type.String(),
-  uptime_s: Type.Number(),
-  problems: Type.Optional(
-    Type.Array(Type.Object({ component: Type.String(), message: Type.String(), fix: Type.String() }), {
-      description: 'What does not work on this host and how to fix it',
+const Health = Type.Object(
+  {
+    status: Type.Union([Type.Literal('healthy'), Type.Literal('degraded')], {
+      description: 'degraded: the server answers, but part of it cannot work (see problems)',
     }),
-  ),
-})
+    version: Type.String(),
+    model: Type.String(),
+    uptime_s: Type.Number(),
+    problems: Type.Optional(
+      Type.Array(Type.Object({ component: Type.String(), message: Type.String(), fix: Type.String() }), {
+        description: 'What does not work on this host and how to fix it',
+      }),
+    ),
+  },
+  { description: 'Alive (healthy or degraded)' },
+)
 const Ready = Type.Object({
   status: Type.Union([Type.Literal('ready'), Type.Literal('not_ready')]),
   checks: Type.Record(
@@ -36,7 +39,7 @@ const health: FastifyPluginAsyncTypebox<{ model: string }> = async (app, opts) =
     '/v1/health',
     {
       config: { rateLimit: false },
-      schema: { tags: ['health'], summary: 'Liveness, and what cannot work on this host', security: [], response: { 200: Health } },
+      schema: { operationId: 'getHealth', tags: ['health'], summary: 'Liveness, and what cannot work on this host', security: [], response: { 200: Health } },
     },
     // Still 200 when degraded: the process is alive and should not be restarted for it.
     async () => {
@@ -53,10 +56,11 @@ const health: FastifyPluginAsyncTypebox<{ model: string }> = async (app, opts) =
     {
       config: { rateLimit: false },
       schema: {
+        operationId: 'getReadiness',
         tags: ['health'],
         summary: 'Readiness: store, sandbox and Redis usable',
         security: [],
-        response: { 200: Ready, 503: Ready },
+        response: { 200: { ...Ready, description: 'Ready' }, 503: { ...Ready, description: 'A check failed' } },
       },
     },
     async (_request, reply) => {

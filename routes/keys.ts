@@ -14,7 +14,9 @@ const KeyView = Type.Object({
   expires_at: Type.Union([Type.String(), Type.Null()]),
   last_used_at: Type.Union([Type.String(), Type.Null()]),
 })
-const CreatedKey = Type.Composite([KeyView, Type.Object({ key: Type.String({ description: 'Shown once; only its hash is stored' }) })])
+const CreatedKey = Type.Composite([KeyView, Type.Object({ key: Type.String({ description: 'Shown once; only its hash is stored' }) })], {
+  description: 'The new key',
+})
 
 const view = (k: ApiKeyRecord) => ({
   id: k.id,
@@ -33,6 +35,7 @@ const keys: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/keys',
     {
       schema: {
+        operationId: 'createKey',
         tags: ['keys'],
         summary: 'Create an API key (the key is shown once)',
         body: Type.Object(
@@ -42,7 +45,7 @@ const keys: FastifyPluginAsyncTypebox = async (app) => {
             // into the null branch and make a key that never expires.
             expires_at: Type.Optional(Type.Unsafe<string | null>({ type: ['string', 'null'], format: 'date-time' })),
           },
-          { additionalProperties: false },
+          { additionalProperties: false, examples: [{ name: 'app-1', expires_at: null }] },
         ),
         response: { 201: CreatedKey, ...protectedErrors(400, 403) },
       },
@@ -58,7 +61,14 @@ const keys: FastifyPluginAsyncTypebox = async (app) => {
 
   app.get(
     '/v1/keys',
-    { schema: { tags: ['keys'], summary: 'List API keys', response: { 200: Type.Object({ keys: Type.Array(KeyView) }), ...protectedErrors(403) } } },
+    {
+      schema: {
+        operationId: 'listKeys',
+        tags: ['keys'],
+        summary: 'List API keys',
+        response: { 200: Type.Object({ keys: Type.Array(KeyView) }, { description: 'The managed keys' }), ...protectedErrors(403) },
+      },
+    },
     async () => {
       await app.keys.flush()
       return { keys: (await app.store.listApiKeys()).map(view) }
@@ -69,10 +79,11 @@ const keys: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/keys/:id',
     {
       schema: {
+        operationId: 'revokeKey',
         tags: ['keys'],
         summary: 'Revoke an API key (its next request fails; its open WebSockets close with 4001)',
         params: Type.Object({ id: Type.String() }),
-        response: { 204: Type.Null(), ...protectedErrors(403, 404) },
+        response: { 204: Type.Null({ description: 'Revoked' }), ...protectedErrors(403, 404) },
       },
     },
     async (request, reply) => {

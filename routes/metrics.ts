@@ -13,6 +13,7 @@ const metrics: FastifyPluginAsyncTypebox = async (app) => {
     {
       preHandler: requireAdmin,
       schema: {
+        operationId: 'getMetrics',
         tags: ['metrics'],
         summary: 'Prometheus metrics (admin keys only)',
         produces: ['text/plain'],

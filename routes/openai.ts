@@ -4,6 +4,7 @@ import { principal } from '../plugins/auth.js'
 import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 import { protectedErrors } from '../schemas/common.js'
+import { CompletionStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { buildCompletion, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
 import { notFound } from '../services/errors.js'
 import type { LmcInput } from '../schemas/lmc.js'
@@ -47,7 +48,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
 
   app.get(
     '/v1/models',
-    { schema: { tags: ['openai'], summary: 'List models (OpenAI format)', response: { 200: ModelList, ...protectedErrors() } } },
+    { schema: { operationId: 'listModels', tags: ['openai'], summary: 'List models (OpenAI format)', response: { 200: ModelList, ...protectedErrors() } } },
     async () => ({ object: 'list' as const, data: (await app.llm.models()).map(modelView) }),
   )
 
@@ -55,9 +56,11 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/models/*',
     {
       schema: {
+        operationId: 'getModel',
         tags: ['openai'],
         summary: 'Get a model (ids may contain slashes, e.g. bedrock/anthropic.claude-3)',
-        params: Type.Object({ '*': Type.String() }),
+        // documented as {model} (plugins/swagger.ts): /v1/models/a/b and /v1/models/a%2Fb both reach this route
+        params: Type.Object({ '*': Type.String({ title: 'model', description: 'The model id; a slash in it may be sent as is or as %2F' }) }),
         response: { 200: Model, ...protectedErrors(404) },
       },
     },
@@ -73,12 +76,13 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
     {
       config: { sessionRateLimit: true },
       schema: {
+        operationId: 'createChatCompletion',
         tags: ['openai'],
         summary: 'OpenAI-compatible chat completions, with the agent running code',
         description:
           'Bind to a session with `session_id` in the body or the `X-Session-Id` header; otherwise a new session is made. The response carries `X-Session-Id`.',
         body: CompletionBody,
-        response: { 200: ChatCompletion, ...protectedErrors(400, 404, 409, 502, 503, 504) },
+        response: { 200: jsonOrEventStream('The completion', ChatCompletion, CompletionStreamEvent), ...protectedErrors(400, 404, 409, 502, 503, 504) },
       },
     },
     async (request, reply) => {

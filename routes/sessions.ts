@@ -36,9 +36,10 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions',
     {
       schema: {
+        operationId: 'createSession',
         tags: ['sessions'],
         summary: 'Create a session (the body is optional)',
-        body: CreateSessionBody,
+        body: Type.Optional(CreateSessionBody),
         response: { 201: CreatedSession, ...protectedErrors(400) },
       },
       // no body at all (and no content type) is a valid request: treat it as {}
@@ -57,6 +58,7 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions',
     {
       schema: {
+        operationId: 'listSessions',
         tags: ['sessions'],
         summary: 'List sessions, newest first',
         querystring: ListSessionsQuery,
@@ -72,7 +74,7 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
   app.get(
     '/v1/sessions/:id',
     {
-      schema: { tags: ['sessions'], summary: 'Get a session', params: SessionIdParams, response: { 200: Session, ...protectedErrors(404) } },
+      schema: { operationId: 'getSession', tags: ['sessions'], summary: 'Get a session', params: SessionIdParams, response: { 200: Session, ...protectedErrors(404) } },
     },
     async (request) => view(await app.sessions.get(principal(request).tenantId, request.params.id)),
   )
@@ -81,6 +83,7 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions/:id',
     {
       schema: {
+        operationId: 'updateSession',
         tags: ['sessions'],
         summary: 'Update title or metadata',
         params: SessionIdParams,
@@ -98,10 +101,11 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions/:id',
     {
       schema: {
+        operationId: 'deleteSession',
         tags: ['sessions'],
         summary: 'Delete a session, its messages, kernels and workspace',
         params: SessionIdParams,
-        response: { 204: Type.Null(), ...protectedErrors(404) },
+        response: { 204: Type.Null({ description: 'Deleted' }), ...protectedErrors(404) },
       },
     },
     async (request, reply) => {
@@ -114,6 +118,7 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions/:id/messages',
     {
       schema: {
+        operationId: 'listMessages',
         tags: ['sessions'],
         summary: 'List the stored LMC messages, oldest first',
         params: SessionIdParams,
@@ -132,10 +137,11 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/sessions/:id/messages',
     {
       schema: {
+        operationId: 'clearMessages',
         tags: ['sessions'],
         summary: 'Clear the conversation history',
         params: SessionIdParams,
-        response: { 204: Type.Null(), ...protectedErrors(404) },
+        response: { 204: Type.Null({ description: 'Cleared' }), ...protectedErrors(404) },
       },
     },
     async (request, reply) => {

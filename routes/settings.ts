@@ -5,13 +5,13 @@ import { protectedErrors } from '../schemas/common.js'
 import { Settings, SettingsPatch } from '../schemas/settings.js'
 import { notFound } from '../services/errors.js'
 
-const SecretName = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]{0,99}$', description: 'An environment variable name' })
+const SecretName = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]{0,99}$', description: 'An environment variable name', examples: ['API_TOKEN'] })
 
 /** Per-tenant settings and secrets. Secret values go in and never come out. */
 const settings: FastifyPluginAsyncTypebox = async (app) => {
   app.get(
     '/v1/settings',
-    { schema: { tags: ['settings'], summary: "The caller's effective settings", response: { 200: Settings, ...protectedErrors() } } },
+    { schema: { operationId: 'getSettings', tags: ['settings'], summary: "The caller's effective settings", response: { 200: Settings, ...protectedErrors() } } },
     async (request) => app.settings.get(principal(request).tenantId),
   )
 
@@ -19,6 +19,7 @@ const settings: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/settings',
     {
       schema: {
+        operationId: 'updateSettings',
         tags: ['settings'],
         summary: 'Change settings (null resets a field to the server default)',
         body: SettingsPatch,
@@ -32,10 +33,14 @@ const settings: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/secrets',
     {
       schema: {
+        operationId: 'listSecrets',
         tags: ['settings'],
         summary: 'List secret names (never values)',
         response: {
-          200: Type.Object({ secrets: Type.Array(Type.Object({ name: Type.String(), created_at: Type.String(), updated_at: Type.String() })) }),
+          200: Type.Object(
+            { secrets: Type.Array(Type.Object({ name: Type.String(), created_at: Type.String(), updated_at: Type.String() })) },
+            { description: 'The secret names' },
+          ),
           ...protectedErrors(),
         },
       },
@@ -47,11 +52,12 @@ const settings: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/secrets/:name',
     {
       schema: {
+        operationId: 'setSecret',
         tags: ['settings'],
         summary: "Set a secret: encrypted at rest, injected into the tenant's kernels, masked in output",
         params: Type.Object({ name: SecretName }),
-        body: Type.Object({ value: Type.String({ minLength: 1, maxLength: 65_536 }) }, { additionalProperties: false }),
-        response: { 204: Type.Null(), ...protectedErrors(400) },
+        body: Type.Object({ value: Type.String({ minLength: 1, maxLength: 65_536 }) }, { additionalProperties: false, examples: [{ value: 's3cr3t' }] }),
+        response: { 204: Type.Null({ description: 'Stored' }), ...protectedErrors(400) },
       },
     },
     async (request, reply) => {
@@ -64,10 +70,11 @@ const settings: FastifyPluginAsyncTypebox = async (app) => {
     '/v1/secrets/:name',
     {
       schema: {
+        operationId: 'deleteSecret',
         tags: ['settings'],
         summary: 'Delete a secret',
-        params: Type.Object({ name: Type.String({ maxLength: 100 }) }),
-        response: { 204: Type.Null(), ...protectedErrors(404) },
+        params: Type.Object({ name: Type.String({ maxLength: 100, examples: ['API_TOKEN'] }) }),
+        response: { 204: Type.Null({ description: 'Deleted' }), ...protectedErrors(404) },
       },
     },
     async (request, reply) => {

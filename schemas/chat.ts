@@ -15,7 +15,7 @@ export const ChatBody = Type.Object(
     stream: Type.Optional(Type.Boolean({ default: false })),
     config: Type.Optional(RunConfig),
   },
-  { additionalProperties: false },
+  { additionalProperties: false, examples: [{ messages: [{ role: 'user', type: 'message', content: 'Hello!' }] }] },
 )
 
 export const ChatResponse = Type.Object({
@@ -25,8 +25,8 @@ export const ChatResponse = Type.Object({
   usage: Usage,
 })
 
-export const ConfirmBody = Type.Object({ approve: Type.Boolean() }, { additionalProperties: false })
-export const Ack = Type.Object({ ok: Type.Boolean(), detail: Type.Optional(Type.String()) })
+export const ConfirmBody = Type.Object({ approve: Type.Boolean() }, { additionalProperties: false, examples: [{ approve: true }] })
+export const Ack = Type.Object({ ok: Type.Boolean(), detail: Type.Optional(Type.String()) }, { description: 'Done, or ok: false with the reason' })
 
 /** OpenAI Chat Completions request: the fields used; anything else is accepted and ignored. */
 export const CompletionBody = Type.Object(
@@ -40,7 +40,7 @@ export const CompletionBody = Type.Object(
     max_completion_tokens: Type.Optional(Type.Union([Type.Integer({ minimum: 1 }), Type.Null()])),
     session_id: Type.Optional(Type.String({ maxLength: 64 })),
   },
-  { additionalProperties: true },
+  { additionalProperties: true, examples: [{ messages: [{ role: 'user', content: 'Hello!' }] }] },
 )
 
 export const Model = Type.Object({
@@ -48,5 +48,5 @@ export const Model = Type.Object({
   object: Type.Literal('model'),
   created: Type.Integer(),
   owned_by: Type.String(),
-})
-export const ModelList = Type.Object({ object: Type.Literal('list'), data: Type.Array(Model) })
+}, { description: 'The model' })
+export const ModelList = Type.Object({ object: Type.Literal('list'), data: Type.Array(Model) }, { description: 'The models' })

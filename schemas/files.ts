@@ -2,7 +2,7 @@ import type { Readable } from 'node:stream'
 import { Type } from '@sinclair/typebox'
 
 /** A streamed binary body, documented as such. */
-export const Binary = Type.Unsafe<Readable>({ type: 'string', format: 'binary' })
+export const Binary = Type.Unsafe<Readable>({ type: 'string', format: 'binary', description: 'The bytes' })
 
 const Path = Type.String({ maxLength: 4096, description: 'Relative to the workspace' })
 
@@ -34,11 +34,14 @@ export const Entry = Type.Object({
   ),
 })
 
-export const Listing = Type.Object({
-  path: Type.String(),
-  entries: Type.Array(Entry),
-  next_cursor: Type.Union([Type.String(), Type.Null()], { description: 'Pass as cursor for the next page; null on the last one' }),
-})
+export const Listing = Type.Object(
+  {
+    path: Type.String(),
+    entries: Type.Array(Entry),
+    next_cursor: Type.Union([Type.String(), Type.Null()], { description: 'Pass as cursor for the next page; null on the last one' }),
+  },
+  { description: 'A page of directory entries' },
+)
 
-export const Written = Type.Object({ path: Type.String(), size: Type.Integer() })
-export const Uploaded = Type.Object({ files: Type.Array(Written) })
+export const Written = Type.Object({ path: Type.String(), size: Type.Integer() }, { description: 'The file was written' })
+export const Uploaded = Type.Object({ files: Type.Array(Written) }, { description: 'The files were written' })

@@ -11,7 +11,7 @@ export const SettingsFields = {
   max_iterations: Type.Integer({ minimum: 1, maximum: 1000 }),
 }
 
-export const Settings = Type.Object(SettingsFields, { title: 'Effective settings' })
+export const Settings = Type.Object(SettingsFields, { title: 'Effective settings', description: 'The effective settings' })
 export type Settings = Static<typeof Settings>
 
 /**
@@ -33,7 +33,7 @@ export const SettingsPatch = Type.Object(
     custom_instructions: orNull(SettingsFields.custom_instructions),
     max_iterations: orNull(SettingsFields.max_iterations),
   },
-  { additionalProperties: false },
+  { additionalProperties: false, examples: [{ temperature: 0.2, custom_instructions: 'Answer briefly.' }] },
 )
 export type SettingsPatch = Partial<{ [K in keyof Settings]: Settings[K] | null }>
 

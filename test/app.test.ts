@@ -204,15 +204,23 @@ t.test('OpenAPI 3.1 document is valid, with bearer security, tags and summaries'
   t.equal(res.statusCode, 200)
   const doc = res.json()
   t.equal(doc.openapi, '3.1.0')
-  t.same(doc.components.securitySchemes.bearerAuth, { type: 'http', scheme: 'bearer' })
+  t.match(doc.components.securitySchemes.bearerAuth, { type: 'http', scheme: 'bearer', description: /admin\.key[\s\S]*POST \/v1\/keys/ }, 'Authorize says which key to paste')
+  t.match(doc.servers, [{ url: '/' }])
   const validator = new Validator()
   const result = await validator.validate(doc)
   t.same(result.errors, undefined, 'validator reports no errors')
   t.ok(result.valid, 'document is valid OpenAPI 3.1')
-  for (const [path, ops] of Object.entries<Record<string, { tags?: string[]; summary?: string }>>(doc.paths)) {
+  type Op = { tags?: string[]; summary?: string; operationId?: string; responses: Record<string, { description: string }> }
+  const operationIds = new Set<string>()
+  for (const [path, ops] of Object.entries<Record<string, Op>>(doc.paths)) {
     for (const [method, op] of Object.entries(ops)) {
       t.ok(op.tags?.length, `${method} ${path} has tags`)
       t.ok(op.summary, `${method} ${path} has a summary`)
+      t.match(op.operationId, /^[a-z][A-Za-z]+$/, `${method} ${path} has an operationId`)
+      t.notOk(operationIds.has(op.operationId!), `${op.operationId} is unique`)
+      operationIds.add(op.operationId!)
+      for (const [status, response] of Object.entries(op.responses))
+        t.not(response.description, 'Default Response', `${method} ${path} ${status} is named`)
     }
   }
   const docs = await app.inject({ url: '/docs/' })
