@@ -5,7 +5,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
-import { Binary, DirQuery, Listing, ListQuery, PathQuery, Uploaded, Written } from '../schemas/files.js'
+import { Binary, DirQuery, Listing, ListQuery, MultipartFilesBody, PathQuery, RawFileBody, Uploaded, Written } from '../schemas/files.js'
 import { ApiError, invalidRequest } from '../services/errors.js'
 
 /**
@@ -80,6 +80,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.put(
     '/v1/sessions/:id/files/content',
     {
+      config: { swaggerTransform: ({ schema, url }) => ({ schema: { ...schema, body: RawFileBody }, url }) },
       schema: {
         operationId: 'uploadFile',
         tags: ['files'],
@@ -123,6 +124,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.post(
     '/v1/sessions/:id/files/upload',
     {
+      config: { swaggerTransform: ({ schema, url }) => ({ schema: { ...schema, body: MultipartFilesBody }, url }) },
       schema: {
         operationId: 'uploadFiles',
         tags: ['files'],

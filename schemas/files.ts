@@ -4,6 +4,23 @@ import { Type } from '@sinclair/typebox'
 /** A streamed binary body, documented as such. */
 export const Binary = Type.Unsafe<Readable>({ type: 'string', format: 'binary', description: 'The bytes' })
 
+/**
+ * The upload bodies, for the OpenAPI document only: these routes read the raw stream, so the body
+ * is documented through the route's `swaggerTransform` and never validated.
+ */
+export const RawFileBody = { content: { 'application/octet-stream': { schema: { type: 'string', format: 'binary', description: 'The file' } } } }
+export const MultipartFilesBody = {
+  content: {
+    'multipart/form-data': {
+      schema: {
+        type: 'object',
+        properties: { file: { type: 'array', items: { type: 'string', format: 'binary' }, description: 'One part per file; its filename names it' } },
+        required: ['file'],
+      },
+    },
+  },
+}
+
 const Path = Type.String({ maxLength: 4096, description: 'Relative to the workspace' })
 
 export const PathQuery = Type.Object({ path: Path })
