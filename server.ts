@@ -18,14 +18,13 @@ function banner(config: Config, url: string, sandbox: SandboxStatus): string {
     `  rate limit: ${config.REDIS_URL ? 'Redis' : 'in memory'}`,
   ]
   const generated = config.generatedApiKey
-  if (generated?.created) {
-    lines.push(`  API key:   ${generated.key}  (generated because API_KEY is unset; shown only now)`)
-  } else if (generated) {
-    lines.push(`  API key:   the one kept in ${generated.file} (generated at the first start because API_KEY is unset)`)
-  }
   if (generated) {
-    lines.push(`             kept in ${generated.file} (mode 0600) and reused at every start;`)
-    lines.push('             to rotate it, delete that file and restart, or set API_KEY')
+    lines.push(
+      ...(generated.created
+        ? [`  API key:   ${generated.key}  (generated because API_KEY is unset; shown only now)`, `             kept in ${generated.file} (mode 0600) and reused at every start;`]
+        : [`  API key:   the one kept in ${generated.file} (mode 0600; generated at the first start because API_KEY is unset);`]),
+      '             to rotate it, delete that file and restart, or set API_KEY',
+    )
   }
   return `${lines.join('\n')}\n`
 }
