@@ -9,6 +9,7 @@ export const ErrorResponse = Type.Object(
         code: Type.String(),
         param: Type.Union([Type.String(), Type.Null()]),
         retry_after: Type.Optional(Type.Integer()),
+        retry_after_ms: Type.Optional(Type.Integer()),
       },
       { additionalProperties: true },
     ),

@@ -27,6 +27,18 @@ export class ApiError extends Error {
     super(message)
     this.name = 'ApiError'
   }
+
+  /**
+   * False when repeating the request would repeat a side effect (a stored message, code that ran)
+   * or cannot succeed; sent as `x-should-retry`, which the OpenAI SDKs obey.
+   */
+  retryable = true
+
+  /** Marks this error as not to be retried and returns it. */
+  final(): this {
+    this.retryable = false
+    return this
+  }
 }
 
 export const sessionNotFound = () => new ApiError(404, 'session_error', 'session_not_found', 'Session not found')

@@ -71,8 +71,11 @@ export async function runTurn(opts: TurnOptions): Promise<TurnResult> {
 }
 
 /**
- * The upstream failure as the API reports it. Upstream messages can quote the key that was
- * refused, so it is masked along with anything the redactor knows.
+ * The upstream failure as the API reports it, keeping its meaning: what the client got wrong
+ * stays a 4xx with the upstream's `code` and `param`, a rate limit stays a 429 with its wait, and
+ * what only the operator can fix (the upstream refused our key) is a 502 not worth retrying.
+ * Upstream messages can quote the key that was refused, so it is masked along with anything the
+ * redactor knows.
  */
 export function upstreamError(err: unknown, apiKey: string | null, redact: (text: string) => string = (t) => t): ApiError {
   if (err instanceof ApiError) return err
@@ -85,13 +88,40 @@ export function upstreamError(err: unknown, apiKey: string | null, redact: (text
   if (err instanceof APIConnectionError) {
     return new ApiError(502, 'upstream_error', 'llm_error', clean(`Could not reach the model: ${err.message}`))
   }
-  if (err instanceof APIError) {
-    const detail = (err.error as { message?: unknown } | undefined)?.message
-    const message = typeof detail === 'string' && detail ? detail : err.message
-    const prefix = err.status ? `The model provider answered ${err.status}` : 'The model provider reported an error'
-    return new ApiError(502, 'upstream_error', 'llm_error', clean(`${prefix}: ${message}`))
+  if (!(err instanceof APIError)) return brokenStream()
+  const detail = (err.error as { message?: unknown } | undefined)?.message
+  const said = clean(typeof detail === 'string' && detail ? detail : err.message)
+  const code = typeof err.code === 'string' && err.code ? err.code : undefined
+  const param = typeof err.param === 'string' && err.param ? err.param : null
+  const status = err.status ?? 0
+  if (status === 404 && (code === 'model_not_found' || /model/i.test(said))) {
+    return new ApiError(404, 'invalid_request_error', 'model_not_found', `The model provider does not know this model: ${said}`, 'model')
   }
-  return brokenStream()
+  if (status === 400 || status === 422) return new ApiError(400, 'invalid_request_error', code ?? 'upstream_invalid_request', said, param)
+  if (status === 429) {
+    const wait = retryAfterMs(err.headers)
+    const limited = new ApiError(429, 'rate_limit_error', code ?? 'upstream_rate_limited', `The model provider is rate limiting: ${said}`, null, {
+      ...(wait !== undefined ? { retry_after: Math.max(1, Math.ceil(wait / 1000)), retry_after_ms: wait } : {}),
+    })
+    // An exhausted quota does not come back by waiting.
+    return code === 'insufficient_quota' ? limited.final() : limited
+  }
+  const prefix = status ? `The model provider answered ${status}` : 'The model provider reported an error'
+  if (status === 401 || status === 403) return new ApiError(502, 'upstream_error', 'llm_auth_failed', `${prefix}: ${said}`).final()
+  if (status === 503) return new ApiError(503, 'unavailable_error', 'llm_unavailable', `${prefix}: ${said}`)
+  return new ApiError(502, 'upstream_error', 'llm_error', `${prefix}: ${said}`)
+}
+
+/** The upstream's `retry-after-ms` or `retry-after` (seconds or an HTTP date), in milliseconds. */
+function retryAfterMs(headers: Headers | undefined): number | undefined {
+  const ms = Number.parseFloat(headers?.get('retry-after-ms') ?? '')
+  if (Number.isFinite(ms) && ms >= 0) return Math.ceil(ms)
+  const value = headers?.get('retry-after')
+  if (!value) return undefined
+  const seconds = Number.parseFloat(value)
+  if (Number.isFinite(seconds) && seconds >= 0) return Math.ceil(seconds * 1000)
+  const at = Date.parse(value)
+  return Number.isFinite(at) ? Math.max(0, at - Date.now()) : undefined
 }
 
 const upstreamTimeout = () => new ApiError(504, 'upstream_error', 'llm_timeout', 'The model did not answer in time')

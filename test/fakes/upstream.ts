@@ -35,7 +35,7 @@ export interface ScriptedCall {
 export type Step =
   | ({ kind: 'text'; text: string; usage?: Usage } & Delivery)
   | ({ kind: 'tool'; calls: ScriptedCall[]; text?: string; usage?: Usage } & Delivery)
-  | ({ kind: 'error'; status: number; message: string; type?: string; code?: string | null } & Delivery)
+  | ({ kind: 'error'; status: number; message: string; type?: string; code?: string | null; param?: string | null; headers?: Record<string, string> } & Delivery)
 
 export interface RecordedRequest {
   method: string
@@ -73,7 +73,11 @@ export const toolCall = (
   options: Delivery & { text?: string; usage?: Usage } = {},
 ): Step => ({ kind: 'tool', calls: Array.isArray(calls) ? calls : [calls], ...options })
 
-export const httpError = (status: number, message: string, options: Delivery & { type?: string; code?: string } = {}): Step => ({
+export const httpError = (
+  status: number,
+  message: string,
+  options: Delivery & { type?: string; code?: string; param?: string; headers?: Record<string, string> } = {},
+): Step => ({
   kind: 'error',
   status,
   message,
@@ -186,9 +190,12 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
     await sleep(step.firstByteMs, closed.signal)
     if (closed.signal.aborted) return
     if (step.kind === 'error') {
-      return json(res, step.status, {
-        error: { message: step.message, type: step.type ?? 'server_error', code: step.code ?? null, param: null },
-      })
+      return json(
+        res,
+        step.status,
+        { error: { message: step.message, type: step.type ?? 'server_error', code: step.code ?? null, param: step.param ?? null } },
+        step.headers,
+      )
     }
     const body: ChatBody = typeof record.body === 'object' && record.body !== null ? record.body : {}
     const model = typeof body.model === 'string' ? body.model : 'fake-model'
@@ -288,9 +295,9 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
     res.end('data: [DONE]\n\n')
   }
 
-  function json(res: ServerResponse, status: number, payload: unknown): void {
+  function json(res: ServerResponse, status: number, payload: unknown, headers: Record<string, string> = {}): void {
     const data = JSON.stringify(payload)
-    res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) })
+    res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) })
     res.end(data)
   }
 

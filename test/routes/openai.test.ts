@@ -1,6 +1,6 @@
 import OpenAI from 'openai'
 import t from 'tap'
-import { startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
+import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
 import { ADMIN_KEY, build } from '../helpers/build.js'
 import type { Tap } from '../helpers/build.js'
 
@@ -133,4 +133,55 @@ t.test("the SDK's error classes for 400, 401, 404 and 429", async (t) => {
   for (let i = 0; i < 40 && !limited; i++) await client.models.list().catch((err) => (limited = err))
   t.type(limited, OpenAI.RateLimitError)
   t.match((limited as InstanceType<typeof OpenAI.RateLimitError>).error, { code: 'rate_limit_exceeded', type: 'rate_limit_error' })
+})
+
+const chatCalls = (upstream: { requests: { path: string }[] }) => upstream.requests.filter((r) => r.path.startsWith('/v1/chat/completions')).length
+
+t.test('upstream errors keep their meaning: 400 with code and param, unknown model 404, auth 502 not retryable, 503', async (t) => {
+  const { client, upstream, baseURL } = await setup(t)
+  const ask = (c = client) => failure(c.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] }).withResponse())
+
+  upstream.script(httpError(400, 'This model maximum context length is 8 tokens', { type: 'invalid_request_error', code: 'context_length_exceeded', param: 'messages' }))
+  const tooLong = (await ask()) as InstanceType<typeof OpenAI.BadRequestError>
+  t.type(tooLong, OpenAI.BadRequestError)
+  t.match(tooLong.error, { code: 'context_length_exceeded', param: 'messages', message: /maximum context length/ })
+
+  upstream.script(httpError(404, 'The model `nope` does not exist', { type: 'invalid_request_error', code: 'model_not_found' }))
+  const unknown = (await ask()) as InstanceType<typeof OpenAI.NotFoundError>
+  t.type(unknown, OpenAI.NotFoundError)
+  t.match(unknown.error, { code: 'model_not_found', param: 'model' })
+
+  // The SDK would retry a plain 502 twice; x-should-retry: false stops it after one call.
+  const retrying = new OpenAI({ baseURL, apiKey: ADMIN_KEY, maxRetries: 2 })
+  upstream.reset()
+  upstream.script(httpError(401, 'Incorrect API key provided: sk-upstream-1234567', { code: 'invalid_api_key' }))
+  const auth = (await ask(retrying)) as InstanceType<typeof OpenAI.APIError>
+  t.equal(auth.status, 502)
+  t.match(auth.error, { code: 'llm_auth_failed', type: 'upstream_error' })
+  t.equal(auth.headers?.get('x-should-retry'), 'false')
+  t.notMatch(auth.message, /sk-upstream-1234567/)
+  t.equal(chatCalls(upstream), 1, 'an upstream auth failure is not retried by the SDK')
+
+  upstream.script(httpError(503, 'overloaded'), httpError(503, 'overloaded'))
+  const unavailable = (await ask()) as InstanceType<typeof OpenAI.APIError>
+  t.equal(unavailable.status, 503)
+  t.match(unavailable.error, { code: 'llm_unavailable' })
+})
+
+t.test("an upstream 429 keeps its Retry-After, and the SDK's retry honours it", async (t) => {
+  const { upstream, baseURL } = await setup(t)
+  const client = new OpenAI({ baseURL, apiKey: ADMIN_KEY, maxRetries: 2 })
+  upstream.script(httpError(429, 'Rate limit reached for requests', { type: 'requests', code: 'rate_limit_exceeded', headers: { 'retry-after': '1' } }), text('After the wait.'))
+  const { data, response } = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] }).withResponse()
+  t.equal(data.choices[0]!.message.content, 'After the wait.')
+  t.equal(chatCalls(upstream), 2, 'one upstream call per SDK attempt: the server does not retry the 429 itself')
+  t.ok(response.headers.get('x-session-id'))
+
+  const once = new OpenAI({ baseURL, apiKey: ADMIN_KEY, maxRetries: 0 })
+  upstream.script(httpError(429, 'slow down', { code: 'rate_limit_exceeded', headers: { 'retry-after': '7' } }))
+  const limited = (await failure(once.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] }))) as InstanceType<typeof OpenAI.RateLimitError>
+  t.type(limited, OpenAI.RateLimitError)
+  t.equal(limited.headers?.get('retry-after'), '7')
+  t.equal(limited.headers?.get('retry-after-ms'), '7000')
+  t.match(limited.error, { code: 'rate_limit_exceeded', retry_after: 7 })
 })
