@@ -6,7 +6,7 @@ import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 // the streamed answer's events, for the OpenAPI document
 import { CompletionStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { protectedErrors } from '../schemas/common.js'
-import { buildCompletion, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
+import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
 import { notFound } from '../services/errors.js'
 import type { LmcInput } from '../schemas/lmc.js'
 
@@ -115,7 +115,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
-        return buildCompletion(meta, renderContent(result.messages), result.usage)
+        return buildCompletion(meta, renderContent(result.messages), result.usage, clientFinishReason(result.finishReason))
       }
 
       const chunks = new CompletionChunks(meta)
@@ -130,7 +130,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
         stop: () => app.runs.stop(session.id),
         open: (sse) => sse.send(chunks.start()),
         done: (sse, result) => {
-          for (const chunk of chunks.finish('stop')) sse.send(chunk)
+          for (const chunk of chunks.finish(clientFinishReason(result.finishReason))) sse.send(chunk)
           if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
         },
         error: (sse, body) => sse.send(body),

@@ -61,8 +61,10 @@ export interface TurnResult {
    * neither emitted nor persisted.
    */
   final: LmcMessage
-  /** Summed over every upstream call that reported usage. */
+  /** The last usage each upstream call reported, summed over the calls. */
   usage: TokenUsage
+  /** The last upstream call's finish_reason, null when it gave none (a clean end counts as complete). */
+  finishReason: string | null
   stopped: boolean
 }
 
@@ -238,6 +240,7 @@ class Turn {
   private readonly messages: LmcMessage[] = []
   private readonly io: Io
   private readonly usage: TokenUsage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }
+  private finishReason: string | null = null
   private readonly aborted: Promise<void>
 
   constructor(private readonly opts: TurnOptions) {
@@ -312,6 +315,8 @@ class Turn {
         controller.abort()
       }, client.timeout)
     }
+    // Some upstreams repeat their cumulative usage on every chunk: only the last report counts.
+    let usage: CompletionUsage | undefined
     // Only failures of the upstream itself are mapped; a failing store or executor is not the model's fault.
     const failed = (err: unknown) => {
       if (signal.aborted) return undefined
@@ -327,7 +332,7 @@ class Turn {
         if (mapped) throw mapped
         return
       }
-      let finished = false
+      this.finishReason = null
       arm()
       for (;;) {
         let next: IteratorResult<ChatCompletionChunk>
@@ -342,9 +347,9 @@ class Turn {
         // Paused while the chunk is handled: a slow store is not a stalled model.
         clearTimeout(idle)
         const chunk = next.value
-        if (chunk.usage) this.addUsage(chunk.usage)
+        if (chunk.usage) usage = chunk.usage
         const choice = chunk.choices[0]
-        if (choice?.finish_reason) finished = true
+        if (choice?.finish_reason) this.finishReason = choice.finish_reason
         if (choice && (await reply.delta(choice.delta))) {
           controller.abort()
           return
@@ -353,8 +358,8 @@ class Turn {
       }
       if (signal.aborted) return
       if (stalled) throw upstreamTimeout()
-      if (!finished) throw brokenStream()
     } finally {
+      if (usage) this.addUsage(usage)
       clearTimeout(idle)
       signal.removeEventListener('abort', cancel)
     }
@@ -446,7 +451,7 @@ class Turn {
       content: '',
       created_at: new Date().toISOString(),
     }
-    return { messages: [...this.messages], final, usage: { ...this.usage }, stopped }
+    return { messages: [...this.messages], final, usage: { ...this.usage }, finishReason: this.finishReason, stopped }
   }
 }
 

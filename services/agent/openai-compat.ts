@@ -277,6 +277,15 @@ function ticksFor(messages: LmcMessage[]): string {
   return '`'.repeat(Math.max(3, longest + 1))
 }
 
+/**
+ * The finish_reason a client sees: the last upstream call's, except that the server's own
+ * `execute` calls are not the client's tool calls (the turn ended at the iteration limit), and
+ * an upstream that gave none ended cleanly.
+ */
+export function clientFinishReason(upstream: string | null): ChatCompletion.Choice['finish_reason'] {
+  return upstream === 'length' || upstream === 'content_filter' ? upstream : 'stop'
+}
+
 export function completionId(): string {
   return `chatcmpl-${randomBytes(12).toString('base64url')}`
 }

@@ -185,3 +185,44 @@ t.test("an upstream 429 keeps its Retry-After, and the SDK's retry honours it", 
   t.equal(limited.headers?.get('retry-after-ms'), '7000')
   t.match(limited.error, { code: 'rate_limit_exceeded', retry_after: 7 })
 })
+
+t.test('finish_reason comes from the last upstream call: length and content_filter, streamed or not', async (t) => {
+  const { client, upstream } = await setup(t)
+  const messages = [{ role: 'user' as const, content: 'hi' }]
+  upstream.script(toolCall({ language: 'python', code: 'print(1)' }), text('This answer was cut', { finishReason: 'length' }))
+  const cut = await client.chat.completions.create({ model: 'gpt-4o-mini', messages })
+  t.equal(cut.choices[0]!.finish_reason, 'length')
+
+  upstream.script(text('Filtered', { finishReason: 'content_filter' }))
+  const chunks = []
+  for await (const chunk of await client.chat.completions.create({ model: 'gpt-4o-mini', messages, stream: true })) chunks.push(chunk)
+  t.same(chunks.map((c) => c.choices[0]?.finish_reason).filter(Boolean), ['content_filter'])
+})
+
+t.test('usage is the last report of each upstream call, summed over calls, even when every chunk repeats it', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(
+    toolCall({ language: 'python', code: 'print(1)' }, { usage: { prompt_tokens: 100, completion_tokens: 10, total_tokens: 110 }, usageEveryChunk: true }),
+    text('Done, the answer is one.', { usage: { prompt_tokens: 200, completion_tokens: 20, total_tokens: 220 }, usageEveryChunk: true }),
+  )
+  const res = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] })
+  t.same(res.usage, { prompt_tokens: 300, completion_tokens: 30, total_tokens: 330 })
+
+  upstream.script(text('Streamed answer here.', { usage: { prompt_tokens: 50, completion_tokens: 5, total_tokens: 55 }, usageEveryChunk: true }))
+  const chunks = []
+  const stream = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], stream: true, stream_options: { include_usage: true } })
+  for await (const chunk of stream) chunks.push(chunk)
+  t.same(chunks.at(-1)!.usage, { prompt_tokens: 50, completion_tokens: 5, total_tokens: 55 })
+})
+
+t.test('an upstream stream ended by [DONE] or a clean close without finish_reason is a complete answer', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(text('Answer without a finish reason.', { finishReason: null }))
+  const done = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] })
+  t.equal(done.choices[0]!.message.content, 'Answer without a finish reason.')
+  t.equal(done.choices[0]!.finish_reason, 'stop')
+
+  upstream.script(text('Closed without DONE.', { finishReason: null, noDone: true }))
+  const closed = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] })
+  t.equal(closed.choices[0]!.message.content, 'Closed without DONE.')
+})
