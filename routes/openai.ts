@@ -6,7 +6,7 @@ import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 // the streamed answer's events, for the OpenAPI document
 import { CompletionStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { protectedErrors } from '../schemas/common.js'
-import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
+import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent, samplingOf } from '../services/agent/openai-compat.js'
 import { notFound } from '../services/errors.js'
 import type { LmcInput } from '../schemas/lmc.js'
 
@@ -92,6 +92,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       const header = request.headers['x-session-id']
       const sessionId = body.session_id ?? (typeof header === 'string' ? header : undefined)
       const conversation = fromChatMessages(body.messages as CompatMessage[])
+      const sampling = samplingOf(body)
       const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined
       const config = {
         llm: {
@@ -111,7 +112,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       reply.header('x-session-id', session.id)
       const inputs = newInputs(conversation.inputs, session.messageCount > 0)
       const meta = { id: completionId(), created: Math.floor(Date.now() / 1000), model: body.model ?? settings.model }
-      const base = { tenantId, sessionId: session.id, inputs, config, settings, systemMessage: conversation.systemMessage }
+      const base = { tenantId, sessionId: session.id, inputs, config, settings, sampling, systemMessage: conversation.systemMessage }
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })

@@ -23,6 +23,8 @@ export interface TurnOptions {
   model: string
   temperature: number
   maxTokens: number
+  /** The client's sampling fields (stop, seed, top_p…), sent with every upstream call. */
+  sampling?: Sampling
   /** Upstream calls allowed in one turn. */
   maxIterations: number
   systemMessage?: string
@@ -46,6 +48,13 @@ export interface TurnOptions {
   /** Budget for each code result shown to the model. */
   maxOutputChars: number
 }
+
+export type Sampling = Partial<
+  Pick<
+    ChatCompletionCreateParamsStreaming,
+    'stop' | 'seed' | 'top_p' | 'presence_penalty' | 'frequency_penalty' | 'logit_bias' | 'user' | 'logprobs' | 'top_logprobs'
+  >
+>
 
 export interface TokenUsage {
   prompt_tokens: number
@@ -380,6 +389,7 @@ class Turn {
       }),
       temperature: opts.temperature,
       max_tokens: opts.maxTokens,
+      ...opts.sampling,
       stream: true,
       stream_options: { include_usage: true },
       ...(opts.tools ? { tools: [executeTool(opts.languages)] } : {}),

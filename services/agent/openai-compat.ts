@@ -3,7 +3,7 @@ import type { ChatCompletion, ChatCompletionChunk } from 'openai/resources/chat/
 import type { LmcChunk, LmcInput, LmcMessage } from '../../schemas/lmc.js'
 import { invalidRequest } from '../errors.js'
 import { languageFromTag } from './fences.js'
-import type { TokenUsage } from './loop.js'
+import type { Sampling, TokenUsage } from './loop.js'
 
 /** A Chat Completions request message, or an LMC message sent through the same route. */
 export interface CompatMessage {
@@ -284,6 +284,21 @@ function ticksFor(messages: LmcMessage[]): string {
  */
 export function clientFinishReason(upstream: string | null): ChatCompletion.Choice['finish_reason'] {
   return upstream === 'length' || upstream === 'content_filter' ? upstream : 'stop'
+}
+
+const SAMPLING = ['stop', 'seed', 'top_p', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'user', 'logprobs', 'top_logprobs'] as const
+
+/**
+ * The request fields passed upstream as they are. One turn answers with one choice, so `n` above
+ * 1 is refused rather than quietly answered once.
+ */
+export function samplingOf(body: Partial<Record<(typeof SAMPLING)[number] | 'n', unknown>>): Sampling {
+  if (typeof body.n === 'number' && body.n > 1) {
+    throw invalidRequest('Only n: 1 is supported: each request runs one agent turn with one answer', 'n', 'unsupported_parameter')
+  }
+  const sampling: Record<string, unknown> = {}
+  for (const field of SAMPLING) if (body[field] !== undefined && body[field] !== null) sampling[field] = body[field]
+  return sampling as Sampling
 }
 
 export function completionId(): string {

@@ -226,3 +226,29 @@ t.test('an upstream stream ended by [DONE] or a clean close without finish_reaso
   const closed = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] })
   t.equal(closed.choices[0]!.message.content, 'Closed without DONE.')
 })
+
+t.test('sampling parameters reach every upstream call; n > 1 is a 400 naming n', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  const sampling = {
+    stop: ['\nObservation:'],
+    seed: 42,
+    top_p: 0.5,
+    presence_penalty: 0.25,
+    frequency_penalty: -0.5,
+    logit_bias: { '50256': -100 },
+    user: 'user-7',
+    logprobs: true,
+    top_logprobs: 2,
+  }
+  upstream.script(toolCall({ language: 'python', code: 'print(1)' }), text('one'))
+  await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], ...sampling })
+  t.equal(upstream.requests.length, 2)
+  for (const request of upstream.requests) t.match(request.body, sampling)
+
+  const before = (await app.inject({ url: '/v1/sessions', headers: { authorization: `Bearer ${ADMIN_KEY}` } })).json().sessions.length
+  const two = (await failure(client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], n: 2 }))) as InstanceType<typeof OpenAI.BadRequestError>
+  t.type(two, OpenAI.BadRequestError)
+  t.match(two.error, { param: 'n', code: 'unsupported_parameter' })
+  t.equal(upstream.requests.length, 2, 'nothing was asked upstream')
+  t.equal((await app.inject({ url: '/v1/sessions', headers: { authorization: `Bearer ${ADMIN_KEY}` } })).json().sessions.length, before, 'no session was made')
+})
