@@ -24,11 +24,9 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
     async (request, reply) => {
       const { tenantId } = principal(request)
       const body = request.body
-      const session = body.session_id
-        ? await app.sessions.get(tenantId, body.session_id)
-        : await app.sessions.create(tenantId, { model: body.config?.llm?.model })
+      const session = await app.chat.session(tenantId, body.session_id, () => app.sessions.create(tenantId, { model: body.config?.llm?.model }))
       reply.header('x-session-id', session.id)
-      const base = { tenantId, sessionId: session.id, inputs: body.messages, config: body.config }
+      const base = { tenantId, sessionId: session.id, newSession: !body.session_id, inputs: body.messages, config: body.config }
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
@@ -36,7 +34,8 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
       }
 
       return streamRun(request, reply, {
-        start: (send) => app.chat.run({ ...base, emit: (chunk) => send(chunk, 'message') }),
+        hold: true,
+        start: (send, started) => app.chat.run({ ...base, onStart: started, emit: (chunk) => send(chunk, 'message') }),
         stop: () => app.runs.stop(session.id),
         done: (sse, result) => sse.send({ session_id: session.id, usage: result.usage, stopped: result.stopped }, 'done'),
         error: (sse, body) => sse.send(body, 'error'),

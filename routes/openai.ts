@@ -104,15 +104,23 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       // Resolved here once and handed to the run, which would otherwise read them again; the
       // two reads are independent, so a networked store serves both in the time of one round trip.
       const [session, settings] = await Promise.all([
-        sessionId
-          ? app.sessions.get(tenantId, sessionId)
-          : app.sessions.create(tenantId, { model: body.model, metadata: { source: 'chat.completions' } }),
+        app.chat.session(tenantId, sessionId, () => app.sessions.create(tenantId, { model: body.model, metadata: { source: 'chat.completions' } })),
         app.settings.effective(tenantId, config),
       ])
       reply.header('x-session-id', session.id)
       const inputs = newInputs(conversation.inputs, session.messageCount > 0)
       const meta = { id: completionId(), created: Math.floor(Date.now() / 1000), model: body.model ?? settings.model }
-      const base = { tenantId, sessionId: session.id, inputs, config, settings, sampling, systemMessage: conversation.systemMessage }
+      const base = {
+        tenantId,
+        sessionId: session.id,
+        newSession: !sessionId,
+        storeOnAnswer: true,
+        inputs,
+        config,
+        settings,
+        sampling,
+        systemMessage: conversation.systemMessage,
+      }
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
@@ -121,9 +129,11 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
 
       const chunks = new CompletionChunks(meta)
       return streamRun(request, reply, {
-        start: (send) =>
+        hold: true,
+        start: (send, started) =>
           app.chat.run({
             ...base,
+            onStart: started,
             emit: (lmc) => {
               for (const chunk of chunks.push(lmc)) send(chunk)
             },
@@ -134,7 +144,10 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
           for (const chunk of chunks.finish(clientFinishReason(result.finishReason))) sse.send(chunk)
           if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
         },
-        error: (sse, body) => sse.send(body),
+        error: (sse, body) => {
+          for (const chunk of chunks.interrupt()) sse.send(chunk)
+          sse.send(body)
+        },
         end: (sse) => sse.data('[DONE]'),
       })
     },

@@ -23,8 +23,9 @@ export class ApiError extends Error {
     message: string,
     readonly param: string | null = null,
     readonly extra: Record<string, unknown> = {},
+    options?: ErrorOptions,
   ) {
-    super(message)
+    super(message, options)
     this.name = 'ApiError'
   }
 

@@ -37,6 +37,8 @@ export interface TurnOptions {
   tools: boolean
   autoRun: boolean
   execute: Executor
+  /** Awaited once, when the first upstream call answered, before anything of the answer is emitted or persisted. */
+  answered?: () => Promise<void>
   /** Asked after the confirmation message was emitted, when `autoRun` is false. */
   confirm: (code: LmcMessage) => Promise<boolean>
   /** Called as soon as each message is complete, so a crash keeps everything before it. */
@@ -341,6 +343,7 @@ class Turn {
         if (mapped) throw mapped
         return
       }
+      await this.opts.answered?.()
       this.finishReason = null
       arm()
       for (;;) {

@@ -355,6 +355,12 @@ export class CompletionChunks {
     return [...(closing ? [this.chunk({ content: closing })] : []), this.chunk({}, reason)]
   }
 
+  /** Closes an open fence before an error is reported, so the text read so far stays well-formed. */
+  interrupt(): ChatCompletionChunk[] {
+    const closing = this.renderer.close()
+    return closing ? [this.chunk({ content: closing })] : []
+  }
+
   usage(usage: TokenUsage): ChatCompletionChunk {
     return { id: this.meta.id, object: 'chat.completion.chunk', created: this.meta.created, model: this.meta.model, choices: [], usage: { ...usage } }
   }

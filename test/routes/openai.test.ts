@@ -252,3 +252,69 @@ t.test('sampling parameters reach every upstream call; n > 1 is a 400 naming n',
   t.equal(upstream.requests.length, 2, 'nothing was asked upstream')
   t.equal((await app.inject({ url: '/v1/sessions', headers: { authorization: `Bearer ${ADMIN_KEY}` } })).json().sessions.length, before, 'no session was made')
 })
+
+const sessionCount = async (app: Awaited<ReturnType<typeof setup>>['app']) =>
+  (await app.inject({ url: '/v1/sessions?limit=100', headers: { authorization: `Bearer ${ADMIN_KEY}` } })).json().sessions.length as number
+
+t.test('a stream that fails before any output is a real HTTP error with the envelope, and leaves no session', async (t) => {
+  const { client, upstream, app, baseURL } = await setup(t)
+  upstream.script(httpError(400, 'maximum context length exceeded', { type: 'invalid_request_error', code: 'context_length_exceeded', param: 'messages' }))
+  const err = (await failure(client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], stream: true }))) as InstanceType<typeof OpenAI.BadRequestError>
+  t.type(err, OpenAI.BadRequestError)
+  t.equal(err.status, 400)
+  t.match(err.error, { code: 'context_length_exceeded', param: 'messages' })
+  t.equal(await sessionCount(app), 0, 'the session made for the refused turn is gone')
+
+  upstream.script(httpError(429, 'slow down', { headers: { 'retry-after': '3' } }))
+  const raw = await fetch(`${baseURL}/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'm', messages: [{ role: 'user', content: 'x' }], stream: true }),
+  })
+  t.equal(raw.status, 429)
+  t.equal(raw.headers.get('retry-after'), '3')
+  t.match(raw.headers.get('content-type'), /^application\/json/)
+  t.match(await raw.json(), { error: { type: 'rate_limit_error' } })
+})
+
+t.test('an error after output closes the open fence before the error chunk', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'print("hi")' }), httpError(500, 'exploded'), httpError(500, 'exploded'))
+  const stream = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], stream: true })
+  let content = ''
+  const err = await failure(
+    (async () => {
+      for await (const chunk of stream) content += chunk.choices[0]?.delta.content ?? ''
+    })(),
+  )
+  t.type(err, OpenAI.APIError)
+  t.match(content, /```output\nhi\n```$/, 'the output fence is closed before the error')
+  t.equal(await sessionCount(app), 1, 'a turn that produced output keeps its session')
+})
+
+t.test('a chat refused by a check (no upstream, busy session) leaves no session behind', async (t) => {
+  const app = await build(t, { SANDBOX: 'none' })
+  const res = await app.inject({ method: 'POST', url: '/v1/chat/completions', headers: { authorization: `Bearer ${ADMIN_KEY}` }, payload: { messages: [{ role: 'user', content: 'hi' }] } })
+  t.equal(res.statusCode, 503)
+  t.match(res.json(), { error: { code: 'llm_not_configured' } })
+  const native = await app.inject({ method: 'POST', url: '/v1/chat', headers: { authorization: `Bearer ${ADMIN_KEY}` }, payload: { messages: [{ role: 'user', type: 'message', content: 'hi' }] } })
+  t.equal(native.statusCode, 503)
+  t.equal((await app.inject({ url: '/v1/sessions', headers: { authorization: `Bearer ${ADMIN_KEY}` } })).json().sessions.length, 0)
+})
+
+t.test('a busy session refuses a second chat with 409 before anything is stored', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  upstream.script(text('slow answer', { firstByteMs: 60_000 }))
+  const first = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { authorization: `Bearer ${ADMIN_KEY}` } })
+  const sessionId = first.json().session_id as string
+  const running = client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'one' }] }, { headers: { 'X-Session-Id': sessionId } }).catch(() => undefined)
+  while (!app.runs.get(sessionId)) await new Promise((resolve) => setImmediate(resolve))
+  const err = (await failure(client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'two' }] }, { headers: { 'X-Session-Id': sessionId } }))) as InstanceType<typeof OpenAI.ConflictError>
+  t.type(err, OpenAI.ConflictError)
+  t.match(err.error, { code: 'session_busy' })
+  app.runs.stop(sessionId)
+  await running
+  const stored = (await app.inject({ url: `/v1/sessions/${sessionId}/messages?limit=100`, headers: { authorization: `Bearer ${ADMIN_KEY}` } })).json()
+  t.same(stored.messages.filter((m: { role: string }) => m.role === 'user').map((m: { content: string }) => m.content), ['one'])
+  await upstream.settled()
+})
