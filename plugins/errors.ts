@@ -122,7 +122,7 @@ export default fp(
     })
 
     app.setNotFoundHandler(
-      { preHandler: app.rateLimit ? app.rateLimit() : undefined },
+      { preHandler: app.ipRateLimit ?? undefined },
       async (request: FastifyRequest, reply: FastifyReply) => {
         const path = request.url.split('?')[0] ?? '/'
         const allowed = METHODS.filter((m) => known.find(m, path))
