@@ -10,7 +10,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/chat',
     {
-      config: { sessionRateLimit: true },
+      config: { sessionRateLimit: true, idempotent: true },
       schema: {
         operationId: 'runChat',
         tags: ['chat'],

@@ -75,7 +75,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/chat/completions',
     {
-      config: { sessionRateLimit: true },
+      config: { sessionRateLimit: true, idempotent: true },
       schema: {
         operationId: 'createChatCompletion',
         tags: ['openai'],

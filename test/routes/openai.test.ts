@@ -318,3 +318,78 @@ t.test('a busy session refuses a second chat with 409 before anything is stored'
   t.same(stored.messages.filter((m: { role: string }) => m.role === 'user').map((m: { content: string }) => m.content), ['one'])
   await upstream.settled()
 })
+
+const adminAuth = { authorization: `Bearer ${ADMIN_KEY}` }
+const workspaceFile = async (app: Awaited<ReturnType<typeof setup>>['app'], sessionId: string, path: string) =>
+  (await app.inject({ url: `/v1/sessions/${sessionId}/files/content?path=${encodeURIComponent(path)}`, headers: adminAuth })).body
+const userMessages = async (app: Awaited<ReturnType<typeof setup>>['app'], sessionId: string) =>
+  (await app.inject({ url: `/v1/sessions/${sessionId}/messages?limit=100`, headers: adminAuth }))
+    .json()
+    .messages.filter((m: { role: string }) => m.role === 'user')
+    .map((m: { content: string }) => m.content)
+
+t.test("a failure after code ran is not retried: with the SDK's default retries the code runs exactly once", async (t) => {
+  const { upstream, app, baseURL } = await setup(t)
+  const client = new OpenAI({ baseURL, apiKey: ADMIN_KEY })
+  upstream.script(
+    toolCall({ language: 'python', code: "open('runs.txt', 'a').write('ran\\n')" }),
+    httpError(500, 'exploded'),
+    httpError(500, 'exploded'),
+    text('never reached'),
+    text('never reached'),
+  )
+  const err = (await failure(client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'count' }] }))) as InstanceType<typeof OpenAI.APIError>
+  t.type(err, OpenAI.InternalServerError)
+  t.equal(err.status, 502)
+  t.equal(err.headers?.get('x-should-retry'), 'false')
+  const sessionId = err.headers!.get('x-session-id')!
+  t.equal(await workspaceFile(app, sessionId, 'runs.txt'), 'ran\n', 'the code ran once')
+  t.same(await userMessages(app, sessionId), ['count'], 'the user message is stored once')
+  t.equal(await sessionCount(app), 1, 'one session')
+})
+
+t.test("a failure before anything was stored is retried by the SDK, and leaves one session and one user message", async (t) => {
+  const { upstream, app, baseURL } = await setup(t)
+  const client = new OpenAI({ baseURL, apiKey: ADMIN_KEY })
+  // The server retries an upstream 5xx once itself, so two 500s fail the SDK's first attempt.
+  upstream.script(httpError(500, 'exploded'), httpError(500, 'exploded'), text('Second time lucky.'))
+  const { data, response } = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hello' }] }).withResponse()
+  t.equal(data.choices[0]!.message.content, 'Second time lucky.')
+  t.equal(chatCalls(upstream), 3)
+  t.equal(await sessionCount(app), 1, 'the session of the failed attempt was removed')
+  t.same(await userMessages(app, response.headers.get('x-session-id')!), ['hello'])
+})
+
+t.test('Idempotency-Key: the same key and body get the stored answer, another body 422, per tenant', async (t) => {
+  const { upstream, app, client, baseURL } = await setup(t)
+  const body = { model: 'gpt-4o-mini', messages: [{ role: 'user' as const, content: 'run once' }] }
+  upstream.script(toolCall({ language: 'python', code: "open('runs.txt', 'a').write('ran\\n')" }), text('Ran it.'))
+  const first = await client.chat.completions.create(body, { headers: { 'Idempotency-Key': 'key-1' } }).withResponse()
+  const again = await client.chat.completions.create(body, { headers: { 'Idempotency-Key': 'key-1' } }).withResponse()
+  t.same(again.data, first.data, 'the same completion, id included')
+  t.equal(again.response.headers.get('idempotent-replayed'), 'true')
+  t.equal(again.response.headers.get('x-session-id'), first.response.headers.get('x-session-id'))
+  t.equal(chatCalls(upstream), 2, 'the replay asked nothing upstream')
+  t.equal(await workspaceFile(app, first.response.headers.get('x-session-id')!, 'runs.txt'), 'ran\n')
+  t.equal(await sessionCount(app), 1)
+
+  const other = (await failure(client.chat.completions.create({ ...body, messages: [{ role: 'user', content: 'something else' }] }, { headers: { 'Idempotency-Key': 'key-1' } }))) as InstanceType<typeof OpenAI.APIError>
+  t.equal(other.status, 422)
+  t.match(other.error, { code: 'idempotency_key_reused', param: 'Idempotency-Key' })
+
+  const tenant = (await app.inject({ method: 'POST', url: '/v1/keys', headers: adminAuth, payload: { name: 'tenant' } })).json().key as string
+  const theirs = new OpenAI({ baseURL, apiKey: tenant, maxRetries: 0 })
+  upstream.script(text('Their own answer.'))
+  const separate = await theirs.chat.completions.create(body, { headers: { 'Idempotency-Key': 'key-1' } })
+  t.equal(separate.choices[0]!.message.content, 'Their own answer.', "another tenant's key-1 is its own")
+
+  upstream.script(text('Streamed once.'))
+  const streamed = async () => {
+    let content = ''
+    for await (const chunk of await client.chat.completions.create({ ...body, stream: true }, { headers: { 'Idempotency-Key': 'key-2' } })) content += chunk.choices[0]?.delta.content ?? ''
+    return content
+  }
+  t.equal(await streamed(), 'Streamed once.')
+  t.equal(await streamed(), 'Streamed once.', 'a stream is replayed as it was sent')
+  t.equal(chatCalls(upstream), 4)
+})
