@@ -6,9 +6,10 @@ import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 // the streamed answer's events, for the OpenAPI document
 import { CompletionStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { protectedErrors } from '../schemas/common.js'
-import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent, samplingOf } from '../services/agent/openai-compat.js'
+import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent, passThroughOf } from '../services/agent/openai-compat.js'
 import { notFound } from '../services/errors.js'
-import type { LmcInput } from '../schemas/lmc.js'
+import type { LmcChunk, LmcInput } from '../schemas/lmc.js'
+import type { ChatResult } from '../services/chat.js'
 
 const ChatCompletion = Type.Object(
   {
@@ -92,7 +93,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       const header = request.headers['x-session-id']
       const sessionId = body.session_id ?? (typeof header === 'string' ? header : undefined)
       const conversation = fromChatMessages(body.messages as CompatMessage[])
-      const sampling = samplingOf(body)
+      const passThrough = passThroughOf(body)
       const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined
       const config = {
         llm: {
@@ -118,13 +119,18 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
         inputs,
         config,
         settings,
-        sampling,
+        passThrough,
         systemMessage: conversation.systemMessage,
       }
 
+      // Structured output must parse: the content is then the final answer, not the transcript.
+      const answerOnly = passThrough.response_format !== undefined && passThrough.response_format.type !== 'text'
+      const answer = (result: ChatResult) => (typeof result.final.content === 'string' ? result.final.content : '')
+
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
-        return buildCompletion(meta, renderContent(result.messages), result.usage, clientFinishReason(result.finishReason))
+        const content = answerOnly ? answer(result) : renderContent(result.messages)
+        return buildCompletion(meta, content, result.usage, clientFinishReason(result.finishReason))
       }
 
       const chunks = new CompletionChunks(meta)
@@ -134,13 +140,18 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
           app.chat.run({
             ...base,
             onStart: started,
-            emit: (lmc) => {
-              for (const chunk of chunks.push(lmc)) send(chunk)
-            },
+            ...(answerOnly
+              ? {}
+              : {
+                  emit: (lmc: LmcChunk) => {
+                    for (const chunk of chunks.push(lmc)) send(chunk)
+                  },
+                }),
           }),
         stop: () => app.runs.stop(session.id),
         open: (sse) => sse.send(chunks.start()),
         done: (sse, result) => {
+          if (answerOnly) sse.send(chunks.content(answer(result)))
           for (const chunk of chunks.finish(clientFinishReason(result.finishReason))) sse.send(chunk)
           if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
         },

@@ -31,10 +31,10 @@ export const Ack = Type.Object({ ok: Type.Boolean(), detail: Type.Optional(Type.
 const nullable = <T extends TSchema>(schema: T) => Type.Optional(Type.Union([schema, Type.Null()]))
 
 /**
- * Sampling fields of a Chat Completions request passed to every upstream call of the turn as
- * they are (the README's request table says what happens to each field).
+ * Fields of a Chat Completions request passed to every upstream call of the turn as they are
+ * (the README's request table says what happens to each field).
  */
-const CompletionSampling = {
+const CompletionPassThrough = {
   // The array first: with coerceTypes 'array' a one-element array would otherwise become its string.
   stop: nullable(Type.Union([Type.Array(Type.String(), { maxItems: 4 }), Type.String()])),
   seed: nullable(Type.Integer()),
@@ -45,6 +45,9 @@ const CompletionSampling = {
   user: Type.Optional(Type.String({ maxLength: 256 })),
   logprobs: nullable(Type.Boolean()),
   top_logprobs: nullable(Type.Integer({ minimum: 0, maximum: 20 })),
+  response_format: nullable(
+    Type.Object({ type: Type.Union([Type.Literal('text'), Type.Literal('json_object'), Type.Literal('json_schema')]) }, { additionalProperties: true }),
+  ),
 }
 
 /** OpenAI Chat Completions request: the fields used; anything else is accepted and ignored. */
@@ -52,7 +55,7 @@ export const CompletionBody = Type.Object(
   {
     model: Type.Optional(Type.String({ maxLength: 200 })),
     n: nullable(Type.Integer({ minimum: 1 })),
-    ...CompletionSampling,
+    ...CompletionPassThrough,
     messages: Type.Array(Type.Object({ role: Type.String() }, { additionalProperties: true }), { minItems: 1, maxItems: 1000 }),
     stream: Type.Optional(Type.Union([Type.Boolean(), Type.Null()])),
     stream_options: Type.Optional(Type.Union([Type.Object({ include_usage: Type.Optional(Type.Boolean()) }, { additionalProperties: true }), Type.Null()])),

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import type { LmcChunk, LmcInput, LmcMessage } from '../schemas/lmc.js'
 import type { RunConfig, Settings } from '../schemas/settings.js'
-import { runTurn, type Sampling, type TokenUsage, type TurnResult } from './agent/loop.js'
+import { runTurn, type PassThrough, type TokenUsage, type TurnResult } from './agent/loop.js'
 import { ApiError, sessionBusy, sessionNotFound } from './errors.js'
 import type { EventBus } from './events.js'
 import type { ExecutionService } from './execution.js'
@@ -21,7 +21,7 @@ export interface ChatRequest {
   /** The effective settings for `config`, when the caller already resolved them; read otherwise. */
   settings?: Settings
   /** Sent with every upstream call of the turn (the OpenAI route's stop, seed, top_p…). */
-  sampling?: Sampling
+  passThrough?: PassThrough
   /** Replaces the system message for this run (the OpenAI route's system/developer messages). */
   systemMessage?: string
   emit?: (chunk: LmcChunk) => void
@@ -148,7 +148,7 @@ export class ChatService {
         model: settings.model,
         temperature: settings.temperature,
         maxTokens: settings.max_tokens,
-        ...(req.sampling ? { sampling: req.sampling } : {}),
+        ...(req.passThrough ? { passThrough: req.passThrough } : {}),
         maxIterations: settings.max_iterations,
         systemMessage: req.systemMessage ?? (settings.system_message || undefined),
         customInstructions: settings.custom_instructions || undefined,

@@ -23,8 +23,8 @@ export interface TurnOptions {
   model: string
   temperature: number
   maxTokens: number
-  /** The client's sampling fields (stop, seed, top_p…), sent with every upstream call. */
-  sampling?: Sampling
+  /** The client's fields passed upstream as they are (stop, seed, top_p, response_format…), on every call. */
+  passThrough?: PassThrough
   /** Upstream calls allowed in one turn. */
   maxIterations: number
   systemMessage?: string
@@ -51,10 +51,19 @@ export interface TurnOptions {
   maxOutputChars: number
 }
 
-export type Sampling = Partial<
+export type PassThrough = Partial<
   Pick<
     ChatCompletionCreateParamsStreaming,
-    'stop' | 'seed' | 'top_p' | 'presence_penalty' | 'frequency_penalty' | 'logit_bias' | 'user' | 'logprobs' | 'top_logprobs'
+    | 'stop'
+    | 'seed'
+    | 'top_p'
+    | 'presence_penalty'
+    | 'frequency_penalty'
+    | 'logit_bias'
+    | 'user'
+    | 'logprobs'
+    | 'top_logprobs'
+    | 'response_format'
   >
 >
 
@@ -392,7 +401,7 @@ class Turn {
       }),
       temperature: opts.temperature,
       max_tokens: opts.maxTokens,
-      ...opts.sampling,
+      ...opts.passThrough,
       stream: true,
       stream_options: { include_usage: true },
       ...(opts.tools ? { tools: [executeTool(opts.languages)] } : {}),

@@ -3,7 +3,7 @@ import type { ChatCompletion, ChatCompletionChunk } from 'openai/resources/chat/
 import type { LmcChunk, LmcInput, LmcMessage } from '../../schemas/lmc.js'
 import { invalidRequest } from '../errors.js'
 import { languageFromTag } from './fences.js'
-import type { Sampling, TokenUsage } from './loop.js'
+import type { PassThrough, TokenUsage } from './loop.js'
 
 /** A Chat Completions request message, or an LMC message sent through the same route. */
 export interface CompatMessage {
@@ -286,19 +286,30 @@ export function clientFinishReason(upstream: string | null): ChatCompletion.Choi
   return upstream === 'length' || upstream === 'content_filter' ? upstream : 'stop'
 }
 
-const SAMPLING = ['stop', 'seed', 'top_p', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'user', 'logprobs', 'top_logprobs'] as const
+const PASS_THROUGH = [
+  'stop',
+  'seed',
+  'top_p',
+  'presence_penalty',
+  'frequency_penalty',
+  'logit_bias',
+  'user',
+  'logprobs',
+  'top_logprobs',
+  'response_format',
+] as const
 
 /**
  * The request fields passed upstream as they are. One turn answers with one choice, so `n` above
  * 1 is refused rather than quietly answered once.
  */
-export function samplingOf(body: Partial<Record<(typeof SAMPLING)[number] | 'n', unknown>>): Sampling {
+export function passThroughOf(body: Partial<Record<(typeof PASS_THROUGH)[number] | 'n', unknown>>): PassThrough {
   if (typeof body.n === 'number' && body.n > 1) {
     throw invalidRequest('Only n: 1 is supported: each request runs one agent turn with one answer', 'n', 'unsupported_parameter')
   }
-  const sampling: Record<string, unknown> = {}
-  for (const field of SAMPLING) if (body[field] !== undefined && body[field] !== null) sampling[field] = body[field]
-  return sampling as Sampling
+  const fields: Record<string, unknown> = {}
+  for (const field of PASS_THROUGH) if (body[field] !== undefined && body[field] !== null) fields[field] = body[field]
+  return fields as PassThrough
 }
 
 export function completionId(): string {
@@ -353,6 +364,11 @@ export class CompletionChunks {
   finish(reason: ChatCompletionChunk.Choice['finish_reason'] = 'stop'): ChatCompletionChunk[] {
     const closing = this.renderer.close()
     return [...(closing ? [this.chunk({ content: closing })] : []), this.chunk({}, reason)]
+  }
+
+  /** Text sent as it is, outside the rendering of the turn (the final answer of structured output). */
+  content(text: string): ChatCompletionChunk {
+    return this.chunk({ content: text })
   }
 
   /** Closes an open fence before an error is reported, so the text read so far stays well-formed. */

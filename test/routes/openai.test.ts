@@ -393,3 +393,35 @@ t.test('Idempotency-Key: the same key and body get the stored answer, another bo
   t.equal(await streamed(), 'Streamed once.', 'a stream is replayed as it was sent')
   t.equal(chatCalls(upstream), 4)
 })
+
+t.test('response_format reaches the upstream, and content is the final answer only, so it parses (parse() too)', async (t) => {
+  const { client, upstream } = await setup(t)
+  const messages = [{ role: 'user' as const, content: 'Compute 6*7 and answer in JSON' }]
+  upstream.script(toolCall({ language: 'python', code: 'print(6 * 7)' }), text('{"answer": 42}'))
+  const res = await client.chat.completions.create({ model: 'gpt-4o-mini', messages, response_format: { type: 'json_object' } })
+  t.same(JSON.parse(res.choices[0]!.message.content!), { answer: 42 })
+  t.equal(upstream.requests.length, 2)
+  for (const request of upstream.requests) t.same(request.body.response_format, { type: 'json_object' })
+
+  const schema = {
+    type: 'json_schema' as const,
+    json_schema: {
+      name: 'answer',
+      strict: true,
+      schema: { type: 'object', properties: { answer: { type: 'number' } }, required: ['answer'], additionalProperties: false },
+    },
+  }
+  upstream.script(toolCall({ language: 'python', code: 'print(6 * 7)' }), text('{"answer": 42}'))
+  const parsed = await client.chat.completions.parse({ model: 'gpt-4o-mini', messages, response_format: schema })
+  t.same(parsed.choices[0]!.message.parsed, { answer: 42 })
+
+  upstream.script(toolCall({ language: 'python', code: 'print(6 * 7)' }), text('{"answer": 42}'))
+  let streamed = ''
+  for await (const chunk of await client.chat.completions.create({ model: 'gpt-4o-mini', messages, response_format: { type: 'json_object' }, stream: true }))
+    streamed += chunk.choices[0]?.delta.content ?? ''
+  t.same(JSON.parse(streamed), { answer: 42 }, 'a stream carries the final answer only')
+
+  upstream.script(text('plain text'))
+  const plain = await client.chat.completions.create({ model: 'gpt-4o-mini', messages, response_format: { type: 'text' } })
+  t.equal(plain.choices[0]!.message.content, 'plain text')
+})
