@@ -6,7 +6,8 @@ import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 // the streamed answer's events, for the OpenAPI document
 import { CompletionStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { protectedErrors } from '../schemas/common.js'
-import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent, passThroughOf } from '../services/agent/openai-compat.js'
+import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, lastAssistantText, passThroughOf, renderContent } from '../services/agent/openai-compat.js'
+import { ConversationIndex } from '../services/conversations.js'
 import { notFound } from '../services/errors.js'
 import type { LmcChunk, LmcInput } from '../schemas/lmc.js'
 import type { ChatResult } from '../services/chat.js'
@@ -30,6 +31,7 @@ const ChatCompletion = Type.Object(
       }),
     ),
     usage: Type.Optional(Usage),
+    session_id: Type.Optional(Type.String({ description: 'The session this turn ran in (also the X-Session-Id header); send it back to continue' })),
   },
   { description: 'OpenAI chat.completion; with stream: true, chat.completion.chunk events ending in data: [DONE]' },
 )
@@ -45,8 +47,16 @@ function newInputs(inputs: LmcInput[], sessionHasHistory: boolean): LmcInput[] {
 }
 
 const openai: FastifyPluginAsyncTypebox = async (app) => {
+  const conversations = new ConversationIndex()
   const created = Math.floor(Date.now() / 1000)
   const modelView = (id: string) => ({ id, object: 'model' as const, created, owned_by: 'oi-server' })
+
+  /** A stateless client's session: the one that produced the last assistant message it resends, if it still exists. */
+  const continuedSession = async (tenantId: string, messages: CompatMessage[]) => {
+    const previous = lastAssistantText(messages)
+    const found = previous === undefined ? undefined : conversations.find(tenantId, previous)
+    return found && (await app.store.getSession(tenantId, found)) ? found : undefined
+  }
 
   app.get(
     '/v1/models',
@@ -82,7 +92,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
         tags: ['openai'],
         summary: 'OpenAI-compatible chat completions, with the agent running code',
         description:
-          'Bind to a session with `session_id` in the body or the `X-Session-Id` header; otherwise a new session is made. The response carries `X-Session-Id`.',
+          'Bind to a session with `session_id` in the body, the `X-Session-Id` header or `metadata.session_id`; a request without one whose last assistant message is an answer this server gave continues that answer\'s session; otherwise a new session is made. The response carries `X-Session-Id` and `session_id`.',
         body: CompletionBody,
         response: { 200: jsonOrEventStream('The completion', ChatCompletion, CompletionStreamEvent), ...protectedErrors(400, 404, 409, 502, 503, 504) },
       },
@@ -91,8 +101,8 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       const { tenantId } = principal(request)
       const body = request.body
       const header = request.headers['x-session-id']
-      const sessionId = body.session_id ?? (typeof header === 'string' ? header : undefined)
-      const conversation = fromChatMessages(body.messages as CompatMessage[])
+      const messages = body.messages as CompatMessage[]
+      const conversation = fromChatMessages(messages)
       const passThrough = passThroughOf(body)
       const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined
       const config = {
@@ -102,6 +112,11 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
           ...(maxTokens ? { max_tokens: maxTokens } : {}),
         },
       }
+      const sessionId =
+        body.session_id ??
+        (typeof header === 'string' ? header : undefined) ??
+        body.metadata?.session_id ??
+        (await continuedSession(tenantId, messages))
       // Resolved here once and handed to the run, which would otherwise read them again; the
       // two reads are independent, so a networked store serves both in the time of one round trip.
       const [session, settings] = await Promise.all([
@@ -130,7 +145,8 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
         const content = answerOnly ? answer(result) : renderContent(result.messages)
-        return buildCompletion(meta, content, result.usage, clientFinishReason(result.finishReason))
+        conversations.remember(tenantId, content, session.id)
+        return { ...buildCompletion(meta, content, result.usage, clientFinishReason(result.finishReason)), session_id: session.id }
       }
 
       const chunks = new CompletionChunks(meta)
@@ -149,9 +165,10 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
                 }),
           }),
         stop: () => app.runs.stop(session.id),
-        open: (sse) => sse.send(chunks.start()),
+        open: (sse) => sse.send({ ...chunks.start(), session_id: session.id }),
         done: (sse, result) => {
           if (answerOnly) sse.send(chunks.content(answer(result)))
+          conversations.remember(tenantId, chunks.text, session.id)
           for (const chunk of chunks.finish(clientFinishReason(result.finishReason))) sse.send(chunk)
           if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
         },

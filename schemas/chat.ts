@@ -63,6 +63,9 @@ export const CompletionBody = Type.Object(
     max_tokens: Type.Optional(Type.Union([Type.Integer({ minimum: 1 }), Type.Null()])),
     max_completion_tokens: Type.Optional(Type.Union([Type.Integer({ minimum: 1 }), Type.Null()])),
     session_id: Type.Optional(Type.String({ maxLength: 64 })),
+    metadata: Type.Optional(
+      Type.Union([Type.Object({ session_id: Type.Optional(Type.String({ maxLength: 64 })) }, { additionalProperties: true }), Type.Null()]),
+    ),
   },
   { additionalProperties: true, examples: [{ messages: [{ role: 'user', content: 'Hello!' }] }] },
 )

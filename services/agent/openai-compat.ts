@@ -154,6 +154,15 @@ function assistantInputs(message: CompatMessage, at: string): LmcInput[] {
   return inputs
 }
 
+/** The text of the last assistant message, as a client resends an answer it was given. */
+export function lastAssistantText(messages: CompatMessage[]): string | undefined {
+  const last = messages.findLast((m) => m?.role === 'assistant' && m.type === undefined)
+  if (!last) return undefined
+  if (typeof last.content === 'string') return last.content
+  if (!Array.isArray(last.content)) return undefined
+  return last.content.map((part) => (part?.type === 'text' && typeof part.text === 'string' ? part.text : '')).join('')
+}
+
 type Block = 'text' | 'code' | 'output' | 'image'
 
 function blockOf(chunk: Pick<LmcChunk, 'role' | 'type' | 'format'>): Block | undefined {
@@ -345,6 +354,7 @@ export function buildCompletion(
  */
 export class CompletionChunks {
   private readonly renderer = new ContentRenderer()
+  private sent = ''
 
   constructor(private readonly meta: CompletionMeta) {}
 
@@ -381,7 +391,13 @@ export class CompletionChunks {
     return { id: this.meta.id, object: 'chat.completion.chunk', created: this.meta.created, model: this.meta.model, choices: [], usage: { ...usage } }
   }
 
+  /** All the content sent so far. */
+  get text(): string {
+    return this.sent
+  }
+
   private chunk(delta: ChatCompletionChunk.Choice.Delta, finishReason: ChatCompletionChunk.Choice['finish_reason'] = null): ChatCompletionChunk {
+    this.sent += delta.content ?? ''
     return {
       id: this.meta.id,
       object: 'chat.completion.chunk',

@@ -425,3 +425,43 @@ t.test('response_format reaches the upstream, and content is the final answer on
   const plain = await client.chat.completions.create({ model: 'gpt-4o-mini', messages, response_format: { type: 'text' } })
   t.equal(plain.choices[0]!.message.content, 'plain text')
 })
+
+t.test('stateless history binds to its session: resending the conversation keeps the kernel and its variables', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'x = 41' }), text('Stored x.'))
+  const history: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'set x to 41' }]
+  const first = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: history })
+  const sessionId = (first as unknown as { session_id: string }).session_id
+  t.match(sessionId, /^[0-9a-f-]{36}$/, 'the session id is in the body too')
+  history.push({ role: 'assistant', content: first.choices[0]!.message.content }, { role: 'user', content: 'add one' })
+
+  upstream.script(toolCall({ language: 'python', code: 'print(x + 1)' }), text('It is 42.'))
+  const second = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: history })
+  t.equal((second as unknown as { session_id: string }).session_id, sessionId, 'the same session, found from the history')
+  t.match(second.choices[0]!.message.content, /```output\n42\n```/, 'x survived in the kernel')
+  t.same(await userMessages(app, sessionId), ['set x to 41', 'add one'], 'nothing stored twice')
+  t.equal(await sessionCount(app), 1)
+
+  // A streamed answer is remembered as it was sent.
+  upstream.script(text('Streamed reply.'))
+  let streamed = ''
+  const stream = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: history.concat({ role: 'assistant', content: second.choices[0]!.message.content }, { role: 'user', content: 'more' }), stream: true })
+  for await (const chunk of stream) streamed += chunk.choices[0]?.delta.content ?? ''
+  upstream.script(text('Still here.'))
+  const third = await client.chat.completions.create({
+    model: 'gpt-4o-mini',
+    messages: [{ role: 'user', content: 'anything' }, { role: 'assistant', content: streamed }, { role: 'user', content: 'again' }],
+  })
+  t.equal((third as unknown as { session_id: string }).session_id, sessionId)
+
+  upstream.script(text('Bound by metadata.'))
+  const byMetadata = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], metadata: { session_id: sessionId } })
+  t.equal((byMetadata as unknown as { session_id: string }).session_id, sessionId, 'metadata.session_id binds too')
+
+  upstream.script(text('A new conversation.'))
+  const unrelated = await client.chat.completions.create({
+    model: 'gpt-4o-mini',
+    messages: [{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'an answer this server never gave' }, { role: 'user', content: 'so?' }],
+  })
+  t.not((unrelated as unknown as { session_id: string }).session_id, sessionId, 'an unknown history starts a new session')
+})
