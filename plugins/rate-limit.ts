@@ -50,13 +50,15 @@ function storeFor(buckets: RateStore): FastifyRateLimitStoreCtor {
 }
 
 /**
- * The session id a request names: the `:id` param, the body's `session_id`, or `X-Session-Id`.
+ * The session id a request names: the `:id` param, the body's `session_id` (or
+ * `metadata.session_id`), or `X-Session-Id`.
  * Raw client input: it only counts once the store has matched it to a session of the caller.
  */
 function namedSession(request: FastifyRequest): string | undefined {
   const params = request.params as { id?: string } | undefined
-  const body = request.body as { session_id?: unknown } | undefined
-  const fromBody = body && typeof body === 'object' && typeof body.session_id === 'string' ? body.session_id : undefined
+  const body = request.body as { session_id?: unknown; metadata?: { session_id?: unknown } | null } | undefined
+  const named = body && typeof body === 'object' ? (body.session_id ?? body.metadata?.session_id) : undefined
+  const fromBody = typeof named === 'string' ? named : undefined
   const header = request.headers['x-session-id']
   return params?.id ?? fromBody ?? (typeof header === 'string' ? header : undefined)
 }

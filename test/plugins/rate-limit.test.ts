@@ -131,3 +131,11 @@ t.test('the per-session limit is a rate too', async (t) => {
   t.ok(Number(res.headers['retry-after']) <= 10, `Retry-After ${res.headers['retry-after']} s is about 60/6`)
   t.ok(Number(res.headers['retry-after-ms']) <= 10_000)
 })
+
+t.test('a session named by metadata.session_id counts against its bucket', async (t) => {
+  const { app, session } = await setup(t, 2)
+  const id = await session()
+  const byMetadata = () =>
+    app.inject({ method: 'POST', url: '/v1/chat/completions', headers: auth(), payload: { metadata: { session_id: id }, messages: [{ role: 'user', content: 'hi' }] } })
+  t.same([(await byMetadata()).statusCode, (await byMetadata()).statusCode, (await byMetadata()).statusCode], [503, 503, 429])
+})
