@@ -29,13 +29,20 @@ function record(reply: FastifyReply, finish: (response: StoredResponse) => void,
   }
   const write = raw.write.bind(raw) as (...args: unknown[]) => boolean
   const end = raw.end.bind(raw) as (...args: unknown[]) => typeof raw
+  // Some responses (light-my-request's) write the last chunk through write() from inside end().
+  let ending = false
   raw.write = ((chunk: unknown, ...rest: unknown[]) => {
-    keep(chunk)
+    if (!ending) keep(chunk)
     return write(chunk, ...rest)
   }) as typeof raw.write
   raw.end = ((chunk?: unknown, ...rest: unknown[]) => {
     if (typeof chunk !== 'function') keep(chunk)
-    return end(chunk, ...rest)
+    ending = true
+    try {
+      return end(chunk, ...rest)
+    } finally {
+      ending = false
+    }
   }) as typeof raw.end
   raw.once('close', () => {
     // Fastify's own headers (a plain reply) and the raw ones (a hijacked stream).
