@@ -18,7 +18,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
         description:
           'Without session_id a new session is created. The stream sends `event: message` LMC chunks, `event: error` on failure and finally `event: done` with the session id and usage.',
         body: ChatBody,
-        response: { 200: jsonOrEventStream('The turn: its final answer and every message it added', ChatResponse, ChatStreamEvent), ...protectedErrors(400, 404, 409, 502, 503, 504) },
+        response: { 200: jsonOrEventStream('The turn: its final answer and every message it added', ChatResponse, ChatStreamEvent), ...protectedErrors(400, 404, 409, 422, 502, 503, 504) },
       },
     },
     async (request, reply) => {

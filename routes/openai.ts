@@ -94,7 +94,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
         description:
           'Bind to a session with `session_id` in the body, the `X-Session-Id` header or `metadata.session_id`; a request without one whose last assistant message is an answer this server gave continues that answer\'s session; otherwise a new session is made. The response carries `X-Session-Id` and `session_id`.',
         body: CompletionBody,
-        response: { 200: jsonOrEventStream('The completion', ChatCompletion, CompletionStreamEvent), ...protectedErrors(400, 404, 409, 502, 503, 504) },
+        response: { 200: jsonOrEventStream('The completion', ChatCompletion, CompletionStreamEvent), ...protectedErrors(400, 404, 409, 422, 502, 503, 504) },
       },
     },
     async (request, reply) => {

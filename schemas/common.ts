@@ -24,6 +24,7 @@ const ERROR_DESCRIPTIONS: Record<number, string> = {
   404: 'Not found',
   409: 'Conflict',
   413: 'Payload too large',
+  422: 'Idempotency-Key used with another request',
   429: 'Rate limit exceeded',
   502: 'Upstream model error',
   503: 'Unavailable',
