@@ -9,6 +9,7 @@ import connectionsPlugin from './plugins/connections.js'
 import corsPlugin from './plugins/cors.js'
 import errorsPlugin, { clientErrorHandler } from './plugins/errors.js'
 import httpPlugin, { RequestLog, requestId } from './plugins/http.js'
+import idempotencyPlugin from './plugins/idempotency.js'
 import jsonPlugin from './plugins/json.js'
 import kernelsPlugin, { type SandboxProbe } from './plugins/kernels.js'
 import llmPlugin from './plugins/llm.js'
@@ -115,6 +116,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     sessionPerMinute: config.SESSION_RATE_LIMIT_PER_MINUTE,
   })
   await app.register(errorsPlugin)
+  await app.register(idempotencyPlugin)
   await app.register(sessionsPlugin, { defaultModel: config.LITELLM_MODEL, ttlHours: config.SESSION_TTL_HOURS })
   await app.register(llmPlugin, {
     baseURL: config.LLM_BASE_URL,

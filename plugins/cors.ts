@@ -21,7 +21,10 @@ export default fp(
         'X-RateLimit-Remaining',
         'X-RateLimit-Reset',
         'Retry-After',
+        'Retry-After-Ms',
+        'X-Should-Retry',
         'X-Session-Id',
+        'Idempotent-Replayed',
       ],
       maxAge: 600,
     })

@@ -12,6 +12,15 @@ export function envelope(err: ApiError) {
   }
 }
 
+/** Headers an error carries beside its envelope: when to retry, and whether to at all. */
+export function errorHeaders(err: ApiError): Record<string, string> {
+  const headers: Record<string, string> = {}
+  if (err.statusCode === 429 && err.extra.retry_after !== undefined) headers['retry-after'] = String(err.extra.retry_after)
+  if (err.statusCode === 429 && err.extra.retry_after_ms !== undefined) headers['retry-after-ms'] = String(err.extra.retry_after_ms)
+  if (!err.retryable) headers['x-should-retry'] = 'false'
+  return headers
+}
+
 const METHODS = ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'] as const
 
 /** Maps whatever was thrown (ours, Fastify's, a plugin's or a bug) to an ApiError. */
@@ -98,6 +107,7 @@ export default fp(
 
     app.decorate('replyError', (reply: FastifyReply, err: ApiError) => {
       if (err.statusCode === 405 && err.extra.allow) reply.header('allow', err.extra.allow as string)
+      for (const [header, value] of Object.entries(errorHeaders(err))) reply.header(header, value)
       return reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
     })
 
@@ -108,13 +118,11 @@ export default fp(
       if (apiError.type === 'server_error') request.log.error({ err }, 'request failed')
       else if (apiError.statusCode >= 500) request.log.warn({ code: apiError.code, status: apiError.statusCode }, apiError.message)
       else request.log.info({ code: apiError.code, status: apiError.statusCode }, apiError.message)
-      if (apiError.statusCode === 429 && apiError.extra.retry_after !== undefined)
-        reply.header('retry-after', String(apiError.extra.retry_after))
       return app.replyError(reply, apiError)
     })
 
     app.setNotFoundHandler(
-      { preHandler: app.rateLimit ? app.rateLimit() : undefined },
+      { preHandler: app.ipRateLimit ?? undefined },
       async (request: FastifyRequest, reply: FastifyReply) => {
         const path = request.url.split('?')[0] ?? '/'
         const allowed = METHODS.filter((m) => known.find(m, path))

@@ -14,6 +14,18 @@ export interface LlmOptions {
 
 const MODELS_TTL_MS = 5 * 60_000
 
+/**
+ * An upstream 429 goes back to our client with its Retry-After, and the client's SDK waits and
+ * retries; retrying here as well would multiply the calls and the wait.
+ */
+const passRateLimits: typeof fetch = async (input, init) => {
+  const response = await fetch(input, init)
+  if (response.status !== 429) return response
+  const headers = new Headers(response.headers)
+  headers.set('x-should-retry', 'false')
+  return new Response(response.body, { status: response.status, statusText: response.statusText, headers })
+}
+
 export class Llm {
   readonly client: OpenAI | null
   private cached: { at: number; ids: Promise<string[]> } | undefined
@@ -27,6 +39,7 @@ export class Llm {
           timeout: opts.timeoutMs,
           // one retry on connection errors and 5xx before any byte of the answer was streamed
           maxRetries: 1,
+          fetch: passRateLimits,
         })
       : null
   }

@@ -1,12 +1,17 @@
-import rateLimit from '@fastify/rate-limit'
-import type { FastifyInstance, FastifyRequest } from 'fastify'
+import rateLimit, { type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
+import type { FastifyInstance, FastifyRequest, preHandlerHookHandler } from 'fastify'
 import fp from 'fastify-plugin'
 import { ApiError } from '../services/errors.js'
+import { MemoryRateStore, type RateStore, RedisRateStore } from '../services/rate-limits.js'
 
 declare module 'fastify' {
   interface FastifyContextConfig {
     /** Apply the per-session limit (SESSION_RATE_LIMIT_PER_MINUTE) to this route. */
     sessionRateLimit?: boolean
+  }
+  interface FastifyInstance {
+    /** The per-IP limit as a hook, for handlers outside the routes (not found, 405); null when it is off. */
+    ipRateLimit: preHandlerHookHandler | null
   }
 }
 
@@ -15,19 +20,45 @@ export interface RateLimitOptions {
   sessionPerMinute: number
 }
 
-const exceeded = (retryAfter: number) =>
-  new ApiError(429, 'rate_limit_error', 'rate_limit_exceeded', `Rate limit exceeded, retry in ${retryAfter} seconds`, null, {
+const exceeded = (retryMs: number) => {
+  const retryAfter = Math.max(1, Math.ceil(retryMs / 1000))
+  return new ApiError(429, 'rate_limit_error', 'rate_limit_exceeded', `Rate limit exceeded, retry in ${retryAfter} seconds`, null, {
     retry_after: retryAfter,
+    retry_after_ms: Math.max(1, Math.ceil(retryMs)),
   })
+}
 
 /**
- * The session id a request names: the `:id` param, the body's `session_id`, or `X-Session-Id`.
+ * Our GCRA buckets behind @fastify/rate-limit's store interface, which thinks in counts and
+ * windows: an allowed request reports `limit - remaining` used and the time until the bucket is
+ * full; a refused one reports `limit + 1` and the wait until the next request is allowed, which
+ * the plugin turns into `Retry-After`.
+ */
+function storeFor(buckets: RateStore): FastifyRateLimitStoreCtor {
+  return class implements FastifyRateLimitStore {
+    incr(key: string, callback: (error: Error | null, result?: { current: number; ttl: number }) => void, timeWindow: number, max: number): void {
+      buckets.take(key, max, timeWindow).then(
+        (d) => callback(null, d.allowed ? { current: max - d.remaining, ttl: d.resetMs } : { current: max + 1, ttl: d.retryMs }),
+        (err: Error) => callback(err),
+      )
+    }
+
+    child(): FastifyRateLimitStore {
+      return this
+    }
+  }
+}
+
+/**
+ * The session id a request names: the `:id` param, the body's `session_id` (or
+ * `metadata.session_id`), or `X-Session-Id`.
  * Raw client input: it only counts once the store has matched it to a session of the caller.
  */
 function namedSession(request: FastifyRequest): string | undefined {
   const params = request.params as { id?: string } | undefined
-  const body = request.body as { session_id?: unknown } | undefined
-  const fromBody = body && typeof body === 'object' && typeof body.session_id === 'string' ? body.session_id : undefined
+  const body = request.body as { session_id?: unknown; metadata?: { session_id?: unknown } | null } | undefined
+  const named = body && typeof body === 'object' ? (body.session_id ?? body.metadata?.session_id) : undefined
+  const fromBody = typeof named === 'string' ? named : undefined
   const header = request.headers['x-session-id']
   return params?.id ?? fromBody ?? (typeof header === 'string' ? header : undefined)
 }
@@ -37,7 +68,8 @@ function namedSession(request: FastifyRequest): string | undefined {
  * `config: { rateLimit: false }`), and a per-session limit on routes with
  * `config: { sessionRateLimit: true }`. Counters live in Redis when configured; if Redis is
  * unreachable requests are let through (availability over strictness) and a warning is logged.
- * A limit of 0 turns that limit off.
+ * A limit of 0 turns that limit off everywhere, the not-found handler included. A limit is a
+ * rate (GCRA, services/rate-limits.ts): a refused client is told the wait until its next request.
  *
  * The per-session counter is keyed on the session's canonical id from the store, looked up with
  * the caller's tenant: another spelling of the same id (letter case) shares its counter, and an
@@ -46,16 +78,17 @@ function namedSession(request: FastifyRequest): string | undefined {
  */
 export default fp(
   async function rateLimits(app: FastifyInstance, opts: RateLimitOptions) {
+    const buckets = app.redis ? new RedisRateStore(app.redis, 'oi-server:rl:') : new MemoryRateStore()
     await app.register(rateLimit, {
       global: opts.perMinute > 0,
       max: opts.perMinute || 1,
       timeWindow: 60_000,
       hook: 'onRequest',
-      redis: app.redis ?? undefined,
-      nameSpace: 'oi-server:rl:',
+      store: storeFor(buckets),
       skipOnError: true,
-      errorResponseBuilder: (_req, ctx) => exceeded(Math.max(1, Math.ceil(ctx.ttl / 1000))),
+      errorResponseBuilder: (_req, ctx) => exceeded(ctx.ttl),
     })
+    app.decorate('ipRateLimit', opts.perMinute > 0 ? app.rateLimit() : null)
 
     if (opts.sessionPerMinute <= 0) return
     const canonical = new WeakMap<FastifyRequest, string>()
@@ -73,7 +106,7 @@ export default fp(
         if (!session) return
         canonical.set(request, session.id)
         const result = await limiter(request)
-        if (!result.isAllowed && result.isExceeded) throw exceeded(Math.max(1, result.ttlInSeconds))
+        if (!result.isAllowed && result.isExceeded) throw exceeded(result.ttl)
       }
       route.preHandler = [...[route.preHandler ?? []].flat(), hook]
     })

@@ -66,16 +66,19 @@ export function disconnectSignal(reply: FastifyReply): AbortSignal {
 }
 
 /**
- * Streams one run over SSE. `start` is called before the stream opens, so a run that cannot
- * start (409 busy, 503 no upstream) still gets a plain error response; once the stream is open,
- * a client that goes away calls `stop`, and a failure is written by `error` in the dialect's
- * own way (an `event: error` or an OpenAI-style data line).
+ * Streams one run over SSE. With `hold`, the status is held until the run calls `started` (the
+ * upstream answered) or ends: a run that fails before that (409 busy, 503 no upstream, an
+ * upstream 429 or 400) gets a plain HTTP error with the envelope, which clients and their SDKs
+ * understand. Once the stream is open, a client that goes away calls `stop`, and a failure is written by `error`
+ * in the dialect's own way (an `event: error` or an OpenAI-style data line).
  */
 export async function streamRun<T>(
   request: FastifyRequest,
   reply: FastifyReply,
   opts: {
-    start: (send: SseStream['send']) => Promise<T>
+    start: (send: SseStream['send'], started: () => void) => Promise<T>
+    /** Wait for `started` before sending the 200; otherwise the stream opens at once. */
+    hold?: boolean
     stop: () => void
     open?: (sse: SseStream) => void
     done: (sse: SseStream, result: T) => void
@@ -84,10 +87,24 @@ export async function streamRun<T>(
   },
 ): Promise<FastifyReply> {
   let sse: SseStream | undefined
-  const running = opts.start((data, event) => sse?.send(data, event))
+  // What the run sends between `started` and the stream being open waits here, in order.
+  const early: [unknown, string | undefined][] = []
+  let started!: () => void
+  const answered = new Promise<void>((resolve) => (started = resolve))
+  const running = opts.start((data, event) => (sse ? sse.send(data, event) : early.push([data, event])), started)
+  if (!opts.hold) started()
+  // A client gone before the status was sent stops the run all the same.
+  const gone = disconnectSignal(reply)
+  gone.addEventListener('abort', opts.stop, { once: true })
+  try {
+    await Promise.race([answered, running])
+  } finally {
+    gone.removeEventListener('abort', opts.stop)
+  }
   sse = openSse(request, reply)
   sse.signal.addEventListener('abort', opts.stop, { once: true })
   opts.open?.(sse)
+  for (const [data, event] of early) sse.send(data, event)
   try {
     opts.done(sse, await running)
   } catch (err) {

@@ -10,7 +10,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/chat',
     {
-      config: { sessionRateLimit: true },
+      config: { sessionRateLimit: true, idempotent: true },
       schema: {
         operationId: 'runChat',
         tags: ['chat'],
@@ -18,17 +18,15 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
         description:
           'Without session_id a new session is created. The stream sends `event: message` LMC chunks, `event: error` on failure and finally `event: done` with the session id and usage.',
         body: ChatBody,
-        response: { 200: jsonOrEventStream('The turn: its final answer and every message it added', ChatResponse, ChatStreamEvent), ...protectedErrors(400, 404, 409, 502, 503, 504) },
+        response: { 200: jsonOrEventStream('The turn: its final answer and every message it added', ChatResponse, ChatStreamEvent), ...protectedErrors(400, 404, 409, 422, 502, 503, 504) },
       },
     },
     async (request, reply) => {
       const { tenantId } = principal(request)
       const body = request.body
-      const session = body.session_id
-        ? await app.sessions.get(tenantId, body.session_id)
-        : await app.sessions.create(tenantId, { model: body.config?.llm?.model })
+      const session = await app.chat.session(tenantId, body.session_id, () => app.sessions.create(tenantId, { model: body.config?.llm?.model }))
       reply.header('x-session-id', session.id)
-      const base = { tenantId, sessionId: session.id, inputs: body.messages, config: body.config }
+      const base = { tenantId, sessionId: session.id, newSession: !body.session_id, inputs: body.messages, config: body.config }
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
@@ -36,7 +34,8 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
       }
 
       return streamRun(request, reply, {
-        start: (send) => app.chat.run({ ...base, emit: (chunk) => send(chunk, 'message') }),
+        hold: true,
+        start: (send, started) => app.chat.run({ ...base, onStart: started, emit: (chunk) => send(chunk, 'message') }),
         stop: () => app.runs.stop(session.id),
         done: (sse, result) => sse.send({ session_id: session.id, usage: result.usage, stopped: result.stopped }, 'done'),
         error: (sse, body) => sse.send(body, 'error'),

@@ -6,9 +6,11 @@ import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 // the streamed answer's events, for the OpenAPI document
 import { CompletionStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { protectedErrors } from '../schemas/common.js'
-import { buildCompletion, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
+import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, lastAssistantText, passThroughOf, renderContent } from '../services/agent/openai-compat.js'
+import { ConversationIndex } from '../services/conversations.js'
 import { notFound } from '../services/errors.js'
-import type { LmcInput } from '../schemas/lmc.js'
+import type { LmcChunk, LmcInput } from '../schemas/lmc.js'
+import type { ChatResult } from '../services/chat.js'
 
 const ChatCompletion = Type.Object(
   {
@@ -29,6 +31,7 @@ const ChatCompletion = Type.Object(
       }),
     ),
     usage: Type.Optional(Usage),
+    session_id: Type.Optional(Type.String({ description: 'The session this turn ran in (also the X-Session-Id header); send it back to continue' })),
   },
   { description: 'OpenAI chat.completion; with stream: true, chat.completion.chunk events ending in data: [DONE]' },
 )
@@ -44,8 +47,16 @@ function newInputs(inputs: LmcInput[], sessionHasHistory: boolean): LmcInput[] {
 }
 
 const openai: FastifyPluginAsyncTypebox = async (app) => {
+  const conversations = new ConversationIndex()
   const created = Math.floor(Date.now() / 1000)
   const modelView = (id: string) => ({ id, object: 'model' as const, created, owned_by: 'oi-server' })
+
+  /** A stateless client's session: the one that produced the last assistant message it resends, if it still exists. */
+  const continuedSession = async (tenantId: string, messages: CompatMessage[]) => {
+    const previous = lastAssistantText(messages)
+    const found = previous === undefined ? undefined : conversations.find(tenantId, previous)
+    return found && (await app.store.getSession(tenantId, found)) ? found : undefined
+  }
 
   app.get(
     '/v1/models',
@@ -75,23 +86,24 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/chat/completions',
     {
-      config: { sessionRateLimit: true },
+      config: { sessionRateLimit: true, idempotent: true },
       schema: {
         operationId: 'createChatCompletion',
         tags: ['openai'],
         summary: 'OpenAI-compatible chat completions, with the agent running code',
         description:
-          'Bind to a session with `session_id` in the body or the `X-Session-Id` header; otherwise a new session is made. The response carries `X-Session-Id`.',
+          'Bind to a session with `session_id` in the body, the `X-Session-Id` header or `metadata.session_id`; a request without one whose last assistant message is an answer this server gave continues that answer\'s session; otherwise a new session is made. The response carries `X-Session-Id` and `session_id`.',
         body: CompletionBody,
-        response: { 200: jsonOrEventStream('The completion', ChatCompletion, CompletionStreamEvent), ...protectedErrors(400, 404, 409, 502, 503, 504) },
+        response: { 200: jsonOrEventStream('The completion', ChatCompletion, CompletionStreamEvent), ...protectedErrors(400, 404, 409, 422, 502, 503, 504) },
       },
     },
     async (request, reply) => {
       const { tenantId } = principal(request)
       const body = request.body
       const header = request.headers['x-session-id']
-      const sessionId = body.session_id ?? (typeof header === 'string' ? header : undefined)
-      const conversation = fromChatMessages(body.messages as CompatMessage[])
+      const messages = body.messages as CompatMessage[]
+      const conversation = fromChatMessages(messages)
+      const passThrough = passThroughOf(body)
       const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined
       const config = {
         llm: {
@@ -100,40 +112,70 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
           ...(maxTokens ? { max_tokens: maxTokens } : {}),
         },
       }
+      const sessionId =
+        body.session_id ??
+        (typeof header === 'string' ? header : undefined) ??
+        body.metadata?.session_id ??
+        (await continuedSession(tenantId, messages))
       // Resolved here once and handed to the run, which would otherwise read them again; the
       // two reads are independent, so a networked store serves both in the time of one round trip.
       const [session, settings] = await Promise.all([
-        sessionId
-          ? app.sessions.get(tenantId, sessionId)
-          : app.sessions.create(tenantId, { model: body.model, metadata: { source: 'chat.completions' } }),
+        app.chat.session(tenantId, sessionId, () => app.sessions.create(tenantId, { model: body.model, metadata: { source: 'chat.completions' } })),
         app.settings.effective(tenantId, config),
       ])
       reply.header('x-session-id', session.id)
       const inputs = newInputs(conversation.inputs, session.messageCount > 0)
       const meta = { id: completionId(), created: Math.floor(Date.now() / 1000), model: body.model ?? settings.model }
-      const base = { tenantId, sessionId: session.id, inputs, config, settings, systemMessage: conversation.systemMessage }
+      const base = {
+        tenantId,
+        sessionId: session.id,
+        newSession: !sessionId,
+        storeOnAnswer: true,
+        inputs,
+        config,
+        settings,
+        passThrough,
+        systemMessage: conversation.systemMessage,
+      }
+
+      // Structured output must parse: the content is then the final answer, not the transcript.
+      const answerOnly = passThrough.response_format !== undefined && passThrough.response_format.type !== 'text'
+      const answer = (result: ChatResult) => (typeof result.final.content === 'string' ? result.final.content : '')
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
-        return buildCompletion(meta, renderContent(result.messages), result.usage)
+        const content = answerOnly ? answer(result) : renderContent(result.messages)
+        conversations.remember(tenantId, content, session.id)
+        return { ...buildCompletion(meta, content, result.usage, clientFinishReason(result.finishReason)), session_id: session.id }
       }
 
       const chunks = new CompletionChunks(meta)
       return streamRun(request, reply, {
-        start: (send) =>
+        hold: true,
+        start: (send, started) =>
           app.chat.run({
             ...base,
-            emit: (lmc) => {
-              for (const chunk of chunks.push(lmc)) send(chunk)
-            },
+            onStart: started,
+            ...(answerOnly
+              ? {}
+              : {
+                  emit: (lmc: LmcChunk) => {
+                    for (const chunk of chunks.push(lmc)) send(chunk)
+                  },
+                }),
           }),
         stop: () => app.runs.stop(session.id),
-        open: (sse) => sse.send(chunks.start()),
+        open: (sse) => sse.send({ ...chunks.start(), session_id: session.id }),
         done: (sse, result) => {
-          for (const chunk of chunks.finish('stop')) sse.send(chunk)
+          if (answerOnly) sse.send(chunks.content(answer(result)))
+          conversations.remember(tenantId, chunks.text, session.id)
+          for (const chunk of chunks.finish(clientFinishReason(result.finishReason))) sse.send(chunk)
           if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
         },
-        error: (sse, body) => sse.send(body),
+        error: (sse, body) => {
+          for (const chunk of chunks.interrupt()) sse.send(chunk)
+          sse.send(body)
+        },
         end: (sse) => sse.data('[DONE]'),
       })
     },

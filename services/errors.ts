@@ -23,9 +23,22 @@ export class ApiError extends Error {
     message: string,
     readonly param: string | null = null,
     readonly extra: Record<string, unknown> = {},
+    options?: ErrorOptions,
   ) {
-    super(message)
+    super(message, options)
     this.name = 'ApiError'
+  }
+
+  /**
+   * False when repeating the request would repeat a side effect (a stored message, code that ran)
+   * or cannot succeed; sent as `x-should-retry`, which the OpenAI SDKs obey.
+   */
+  retryable = true
+
+  /** Marks this error as not to be retried and returns it. */
+  final(): this {
+    this.retryable = false
+    return this
   }
 }
 

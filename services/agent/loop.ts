@@ -23,6 +23,8 @@ export interface TurnOptions {
   model: string
   temperature: number
   maxTokens: number
+  /** The client's fields passed upstream as they are (stop, seed, top_p, response_format…), on every call. */
+  passThrough?: PassThrough
   /** Upstream calls allowed in one turn. */
   maxIterations: number
   systemMessage?: string
@@ -35,6 +37,8 @@ export interface TurnOptions {
   tools: boolean
   autoRun: boolean
   execute: Executor
+  /** Awaited once, when the first upstream call answered, before anything of the answer is emitted or persisted. */
+  answered?: () => Promise<void>
   /** Asked after the confirmation message was emitted, when `autoRun` is false. */
   confirm: (code: LmcMessage) => Promise<boolean>
   /** Called as soon as each message is complete, so a crash keeps everything before it. */
@@ -46,6 +50,22 @@ export interface TurnOptions {
   /** Budget for each code result shown to the model. */
   maxOutputChars: number
 }
+
+export type PassThrough = Partial<
+  Pick<
+    ChatCompletionCreateParamsStreaming,
+    | 'stop'
+    | 'seed'
+    | 'top_p'
+    | 'presence_penalty'
+    | 'frequency_penalty'
+    | 'logit_bias'
+    | 'user'
+    | 'logprobs'
+    | 'top_logprobs'
+    | 'response_format'
+  >
+>
 
 export interface TokenUsage {
   prompt_tokens: number
@@ -61,8 +81,10 @@ export interface TurnResult {
    * neither emitted nor persisted.
    */
   final: LmcMessage
-  /** Summed over every upstream call that reported usage. */
+  /** The last usage each upstream call reported, summed over the calls. */
   usage: TokenUsage
+  /** The last upstream call's finish_reason, null when it gave none (a clean end counts as complete). */
+  finishReason: string | null
   stopped: boolean
 }
 
@@ -71,8 +93,11 @@ export async function runTurn(opts: TurnOptions): Promise<TurnResult> {
 }
 
 /**
- * The upstream failure as the API reports it. Upstream messages can quote the key that was
- * refused, so it is masked along with anything the redactor knows.
+ * The upstream failure as the API reports it, keeping its meaning: what the client got wrong
+ * stays a 4xx with the upstream's `code` and `param`, a rate limit stays a 429 with its wait, and
+ * what only the operator can fix (the upstream refused our key) is a 502 not worth retrying.
+ * Upstream messages can quote the key that was refused, so it is masked along with anything the
+ * redactor knows.
  */
 export function upstreamError(err: unknown, apiKey: string | null, redact: (text: string) => string = (t) => t): ApiError {
   if (err instanceof ApiError) return err
@@ -85,13 +110,40 @@ export function upstreamError(err: unknown, apiKey: string | null, redact: (text
   if (err instanceof APIConnectionError) {
     return new ApiError(502, 'upstream_error', 'llm_error', clean(`Could not reach the model: ${err.message}`))
   }
-  if (err instanceof APIError) {
-    const detail = (err.error as { message?: unknown } | undefined)?.message
-    const message = typeof detail === 'string' && detail ? detail : err.message
-    const prefix = err.status ? `The model provider answered ${err.status}` : 'The model provider reported an error'
-    return new ApiError(502, 'upstream_error', 'llm_error', clean(`${prefix}: ${message}`))
+  if (!(err instanceof APIError)) return brokenStream()
+  const detail = (err.error as { message?: unknown } | undefined)?.message
+  const said = clean(typeof detail === 'string' && detail ? detail : err.message)
+  const code = typeof err.code === 'string' && err.code ? err.code : undefined
+  const param = typeof err.param === 'string' && err.param ? err.param : null
+  const status = err.status ?? 0
+  if (status === 404 && (code === 'model_not_found' || /model/i.test(said))) {
+    return new ApiError(404, 'invalid_request_error', 'model_not_found', `The model provider does not know this model: ${said}`, 'model')
   }
-  return brokenStream()
+  if (status === 400 || status === 422) return new ApiError(400, 'invalid_request_error', code ?? 'upstream_invalid_request', said, param)
+  if (status === 429) {
+    const wait = retryAfterMs(err.headers)
+    const limited = new ApiError(429, 'rate_limit_error', code ?? 'upstream_rate_limited', `The model provider is rate limiting: ${said}`, null, {
+      ...(wait !== undefined ? { retry_after: Math.max(1, Math.ceil(wait / 1000)), retry_after_ms: wait } : {}),
+    })
+    // An exhausted quota does not come back by waiting.
+    return code === 'insufficient_quota' ? limited.final() : limited
+  }
+  const prefix = status ? `The model provider answered ${status}` : 'The model provider reported an error'
+  if (status === 401 || status === 403) return new ApiError(502, 'upstream_error', 'llm_auth_failed', `${prefix}: ${said}`).final()
+  if (status === 503) return new ApiError(503, 'unavailable_error', 'llm_unavailable', `${prefix}: ${said}`)
+  return new ApiError(502, 'upstream_error', 'llm_error', `${prefix}: ${said}`)
+}
+
+/** The upstream's `retry-after-ms` or `retry-after` (seconds or an HTTP date), in milliseconds. */
+function retryAfterMs(headers: Headers | undefined): number | undefined {
+  const ms = Number.parseFloat(headers?.get('retry-after-ms') ?? '')
+  if (Number.isFinite(ms) && ms >= 0) return Math.ceil(ms)
+  const value = headers?.get('retry-after')
+  if (!value) return undefined
+  const seconds = Number.parseFloat(value)
+  if (Number.isFinite(seconds) && seconds >= 0) return Math.ceil(seconds * 1000)
+  const at = Date.parse(value)
+  return Number.isFinite(at) ? Math.max(0, at - Date.now()) : undefined
 }
 
 const upstreamTimeout = () => new ApiError(504, 'upstream_error', 'llm_timeout', 'The model did not answer in time')
@@ -208,6 +260,7 @@ class Turn {
   private readonly messages: LmcMessage[] = []
   private readonly io: Io
   private readonly usage: TokenUsage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }
+  private finishReason: string | null = null
   private readonly aborted: Promise<void>
 
   constructor(private readonly opts: TurnOptions) {
@@ -282,6 +335,8 @@ class Turn {
         controller.abort()
       }, client.timeout)
     }
+    // Some upstreams repeat their cumulative usage on every chunk: only the last report counts.
+    let usage: CompletionUsage | undefined
     // Only failures of the upstream itself are mapped; a failing store or executor is not the model's fault.
     const failed = (err: unknown) => {
       if (signal.aborted) return undefined
@@ -297,7 +352,8 @@ class Turn {
         if (mapped) throw mapped
         return
       }
-      let finished = false
+      await this.opts.answered?.()
+      this.finishReason = null
       arm()
       for (;;) {
         let next: IteratorResult<ChatCompletionChunk>
@@ -312,9 +368,9 @@ class Turn {
         // Paused while the chunk is handled: a slow store is not a stalled model.
         clearTimeout(idle)
         const chunk = next.value
-        if (chunk.usage) this.addUsage(chunk.usage)
+        if (chunk.usage) usage = chunk.usage
         const choice = chunk.choices[0]
-        if (choice?.finish_reason) finished = true
+        if (choice?.finish_reason) this.finishReason = choice.finish_reason
         if (choice && (await reply.delta(choice.delta))) {
           controller.abort()
           return
@@ -323,8 +379,8 @@ class Turn {
       }
       if (signal.aborted) return
       if (stalled) throw upstreamTimeout()
-      if (!finished) throw brokenStream()
     } finally {
+      if (usage) this.addUsage(usage)
       clearTimeout(idle)
       signal.removeEventListener('abort', cancel)
     }
@@ -345,6 +401,7 @@ class Turn {
       }),
       temperature: opts.temperature,
       max_tokens: opts.maxTokens,
+      ...opts.passThrough,
       stream: true,
       stream_options: { include_usage: true },
       ...(opts.tools ? { tools: [executeTool(opts.languages)] } : {}),
@@ -416,7 +473,7 @@ class Turn {
       content: '',
       created_at: new Date().toISOString(),
     }
-    return { messages: [...this.messages], final, usage: { ...this.usage }, stopped }
+    return { messages: [...this.messages], final, usage: { ...this.usage }, finishReason: this.finishReason, stopped }
   }
 }
 

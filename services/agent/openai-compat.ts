@@ -3,7 +3,7 @@ import type { ChatCompletion, ChatCompletionChunk } from 'openai/resources/chat/
 import type { LmcChunk, LmcInput, LmcMessage } from '../../schemas/lmc.js'
 import { invalidRequest } from '../errors.js'
 import { languageFromTag } from './fences.js'
-import type { TokenUsage } from './loop.js'
+import type { PassThrough, TokenUsage } from './loop.js'
 
 /** A Chat Completions request message, or an LMC message sent through the same route. */
 export interface CompatMessage {
@@ -154,6 +154,15 @@ function assistantInputs(message: CompatMessage, at: string): LmcInput[] {
   return inputs
 }
 
+/** The text of the last assistant message, as a client resends an answer it was given. */
+export function lastAssistantText(messages: CompatMessage[]): string | undefined {
+  const last = messages.findLast((m) => m?.role === 'assistant' && m.type === undefined)
+  if (!last) return undefined
+  if (typeof last.content === 'string') return last.content
+  if (!Array.isArray(last.content)) return undefined
+  return last.content.map((part) => (part?.type === 'text' && typeof part.text === 'string' ? part.text : '')).join('')
+}
+
 type Block = 'text' | 'code' | 'output' | 'image'
 
 function blockOf(chunk: Pick<LmcChunk, 'role' | 'type' | 'format'>): Block | undefined {
@@ -277,6 +286,41 @@ function ticksFor(messages: LmcMessage[]): string {
   return '`'.repeat(Math.max(3, longest + 1))
 }
 
+/**
+ * The finish_reason a client sees: the last upstream call's, except that the server's own
+ * `execute` calls are not the client's tool calls (the turn ended at the iteration limit), and
+ * an upstream that gave none ended cleanly.
+ */
+export function clientFinishReason(upstream: string | null): ChatCompletion.Choice['finish_reason'] {
+  return upstream === 'length' || upstream === 'content_filter' ? upstream : 'stop'
+}
+
+const PASS_THROUGH = [
+  'stop',
+  'seed',
+  'top_p',
+  'presence_penalty',
+  'frequency_penalty',
+  'logit_bias',
+  'user',
+  'logprobs',
+  'top_logprobs',
+  'response_format',
+] as const
+
+/**
+ * The request fields passed upstream as they are. One turn answers with one choice, so `n` above
+ * 1 is refused rather than quietly answered once.
+ */
+export function passThroughOf(body: Partial<Record<(typeof PASS_THROUGH)[number] | 'n', unknown>>): PassThrough {
+  if (typeof body.n === 'number' && body.n > 1) {
+    throw invalidRequest('Only n: 1 is supported: each request runs one agent turn with one answer', 'n', 'unsupported_parameter')
+  }
+  const fields: Record<string, unknown> = {}
+  for (const field of PASS_THROUGH) if (body[field] !== undefined && body[field] !== null) fields[field] = body[field]
+  return fields as PassThrough
+}
+
 export function completionId(): string {
   return `chatcmpl-${randomBytes(12).toString('base64url')}`
 }
@@ -310,6 +354,7 @@ export function buildCompletion(
  */
 export class CompletionChunks {
   private readonly renderer = new ContentRenderer()
+  private sent = ''
 
   constructor(private readonly meta: CompletionMeta) {}
 
@@ -331,11 +376,28 @@ export class CompletionChunks {
     return [...(closing ? [this.chunk({ content: closing })] : []), this.chunk({}, reason)]
   }
 
+  /** Text sent as it is, outside the rendering of the turn (the final answer of structured output). */
+  content(text: string): ChatCompletionChunk {
+    return this.chunk({ content: text })
+  }
+
+  /** Closes an open fence before an error is reported, so the text read so far stays well-formed. */
+  interrupt(): ChatCompletionChunk[] {
+    const closing = this.renderer.close()
+    return closing ? [this.chunk({ content: closing })] : []
+  }
+
   usage(usage: TokenUsage): ChatCompletionChunk {
     return { id: this.meta.id, object: 'chat.completion.chunk', created: this.meta.created, model: this.meta.model, choices: [], usage: { ...usage } }
   }
 
+  /** All the content sent so far. */
+  get text(): string {
+    return this.sent
+  }
+
   private chunk(delta: ChatCompletionChunk.Choice.Delta, finishReason: ChatCompletionChunk.Choice['finish_reason'] = null): ChatCompletionChunk {
+    this.sent += delta.content ?? ''
     return {
       id: this.meta.id,
       object: 'chat.completion.chunk',

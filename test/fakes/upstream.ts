@@ -22,6 +22,12 @@ export interface Delivery {
   chunkMs?: number
   /** Destroy the socket after this many chunks have been written (streaming only). */
   breakAfterChunks?: number
+  /** The finish_reason sent; null sends none at all. Default: `tool_calls` or `stop`. */
+  finishReason?: string | null
+  /** Repeat the (cumulative) usage on every chunk, as some upstreams do, instead of once at the end. */
+  usageEveryChunk?: boolean
+  /** End the stream by closing it cleanly, without `data: [DONE]`. */
+  noDone?: boolean
 }
 
 export interface ScriptedCall {
@@ -35,7 +41,7 @@ export interface ScriptedCall {
 export type Step =
   | ({ kind: 'text'; text: string; usage?: Usage } & Delivery)
   | ({ kind: 'tool'; calls: ScriptedCall[]; text?: string; usage?: Usage } & Delivery)
-  | ({ kind: 'error'; status: number; message: string; type?: string; code?: string | null } & Delivery)
+  | ({ kind: 'error'; status: number; message: string; type?: string; code?: string | null; param?: string | null; headers?: Record<string, string> } & Delivery)
 
 export interface RecordedRequest {
   method: string
@@ -73,7 +79,11 @@ export const toolCall = (
   options: Delivery & { text?: string; usage?: Usage } = {},
 ): Step => ({ kind: 'tool', calls: Array.isArray(calls) ? calls : [calls], ...options })
 
-export const httpError = (status: number, message: string, options: Delivery & { type?: string; code?: string } = {}): Step => ({
+export const httpError = (
+  status: number,
+  message: string,
+  options: Delivery & { type?: string; code?: string; param?: string; headers?: Record<string, string> } = {},
+): Step => ({
   kind: 'error',
   status,
   message,
@@ -186,9 +196,12 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
     await sleep(step.firstByteMs, closed.signal)
     if (closed.signal.aborted) return
     if (step.kind === 'error') {
-      return json(res, step.status, {
-        error: { message: step.message, type: step.type ?? 'server_error', code: step.code ?? null, param: null },
-      })
+      return json(
+        res,
+        step.status,
+        { error: { message: step.message, type: step.type ?? 'server_error', code: step.code ?? null, param: step.param ?? null } },
+        step.headers,
+      )
     }
     const body: ChatBody = typeof record.body === 'object' && record.body !== null ? record.body : {}
     const model = typeof body.model === 'string' ? body.model : 'fake-model'
@@ -217,7 +230,7 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
           index: 0,
           message: { role: 'assistant', content, refusal: null, ...(toolCalls ? { tool_calls: toolCalls } : {}) },
           logprobs: null,
-          finish_reason: toolCalls ? 'tool_calls' : 'stop',
+          finish_reason: step.finishReason === undefined ? (toolCalls ? 'tool_calls' : 'stop') : step.finishReason,
         },
       ],
       usage: step.usage ?? estimateUsage(body, chars),
@@ -264,14 +277,16 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
         for (const piece of split(args, 6)) events.push(chunk({ tool_calls: [{ index, function: { arguments: piece } }] }))
       })
     }
-    events.push(chunk({}, step.kind === 'tool' ? 'tool_calls' : 'stop'))
-    if (body.stream_options?.include_usage === true) {
-      events.push({ id, object: 'chat.completion.chunk', created, model, choices: [], usage: step.usage ?? estimateUsage(body, chars) })
-    }
+    const finish = step.finishReason === undefined ? (step.kind === 'tool' ? 'tool_calls' : 'stop') : step.finishReason
+    if (finish !== null) events.push(chunk({}, finish))
+    const usage = step.usage ?? estimateUsage(body, chars)
+    if (step.usageEveryChunk) for (const event of events) Object.assign(event, { usage })
+    else if (body.stream_options?.include_usage === true) events.push({ id, object: 'chat.completion.chunk', created, model, choices: [], usage })
+    const done = step.noDone ? '' : 'data: [DONE]\n\n'
 
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
     if (!step.chunkMs && step.breakAfterChunks === undefined) {
-      res.end(`${events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('')}data: [DONE]\n\n`)
+      res.end(`${events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('')}${done}`)
       return
     }
     for (let i = 0; i < events.length; i++) {
@@ -285,12 +300,12 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
       // Wait for the flush so a later socket destroy cannot swallow chunks already "sent".
       await new Promise<void>((resolve) => res.write(`data: ${JSON.stringify(events[i])}\n\n`, () => resolve()))
     }
-    res.end('data: [DONE]\n\n')
+    res.end(done)
   }
 
-  function json(res: ServerResponse, status: number, payload: unknown): void {
+  function json(res: ServerResponse, status: number, payload: unknown, headers: Record<string, string> = {}): void {
     const data = JSON.stringify(payload)
-    res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) })
+    res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) })
     res.end(data)
   }
 

@@ -91,3 +91,51 @@ t.test('a request that creates its session is not counted per session', async (t
     t.equal(res.statusCode, 503)
   }
 })
+
+t.test('RATE_LIMIT_PER_MINUTE=0 means no limiter anywhere, 404 and 405 included', async (t) => {
+  const app = await build(t, { RATE_LIMIT_PER_MINUTE: '0', SESSION_RATE_LIMIT_PER_MINUTE: '0' })
+  for (let i = 0; i < 5; i++) {
+    const missing = await app.inject({ url: '/v1/no-such-route', headers: auth() })
+    t.equal(missing.statusCode, 404)
+    t.notOk(missing.headers['x-ratelimit-limit'], 'no limiter headers on a 404')
+    const wrongMethod = await app.inject({ method: 'DELETE', url: '/v1/models', headers: auth() })
+    t.equal(wrongMethod.statusCode, 405)
+    const listed = await app.inject({ url: '/v1/sessions', headers: auth() })
+    t.equal(listed.statusCode, 200)
+    t.notOk(listed.headers['x-ratelimit-limit'])
+  }
+})
+
+t.test('the per-IP limit is a rate: Retry-After is the wait for the next request (60/limit s), with retry-after-ms', async (t) => {
+  const app = await build(t, { RATE_LIMIT_PER_MINUTE: '20' })
+  let limited
+  for (let i = 0; i < 25 && !limited; i++) {
+    const res = await app.inject({ url: i % 2 ? '/v1/sessions' : '/v1/no-such-route', headers: auth() })
+    if (res.statusCode === 429) limited = res
+  }
+  t.ok(limited, 'the 21st request is refused')
+  const seconds = Number(limited!.headers['retry-after'])
+  const ms = Number(limited!.headers['retry-after-ms'])
+  t.ok(seconds >= 1 && seconds <= 3, `Retry-After ${seconds} s is about 60/20, far below 60`)
+  t.ok(ms > 0 && ms <= 3_000, `retry-after-ms ${ms}`)
+  t.equal(Math.ceil(ms / 1000), seconds)
+  t.match(limited!.json(), { error: { code: 'rate_limit_exceeded', retry_after: seconds, retry_after_ms: ms } })
+})
+
+t.test('the per-session limit is a rate too', async (t) => {
+  const { app, session } = await setup(t, 6)
+  const id = await session()
+  for (let i = 0; i < 6; i++) t.equal((await limited(app, undefined, 'path', id)).statusCode, 400)
+  const res = await limited(app, undefined, 'path', id)
+  t.equal(res.statusCode, 429)
+  t.ok(Number(res.headers['retry-after']) <= 10, `Retry-After ${res.headers['retry-after']} s is about 60/6`)
+  t.ok(Number(res.headers['retry-after-ms']) <= 10_000)
+})
+
+t.test('a session named by metadata.session_id counts against its bucket', async (t) => {
+  const { app, session } = await setup(t, 2)
+  const id = await session()
+  const byMetadata = () =>
+    app.inject({ method: 'POST', url: '/v1/chat/completions', headers: auth(), payload: { metadata: { session_id: id }, messages: [{ role: 'user', content: 'hi' }] } })
+  t.same([(await byMetadata()).statusCode, (await byMetadata()).statusCode, (await byMetadata()).statusCode], [503, 503, 429])
+})

@@ -193,3 +193,24 @@ t.test('bad input, 401 and 404', async (t) => {
     t.equal(res.statusCode, 404, path)
   }
 })
+
+t.test('Idempotency-Key on /v1/chat: a repeat replays the first answer; a malformed key is 400', async (t) => {
+  const { app, upstream } = await setup(t)
+  upstream.script(text('Only once.'))
+  const send = (key: string, content = 'hi') =>
+    app.inject({ method: 'POST', url: '/v1/chat', headers: { ...auth(), 'idempotency-key': key }, payload: { messages: [user(content)] } })
+  const first = await send('k1')
+  const again = await send('k1')
+  t.equal(again.statusCode, 200)
+  t.equal(again.body, first.body)
+  t.equal(again.headers['idempotent-replayed'], 'true')
+  t.equal(again.headers['x-session-id'], first.headers['x-session-id'])
+  t.equal(upstream.requests.length, 1, 'the repeat asked nothing upstream')
+  const reused = await send('k1', 'another question')
+  t.equal(reused.statusCode, 422)
+  t.match(reused.json(), { error: { code: 'idempotency_key_reused' } })
+  t.equal(reused.headers['x-should-retry'], 'false')
+  const tooLong = await send('x'.repeat(256))
+  t.equal(tooLong.statusCode, 400)
+  t.match(tooLong.json(), { error: { param: 'Idempotency-Key' } })
+})

@@ -410,7 +410,7 @@ t.test('upstream errors become ApiError 502 without leaking the key', async (t) 
   upstream.script(httpError(401, `Incorrect API key provided: ${UPSTREAM_KEY}. You can find your API key at https://example.com.`, { type: 'invalid_request_error', code: 'invalid_api_key' }))
   const err = await runTurn(setup().opts).catch((e: unknown) => e)
   t.ok(err instanceof ApiError)
-  t.match(err, { statusCode: 502, code: 'llm_error', message: /401: Incorrect API key provided/ })
+  t.match(err, { statusCode: 502, code: 'llm_auth_failed', retryable: false, message: /401: Incorrect API key provided/ })
   t.notMatch((err as Error).message, /0123456789/)
 })
 

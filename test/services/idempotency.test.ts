@@ -1,0 +1,31 @@
+import t from 'tap'
+import { IdempotencyKeys } from '../../services/idempotency.js'
+
+const response = (text: string) => ({ status: 200, headers: { 'content-type': 'text/plain' }, body: Buffer.from(text) })
+
+t.test('run once, replay after, 409 while running, 422 for another request, forgotten after the TTL', async (t) => {
+  let now = 0
+  const keys = new IdempotencyKeys({ ttlMs: 1_000, now: () => now })
+  const first = keys.begin('tenant', 'k', 'body-a')
+  t.equal(first.kind, 'run')
+  t.throws(() => keys.begin('tenant', 'k', 'body-a'), { statusCode: 409, code: 'idempotency_in_progress' })
+  t.throws(() => keys.begin('tenant', 'k', 'body-b'), { statusCode: 422, code: 'idempotency_key_reused', retryable: false })
+  if (first.kind === 'run') first.finish(response('answer'))
+  t.match(keys.begin('tenant', 'k', 'body-a'), { kind: 'replay', response: { status: 200 } })
+  t.equal(keys.begin('other-tenant', 'k', 'body-b').kind, 'run', 'keys are per tenant')
+  now = 1_000
+  t.equal(keys.begin('tenant', 'k', 'body-b').kind, 'run', 'after the TTL the key is free')
+})
+
+t.test('an abandoned claim frees the key; the oldest keys go past maxKeys', async (t) => {
+  const keys = new IdempotencyKeys({ maxKeys: 2 })
+  const claim = keys.begin('t', 'a', 'x')
+  if (claim.kind === 'run') claim.abandon()
+  t.equal(keys.begin('t', 'a', 'x').kind, 'run', 'a failure without side effects can be retried')
+  for (const key of ['b', 'c']) {
+    const c = keys.begin('t', key, 'x')
+    if (c.kind === 'run') c.finish(response(key))
+  }
+  t.equal(keys.begin('t', 'a', 'y').kind, 'run', 'the oldest key was forgotten')
+  t.equal(keys.begin('t', 'c', 'x').kind, 'replay')
+})
