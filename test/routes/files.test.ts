@@ -1,6 +1,6 @@
 import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { join } from 'node:path'
 import { inflateRawSync } from 'node:zlib'
@@ -8,6 +8,7 @@ import t from 'tap'
 import { loadConfig } from '../../config.js'
 import { newApiKey } from '../../services/auth.js'
 import { ADMIN_KEY, auth, build, type FastifyInstance, type Tap, tempDir } from '../helpers/build.js'
+import { deepTree, RAW, rawPath, zipComment } from '../helpers/trees.js'
 
 // Kernels run sandboxed where bubblewrap works; the file routes themselves do not depend on it,
 // only the path the code uses for its workspace does.
@@ -61,33 +62,6 @@ function multipart(boundary: string, parts: { name: string; filename: string; ty
   return Buffer.concat(chunks)
 }
 
-/** 0xff 0xfe: not UTF-8, so only a Buffer path can name such a file (kernel code can make one). */
-const RAW = Buffer.from([0xff, 0xfe])
-const rawPath = (dir: string, ...names: (string | Buffer)[]) =>
-  Buffer.concat([Buffer.from(dir), ...names.flatMap((name) => [Buffer.from('/'), Buffer.from(name)])])
-
-/** `depth` nested directories `d` below `dir` and leaf.txt at the bottom, made through descriptors: no path may be that long. */
-function deepTree(dir: string, depth: number): void {
-  const flags = constants.O_RDONLY | constants.O_DIRECTORY
-  let fd = openSync(dir, flags)
-  try {
-    for (let i = 0; i < depth; i++) {
-      mkdirSync(`/proc/self/fd/${fd}/d`)
-      const next = openSync(`/proc/self/fd/${fd}/d`, flags)
-      closeSync(fd)
-      fd = next
-    }
-    writeFileSync(`/proc/self/fd/${fd}/leaf.txt`, 'bottom')
-  } finally {
-    closeSync(fd)
-  }
-}
-
-/** The comment at the end of a zip. */
-function zipComment(zip: Buffer): string {
-  const end = zip.lastIndexOf(Buffer.from([0x50, 0x4b, 0x05, 0x06]))
-  return zip.subarray(end + 22, end + 22 + zip.readUInt16LE(end + 20)).toString('latin1')
-}
 
 /** The entries of a zip, read from its central directory, with their contents inflated. */
 function unzip(zip: Buffer): Map<string, Buffer> {

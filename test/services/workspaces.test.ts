@@ -2,14 +2,11 @@ import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import {
   chmodSync,
-  closeSync,
-  constants,
   existsSync,
   linkSync,
   lstatSync,
   mkdirSync,
   mkdtempSync,
-  openSync,
   readFileSync,
   readdirSync,
   renameSync,
@@ -27,6 +24,7 @@ import { ApiError } from '../../services/errors.js'
 import { SessionService } from '../../services/sessions.js'
 import { createSqliteStore } from '../../services/store/index.js'
 import { Workspaces, workspaceUsage } from '../../services/workspaces.js'
+import { deepTree, RAW, rawPath, zipComment } from '../helpers/trees.js'
 
 // rm -rf, not rmSync: the trees below are deeper than PATH_MAX allows a path to be.
 const removeAll = (dir: string) => spawnSync('rm', ['-rf', dir])
@@ -202,34 +200,7 @@ t.test('errors are ApiErrors', async (t) => {
   t.type(err, ApiError)
 })
 
-/** 0xff 0xfe: not UTF-8, so only a Buffer path can name such a file (kernel code can make one). */
-const RAW = Buffer.from([0xff, 0xfe])
-const rawPath = (dir: string, ...names: (string | Buffer)[]) =>
-  Buffer.concat([Buffer.from(dir), ...names.flatMap((name) => [Buffer.from('/'), Buffer.from(name)])])
 const unlimited = { maxBytes: 0, maxFiles: 0 }
-
-/** `depth` nested directories `d` below `dir` and a file at the bottom, made through descriptors: no path may be that long. */
-function deepTree(dir: string, depth: number): void {
-  const flags = constants.O_RDONLY | constants.O_DIRECTORY
-  let fd = openSync(dir, flags)
-  try {
-    for (let i = 0; i < depth; i++) {
-      mkdirSync(`/proc/self/fd/${fd}/d`)
-      const next = openSync(`/proc/self/fd/${fd}/d`, flags)
-      closeSync(fd)
-      fd = next
-    }
-    writeFileSync(`/proc/self/fd/${fd}/leaf.txt`, 'bottom')
-  } finally {
-    closeSync(fd)
-  }
-}
-
-/** The comment at the end of a zip. */
-function zipComment(zip: Buffer): string {
-  const end = zip.lastIndexOf(Buffer.from([0x50, 0x4b, 0x05, 0x06]))
-  return zip.subarray(end + 22, end + 22 + zip.readUInt16LE(end + 20)).toString('latin1')
-}
 
 t.test('workspaceUsage: allocated bytes as du counts them, entries, no symlink followed', async (t) => {
   const id = session()
