@@ -369,6 +369,28 @@ t.test('an interrupt is never lost, even as the cell starts', async (t) => {
   }
 })
 
+t.test('interactive programs fail at once with a message instead of waiting for a terminal', async (t) => {
+  const m = manager({ execTimeoutMs: 10_000 })
+  const id = newSession()
+  const cases: [Language, string, RegExp][] = [
+    ['python', 'import getpass\ngetpass.getpass("password? ")', /password\? /],
+    ['shell', 'read -p "name? " answer; echo "read=$?"', /read=1\n/],
+    // stdout and stderr are separate streams here: both must show, in whichever order.
+    ['shell', 'python3 -c "input()"; echo "child=$?"', /^(?=[\s\S]*EOFError)(?=[\s\S]*child=1\n)/],
+    ['shell', 'seq 3 > pager.txt; less pager.txt; more pager.txt; git --no-pager --version >/dev/null; echo "pagers done"', /1\n2\n3\n[\s\S]*pagers done\n/],
+    ['shell', 'ssh -o ConnectTimeout=2 user@127.0.0.1 true; echo "ssh=$?"', /ssh=255\n/],
+    ['javascript', "const rl = (await import('node:readline')).createInterface({ input: process.stdin }); await new Promise((r) => { rl.question('name? ', r); rl.on('close', () => r('closed')) })", /closed/],
+  ]
+  for (const [language, code, expected] of cases) {
+    const { result, stdout, stderr, results } = await run(m, id, language, code)
+    t.equal(result.timedOut, false, `${language}: ${code.slice(0, 40)} does not wait`)
+    t.match([stdout, stderr, ...results, result.error?.name ?? ''].join('\n'), expected, `${language}: ${code.slice(0, 40)}`)
+  }
+  const python = await run(m, id, 'python', 'input("name? ")')
+  t.equal(python.result.error?.name, 'EOFError')
+  t.match(python.result.error?.value, /not available/, 'input() says why')
+})
+
 t.test('figures and images come back as PNG', async (t) => {
   const m = manager()
   const id = newSession()
