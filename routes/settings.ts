@@ -4,8 +4,9 @@ import { principal } from '../plugins/auth.js'
 import { protectedErrors } from '../schemas/common.js'
 import { Settings, SettingsPatch } from '../schemas/settings.js'
 import { notFound } from '../services/errors.js'
+import { ENV_NAME_PATTERN } from '../services/kernels/environment.js'
 
-const SecretName = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]{0,99}$', description: 'An environment variable name', examples: ['API_TOKEN'] })
+const SecretName = Type.String({ pattern: ENV_NAME_PATTERN, description: 'An environment variable name', examples: ['API_TOKEN'] })
 
 /** Per-tenant settings and secrets. Secret values go in and never come out. */
 const settings: FastifyPluginAsyncTypebox = async (app) => {

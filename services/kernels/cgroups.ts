@@ -1,6 +1,7 @@
-import { constants, readFileSync } from 'node:fs'
+import { constants } from 'node:fs'
 import { access, mkdir, readdir, readFile, rmdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { readStat } from './processes.js'
 
 /**
  * A control group per kernel, so memory (tmpfs pages included), the number of processes and the
@@ -63,8 +64,8 @@ const writable = (path: string) =>
 /** `<pid>-<start time in clock ticks>`: unique to a process for the life of the host. */
 export function processTag(pid: number): string | undefined {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-    return `${pid}-${stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]}`
+    const stat = readStat(pid)
+    return stat && `${pid}-${stat.startTime}`
   } catch {
     return undefined
   }

@@ -5,8 +5,9 @@
  * interpreters and the programs they run start up, whatever process they reach.
  */
 
-/** A POSIX shell identifier: anything else cannot be exported by the launcher anyway. */
-const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,99}$/
+/** A POSIX shell identifier (anything else cannot be exported by the launcher), as a JSON Schema pattern. */
+export const ENV_NAME_PATTERN = '^[A-Za-z_][A-Za-z0-9_]{0,99}$'
+const ENV_NAME = new RegExp(ENV_NAME_PATTERN)
 
 // Read by ld.so, glibc, the interpreters or the shell at start-up (ld.so(8), glibc tunables,
 // python(1) ENVIRONMENT, node(1) ENVIRONMENT, bash(1) INVOCATION and Shell Variables).

@@ -1,18 +1,21 @@
 import { readdirSync, readFileSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 
-interface ProcStat {
+export interface ProcStat {
   pid: number
   ppid: number
   state: string
+  /** Start time after boot, in clock ticks: with the pid, it names one process for the host's life. */
+  startTime: string
 }
 
-function readStat(pid: number): ProcStat | undefined {
+/** A process's /proc/PID/stat; undefined when it is gone. Throws on any other read error. */
+export function readStat(pid: number): ProcStat | undefined {
   try {
     const text = readFileSync(`/proc/${pid}/stat`, 'utf8')
     // The command name sits in parentheses and may itself contain spaces and parentheses.
     const fields = text.slice(text.lastIndexOf(')') + 2).split(' ')
-    return { pid, state: fields[0] ?? '', ppid: Number(fields[1]) }
+    return { pid, state: fields[0] ?? '', ppid: Number(fields[1]), startTime: fields[19] ?? '' }
   } catch (err) {
     // the process exited between readdir and read; anything else (EMFILE, EACCES) must not
     // silently shrink the tree, or a kill would miss processes
