@@ -3,7 +3,7 @@ import { type Dialect, Kysely, type Selectable, type Transaction, sql } from 'ky
 import type { LmcMessage } from '../../schemas/lmc.js'
 import { invalidRequest, sessionNotFound } from '../errors.js'
 import { type Engine, migrate } from './migrations.js'
-import type { ApiKeyRecord, EventRecord, Page, SecretRecord, SessionRecord, Store } from './types.js'
+import type { ApiKeyRecord, EventRecord, Page, SecretRecord, SessionRecord, Store, SuspendedTurnRecord } from './types.js'
 
 interface SessionsTable {
   id: string
@@ -65,7 +65,16 @@ interface SecretsTable {
   updated_at: string
 }
 
+interface SuspendedTurnsTable {
+  session_id: string
+  id: string
+  reason: SuspendedTurnRecord['reason']
+  state: string
+  created_at: string
+}
+
 export interface Database {
+  suspended_turns: SuspendedTurnsTable
   sessions: SessionsTable
   messages: MessagesTable
   events: EventsTable
@@ -175,6 +184,10 @@ function toMessage(row: Selectable<MessagesTable>): LmcMessage {
 
 function toEvent(row: Selectable<EventsTable>): EventRecord {
   return { id: row.id, type: row.type, createdAt: row.created_at, data: JSON.parse(row.data) }
+}
+
+function toSuspendedTurn(row: Selectable<SuspendedTurnsTable>): SuspendedTurnRecord {
+  return { id: row.id, sessionId: row.session_id, reason: row.reason, state: JSON.parse(row.state), createdAt: row.created_at }
 }
 
 function toApiKey(row: Selectable<ApiKeysTable>): ApiKeyRecord {
@@ -309,6 +322,7 @@ export class KyselyStore implements Store {
       if (!locked) return false
       await trx.deleteFrom('messages').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('events').where('session_id', '=', sessionId).execute()
+      await trx.deleteFrom('suspended_turns').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('sessions').where('id', '=', sessionId).execute()
       return true
     })
@@ -469,6 +483,42 @@ export class KyselyStore implements Store {
       .limit(opts.limit + 1)
       .execute()
     return { events: rows.slice(0, opts.limit).map(toEvent), hasMore: rows.length > opts.limit }
+  }
+
+  async putSuspendedTurn(turn: Omit<SuspendedTurnRecord, 'createdAt'>): Promise<SuspendedTurnRecord> {
+    const sessionId = uuidOrUndefined(turn.sessionId)
+    if (!sessionId) throw sessionNotFound()
+    const row = { session_id: sessionId, id: turn.id, reason: turn.reason, state: JSON.stringify(turn.state ?? null), created_at: now() }
+    return this.#db.transaction().execute(async (trx) => {
+      // Taking the session row first orders this after a concurrent delete, as appends do.
+      const session = await trx
+        .updateTable('sessions')
+        .set({ updated_at: row.created_at })
+        .where('id', '=', sessionId)
+        .returning('id')
+        .executeTakeFirst()
+      if (!session) throw sessionNotFound()
+      await trx
+        .insertInto('suspended_turns')
+        .values(row)
+        .onConflict((oc) => oc.column('session_id').doUpdateSet({ id: row.id, reason: row.reason, state: row.state, created_at: row.created_at }))
+        .execute()
+      return toSuspendedTurn(row)
+    })
+  }
+
+  async getSuspendedTurn(sessionId: string): Promise<SuspendedTurnRecord | undefined> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) return undefined
+    const row = await this.#db.selectFrom('suspended_turns').selectAll().where('session_id', '=', id).executeTakeFirst()
+    return row && toSuspendedTurn(row)
+  }
+
+  async claimSuspendedTurn(sessionId: string, id: string): Promise<boolean> {
+    const session = uuidOrUndefined(sessionId)
+    if (!session) return false
+    const result = await this.#db.deleteFrom('suspended_turns').where('session_id', '=', session).where('id', '=', id).executeTakeFirst()
+    return result.numDeletedRows > 0n
   }
 
   async createApiKey(key: ApiKeyRecord): Promise<void> {

@@ -91,6 +91,18 @@ function migrations(engine: Engine): Record<string, Migration> {
           .execute()
       },
     },
+    '002_suspended_turns': {
+      async up(db) {
+        await db.schema
+          .createTable('suspended_turns')
+          .addColumn('session_id', text, (col) => col.primaryKey().references('sessions.id'))
+          .addColumn('id', text, (col) => col.notNull())
+          .addColumn('reason', text, (col) => col.notNull())
+          .addColumn('state', text, (col) => col.notNull())
+          .addColumn('created_at', text, (col) => col.notNull())
+          .execute()
+      },
+    },
   }
 }
 

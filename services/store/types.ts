@@ -44,6 +44,20 @@ export interface SecretRecord {
   updatedAt: string
 }
 
+/**
+ * A turn waiting on its client: for a code confirmation (`auto_run: false`) or for the results of
+ * the client's own tool calls. At most one per session; `state` is the agent's to read (see
+ * services/agent/loop.ts `Suspension`), the store only keeps it.
+ */
+export interface SuspendedTurnRecord {
+  /** Changes with every suspension, so a resume claims exactly the one it read. */
+  id: string
+  sessionId: string
+  reason: 'confirmation' | 'tool_calls'
+  state: unknown
+  createdAt: string
+}
+
 export interface Page<T> {
   items: T[]
   nextCursor: string | null
@@ -71,7 +85,7 @@ export interface Store {
     id: string,
     patch: { title?: string | null; metadata?: Record<string, unknown> },
   ): Promise<SessionRecord | undefined>
-  /** Removes the session with its messages and events. */
+  /** Removes the session with its messages, events and suspended turn. */
   deleteSession(tenantId: string, id: string): Promise<boolean>
   /** Sessions whose updated_at is older than `before`. */
   listIdleSessions(before: string, limit: number): Promise<{ id: string; tenantId: string }[]>
@@ -97,6 +111,15 @@ export interface Store {
     sessionId: string,
     opts: { startId?: number; endId?: number; reverse?: boolean; limit: number },
   ): Promise<{ events: EventRecord[]; hasMore: boolean }>
+
+  /** Stores the session's suspended turn, replacing any earlier one. Throws session_not_found. */
+  putSuspendedTurn(turn: Omit<SuspendedTurnRecord, 'createdAt'>): Promise<SuspendedTurnRecord>
+  getSuspendedTurn(sessionId: string): Promise<SuspendedTurnRecord | undefined>
+  /**
+   * Removes the suspended turn if it is still the one with `id`: true for exactly one caller, so
+   * two resumes (two replicas, a retried request) cannot both continue the turn.
+   */
+  claimSuspendedTurn(sessionId: string, id: string): Promise<boolean>
 
   createApiKey(key: ApiKeyRecord): Promise<void>
   findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined>

@@ -325,6 +325,33 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     t.equal((await store.listIdleSessions('9999-01-01T00:00:00.000Z', 2)).length, 2, 'limit applies')
   })
 
+  t.test('suspended turns: one per session, replaced, claimed once, gone with the session', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    t.equal(await store.getSuspendedTurn(session.id), undefined)
+    const state = { toolCalls: [{ id: 'call_1', name: 'get_weather', arguments: '{"city":"Paris \u0000"}' }], iterations: 2 }
+    const first = await store.putSuspendedTurn({ id: randomUUID(), sessionId: session.id, reason: 'tool_calls', state })
+    t.match(first.createdAt, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/)
+    t.same(await store.getSuspendedTurn(session.id), first)
+    t.same((await store.getSuspendedTurn(session.id.toUpperCase()))?.state, state, 'the state comes back as it went in')
+
+    const second = await store.putSuspendedTurn({ id: randomUUID(), sessionId: session.id, reason: 'confirmation', state: { n: 1 } })
+    t.same(await store.getSuspendedTurn(session.id), second, 'a new suspension replaces the old one')
+    t.equal(await store.claimSuspendedTurn(session.id, first.id), false, 'a stale id claims nothing')
+    const claims = await Promise.all([store.claimSuspendedTurn(session.id, second.id), store.claimSuspendedTurn(session.id, second.id)])
+    t.same(claims.sort(), [false, true], 'two claims of one suspension: exactly one wins')
+    t.equal(await store.getSuspendedTurn(session.id), undefined)
+
+    await store.putSuspendedTurn({ id: randomUUID(), sessionId: session.id, reason: 'confirmation', state: {} })
+    t.ok(await store.deleteSession(owner, session.id))
+    t.equal(await store.getSuspendedTurn(session.id), undefined, 'deleting the session deletes its suspended turn')
+    await t.rejects(store.putSuspendedTurn({ id: randomUUID(), sessionId: session.id, reason: 'confirmation', state: {} }), { code: 'session_not_found' })
+    await t.rejects(store.putSuspendedTurn({ id: randomUUID(), sessionId: 'not-a-uuid', reason: 'confirmation', state: {} }), { code: 'session_not_found' })
+    t.equal(await store.getSuspendedTurn('a\u0000b'), undefined)
+    t.equal(await store.claimSuspendedTurn('a\u0000b', 'x'), false)
+  })
+
   t.test('API keys', async (t) => {
     const store = await open(t)
     const key = (name: string, createdAt: string) => ({
