@@ -4,7 +4,23 @@ import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { Ack, ChatBody, ChatResponse, ConfirmBody } from '../schemas/chat.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
 import { ChatStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
-import { ApiError } from '../services/errors.js'
+import type { ChatResult } from '../services/chat.js'
+
+/** The JSON answer of a turn; `pending` when it is suspended, waiting for its client. */
+const turnAnswer = (sessionId: string, result: ChatResult) => ({
+  message: result.final,
+  messages: result.messages,
+  session_id: sessionId,
+  usage: result.usage,
+  ...(result.pending ? { pending: result.pending } : {}),
+})
+
+const doneEvent = (sessionId: string, result: ChatResult) => ({
+  session_id: sessionId,
+  usage: result.usage,
+  stopped: result.stopped,
+  ...(result.pending ? { pending: result.pending } : {}),
+})
 
 const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
@@ -29,15 +45,14 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
       const base = { tenantId, sessionId: session.id, newSession: !body.session_id, inputs: body.messages, config: body.config }
 
       if (!body.stream) {
-        const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
-        return { message: result.final, messages: result.messages, session_id: session.id, usage: result.usage }
+        return turnAnswer(session.id, await app.chat.run({ ...base, signal: disconnectSignal(reply) }))
       }
 
       return streamRun(request, reply, {
         hold: true,
         start: (send, started) => app.chat.run({ ...base, onStart: started, emit: (chunk) => send(chunk, 'message') }),
         stop: () => app.runs.stop(session.id),
-        done: (sse, result) => sse.send({ session_id: session.id, usage: result.usage, stopped: result.stopped }, 'done'),
+        done: (sse, result) => sse.send(doneEvent(session.id, result), 'done'),
         error: (sse, body) => sse.send(body, 'error'),
       })
     },
@@ -56,8 +71,9 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
     },
     async (request) => {
       const session = await app.sessions.get(principal(request).tenantId, request.params.id)
-      const stopped = app.runs.stop(session.id)
-      return stopped ? { ok: true } : { ok: false, detail: 'No run in progress' }
+      if (app.runs.stop(session.id)) return { ok: true }
+      if (await app.chat.cancelSuspended(session.id)) return { ok: true, detail: 'The suspended turn was ended without an answer' }
+      return { ok: false, detail: 'No run in progress' }
     },
   )
 
@@ -67,17 +83,30 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
       schema: {
         operationId: 'confirmRun',
         tags: ['chat'],
-        summary: 'Approve or decline the code a run is waiting on (auto_run: false)',
+        summary: 'Approve or decline the code a suspended turn waits on (auto_run: false), and continue the turn',
+        description:
+          'Answers like POST /v1/chat: the resumed turn as JSON, or as an event stream with `stream: true`. 409 `nothing_to_confirm` when no turn of the session waits for a confirmation.',
         params: SessionIdParams,
         body: ConfirmBody,
-        response: { 200: Ack, ...protectedErrors(400, 404, 409) },
+        response: {
+          200: jsonOrEventStream('The resumed turn: its final answer and every message it added', ChatResponse, ChatStreamEvent),
+          ...protectedErrors(400, 404, 409, 502, 503, 504),
+        },
       },
     },
-    async (request) => {
-      const session = await app.sessions.get(principal(request).tenantId, request.params.id)
-      if (!app.runs.get(session.id)?.confirm(request.body.approve))
-        throw new ApiError(409, 'conflict_error', 'nothing_to_confirm', 'No run in this session is waiting for a confirmation')
-      return { ok: true }
+    async (request, reply) => {
+      const { tenantId } = principal(request)
+      const session = await app.sessions.get(tenantId, request.params.id)
+      app.chat.check(session.id)
+      const base = { tenantId, sessionId: session.id, approve: request.body.approve }
+      if (!request.body.stream) return turnAnswer(session.id, await app.chat.confirm({ ...base, signal: disconnectSignal(reply) }))
+      return streamRun(request, reply, {
+        hold: true,
+        start: (send, started) => app.chat.confirm({ ...base, onStart: started, emit: (chunk) => send(chunk, 'message') }),
+        stop: () => app.runs.stop(session.id),
+        done: (sse, result) => sse.send(doneEvent(session.id, result), 'done'),
+        error: (sse, body) => sse.send(body, 'error'),
+      })
     },
   )
 }

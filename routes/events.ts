@@ -199,7 +199,7 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         const id = sessionId!
         try {
           if (frame.type === 'stop') app.runs.stop(id)
-          else if (frame.type === 'confirm') app.runs.get(id)?.confirm(frame.approve)
+          else if (frame.type === 'confirm') app.chat.confirm({ tenantId: who.tenantId, sessionId: id, approve: frame.approve }).catch(fail)
           else
             app.chat
               .run({ tenantId: who.tenantId, sessionId: id, inputs: [{ role: 'user', type: 'message', content: frame.content }] })

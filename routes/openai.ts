@@ -6,10 +6,23 @@ import { CompletionBody, Model, ModelList, Usage } from '../schemas/chat.js'
 // the streamed answer's events, for the OpenAPI document
 import { CompletionStreamEvent, jsonOrEventStream } from '../schemas/streams.js'
 import { protectedErrors } from '../schemas/common.js'
-import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, lastAssistantText, passThroughOf, renderContent } from '../services/agent/openai-compat.js'
+import {
+  buildCompletion,
+  clientFinishReason,
+  clientToolsOf,
+  type CompatMessage,
+  CompletionChunks,
+  completionId,
+  fromChatMessages,
+  lastAssistantText,
+  lastToolCallIds,
+  passThroughOf,
+  renderContent,
+} from '../services/agent/openai-compat.js'
 import { ConversationIndex } from '../services/conversations.js'
 import { notFound } from '../services/errors.js'
 import type { LmcChunk, LmcInput } from '../schemas/lmc.js'
+import { Pending, ToolCall } from '../schemas/chat.js'
 import type { ChatResult } from '../services/chat.js'
 
 const ChatCompletion = Type.Object(
@@ -25,6 +38,7 @@ const ChatCompletion = Type.Object(
           role: Type.Literal('assistant'),
           content: Type.Union([Type.String(), Type.Null()]),
           refusal: Type.Union([Type.String(), Type.Null()]),
+          tool_calls: Type.Optional(Type.Array(ToolCall, { description: "The model's calls to the client's tools; finish_reason is then tool_calls" })),
         }),
         logprobs: Type.Union([Type.Null(), Type.Object({}, { additionalProperties: true })]),
         finish_reason: Type.String(),
@@ -32,30 +46,47 @@ const ChatCompletion = Type.Object(
     ),
     usage: Type.Optional(Usage),
     session_id: Type.Optional(Type.String({ description: 'The session this turn ran in (also the X-Session-Id header); send it back to continue' })),
+    pending: Type.Optional(Pending),
   },
   { description: 'OpenAI chat.completion; with stream: true, chat.completion.chunk events ending in data: [DONE]' },
 )
 
-/** Messages a bound session has not seen yet: what follows the request's last assistant message. */
+/**
+ * Messages a bound session has not seen yet: what follows the request's last assistant message
+ * (new user messages, the results of the tool calls the session returned).
+ */
 function newInputs(inputs: LmcInput[], sessionHasHistory: boolean): LmcInput[] {
   if (!sessionHasHistory) return inputs
   let last = -1
   inputs.forEach((m, i) => {
-    if (m.role !== 'user') last = i
+    if (m.role === 'assistant') last = i
   })
   return inputs.slice(last + 1)
 }
+
+const toolCallKey = (id: string) => `tool_call_id\n${id}`
 
 const openai: FastifyPluginAsyncTypebox = async (app) => {
   const conversations = new ConversationIndex()
   const created = Math.floor(Date.now() / 1000)
   const modelView = (id: string) => ({ id, object: 'model' as const, created, owned_by: 'oi-server' })
 
-  /** A stateless client's session: the one that produced the last assistant message it resends, if it still exists. */
+  /**
+   * A stateless client's session: the one that produced the last assistant message it resends
+   * (known by its tool call ids, or by its text), if it still exists.
+   */
   const continuedSession = async (tenantId: string, messages: CompatMessage[]) => {
     const previous = lastAssistantText(messages)
-    const found = previous === undefined ? undefined : conversations.find(tenantId, previous)
+    const [call] = lastToolCallIds(messages)
+    const found =
+      (call !== undefined ? conversations.find(tenantId, toolCallKey(call)) : undefined) ??
+      (previous === undefined ? undefined : conversations.find(tenantId, previous))
     return found && (await app.store.getSession(tenantId, found)) ? found : undefined
+  }
+  /** What a stateless client resends of an answer, remembered to find its session again. */
+  const remember = (tenantId: string, content: string, result: ChatResult, sessionId: string) => {
+    conversations.remember(tenantId, content, sessionId)
+    if (result.pending?.type === 'tool_calls') for (const call of result.pending.tool_calls) conversations.remember(tenantId, toolCallKey(call.id), sessionId)
   }
 
   app.get(
@@ -102,7 +133,8 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
       const body = request.body
       const header = request.headers['x-session-id']
       const messages = body.messages as CompatMessage[]
-      const conversation = fromChatMessages(messages)
+      const tools = clientToolsOf(body as Parameters<typeof clientToolsOf>[0])
+      const conversation = fromChatMessages(messages, new Set(tools?.tools.map((tool) => tool.function.name)))
       const passThrough = passThroughOf(body)
       const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined
       const config = {
@@ -136,17 +168,22 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
         settings,
         passThrough,
         systemMessage: conversation.systemMessage,
+        ...(tools ? { tools } : {}),
       }
 
       // Structured output must parse: the content is then the final answer, not the transcript.
       const answerOnly = passThrough.response_format !== undefined && passThrough.response_format.type !== 'text'
-      const answer = (result: ChatResult) => (typeof result.final.content === 'string' ? result.final.content : '')
+      // A turn waiting for tool results has no final answer yet.
+      const answer = (result: ChatResult) => (result.pending || typeof result.final.content !== 'string' ? '' : result.final.content)
+      const toolCalls = (result: ChatResult) => (result.pending?.type === 'tool_calls' ? result.suspended!.toolCalls : [])
+      const extra = (result: ChatResult) => ({ session_id: session.id, ...(result.pending ? { pending: result.pending } : {}) })
 
       if (!body.stream) {
         const result = await app.chat.run({ ...base, signal: disconnectSignal(reply) })
         const content = answerOnly ? answer(result) : renderContent(result.messages)
-        conversations.remember(tenantId, content, session.id)
-        return { ...buildCompletion(meta, content, result.usage, clientFinishReason(result.finishReason)), session_id: session.id }
+        remember(tenantId, content, result, session.id)
+        const calls = toolCalls(result)
+        return { ...buildCompletion(meta, content, result.usage, clientFinishReason(result.finishReason, calls.length > 0), calls), ...extra(result) }
       }
 
       const chunks = new CompletionChunks(meta)
@@ -167,9 +204,12 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
         stop: () => app.runs.stop(session.id),
         open: (sse) => sse.send({ ...chunks.start(), session_id: session.id }),
         done: (sse, result) => {
-          if (answerOnly) sse.send(chunks.content(answer(result)))
-          conversations.remember(tenantId, chunks.text, session.id)
-          for (const chunk of chunks.finish(clientFinishReason(result.finishReason))) sse.send(chunk)
+          const text = answerOnly ? answer(result) : ''
+          if (text) sse.send(chunks.content(text))
+          const calls = toolCalls(result)
+          for (const chunk of chunks.toolCalls(calls)) sse.send(chunk)
+          remember(tenantId, chunks.text, result, session.id)
+          for (const chunk of chunks.finish(clientFinishReason(result.finishReason, calls.length > 0))) sse.send({ ...chunk, ...(result.pending ? { pending: result.pending } : {}) })
           if (body.stream_options?.include_usage) sse.send(chunks.usage(result.usage))
         },
         error: (sse, body) => {

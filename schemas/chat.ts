@@ -18,14 +18,45 @@ export const ChatBody = Type.Object(
   { additionalProperties: false, examples: [{ messages: [{ role: 'user', type: 'message', content: 'Hello!' }] }] },
 )
 
+/** One of the client's tool calls, as OpenAI's `tool_calls[]`. */
+export const ToolCall = Type.Object({
+  id: Type.String(),
+  type: Type.Literal('function'),
+  function: Type.Object({ name: Type.String(), arguments: Type.String({ description: 'JSON text of the arguments' }) }),
+})
+
+/** What a suspended turn waits for (services/chat.ts `Pending`). */
+export const Pending = Type.Union(
+  [
+    Type.Object(
+      {
+        type: Type.Literal('confirmation'),
+        message_id: Type.String({ description: 'The assistant code message asking to run' }),
+        language: Type.String(),
+        code: Type.String(),
+      },
+      { description: 'auto_run is false: approve or decline with POST /v1/sessions/{id}/confirm, a WebSocket confirm frame, or a chat request whose only message is {"role":"user","type":"confirmation","content":{"approve":true}}' },
+    ),
+    Type.Object(
+      { type: Type.Literal('tool_calls'), tool_calls: Type.Array(ToolCall) },
+      { description: "The model called the client's tools: send one tool result per id in the next chat request" },
+    ),
+  ],
+  { title: 'Pending', description: 'The turn is suspended, waiting for its client; absent when the turn ended' },
+)
+
 export const ChatResponse = Type.Object({
   message: Type.Ref('LmcMessage'),
   messages: Type.Array(Type.Ref('LmcMessage')),
   session_id: Type.String(),
   usage: Usage,
+  pending: Type.Optional(Pending),
 })
 
-export const ConfirmBody = Type.Object({ approve: Type.Boolean() }, { additionalProperties: false, examples: [{ approve: true }] })
+export const ConfirmBody = Type.Object(
+  { approve: Type.Boolean(), stream: Type.Optional(Type.Boolean({ default: false, description: 'Answer with the resumed turn as an event stream, as POST /v1/chat does' })) },
+  { additionalProperties: false, examples: [{ approve: true }] },
+)
 export const Ack = Type.Object({ ok: Type.Boolean(), detail: Type.Optional(Type.String()) }, { description: 'Done, or ok: false with the reason' })
 
 const nullable = <T extends TSchema>(schema: T) => Type.Optional(Type.Union([schema, Type.Null()]))
@@ -50,12 +81,20 @@ const CompletionPassThrough = {
   ),
 }
 
+/** The client's tools; checked field by field in services/agent/openai-compat.ts so a 400 names the exact `param`. */
+const CompletionTools = {
+  tools: nullable(Type.Array(Type.Unknown(), { maxItems: 128 })),
+  tool_choice: nullable(Type.Unknown()),
+  parallel_tool_calls: nullable(Type.Boolean()),
+}
+
 /** OpenAI Chat Completions request: the fields used; anything else is accepted and ignored. */
 export const CompletionBody = Type.Object(
   {
     model: Type.Optional(Type.String({ maxLength: 200 })),
     n: nullable(Type.Integer({ minimum: 1 })),
     ...CompletionPassThrough,
+    ...CompletionTools,
     messages: Type.Array(Type.Object({ role: Type.String() }, { additionalProperties: true }), { minItems: 1, maxItems: 1000 }),
     stream: Type.Optional(Type.Union([Type.Boolean(), Type.Null()])),
     stream_options: Type.Optional(Type.Union([Type.Object({ include_usage: Type.Optional(Type.Boolean()) }, { additionalProperties: true }), Type.Null()])),

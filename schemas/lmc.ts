@@ -1,6 +1,10 @@
 import { type Static, Type } from '@sinclair/typebox'
 
-/** Open Interpreter's message format (LMC). */
+/**
+ * Open Interpreter's message format (LMC), plus two types for the client's own function tools:
+ * `tool_call` (assistant; content `{id, name, arguments}`, as in OpenAI's `tool_calls[]`) and
+ * `tool_result` (computer; content `{tool_call_id, content}`, as in OpenAI's `tool` message).
+ */
 export const LmcRole = Type.Union([Type.Literal('user'), Type.Literal('assistant'), Type.Literal('computer')])
 export const LmcType = Type.Union([
   Type.Literal('message'),
@@ -9,6 +13,8 @@ export const LmcType = Type.Union([
   Type.Literal('console'),
   Type.Literal('file'),
   Type.Literal('confirmation'),
+  Type.Literal('tool_call'),
+  Type.Literal('tool_result'),
 ])
 export const LmcFormat = Type.Union([
   Type.Literal('text'),

@@ -1,7 +1,7 @@
 import { type TSchema, Type } from '@sinclair/typebox'
 import { ErrorResponse } from './common.js'
 import { LmcFormat, LmcRole, LmcType } from './lmc.js'
-import { Usage } from './chat.js'
+import { Pending, Usage } from './chat.js'
 
 /**
  * What the `text/event-stream` answers carry, for the OpenAPI document only (the streams are
@@ -44,8 +44,8 @@ export const ChatStreamEvent = Type.Union(
     ErrorEvent,
     sseEvent(
       'done',
-      Type.Object({ session_id: Type.String(), usage: Usage, stopped: Type.Boolean({ description: 'The run was cancelled' }) }),
-      'The turn ended; the stream ends',
+      Type.Object({ session_id: Type.String(), usage: Usage, stopped: Type.Boolean({ description: 'The run was cancelled' }), pending: Type.Optional(Pending) }),
+      'The turn ended, or is suspended waiting for its client (`pending`); the stream ends',
     ),
   ],
   { title: 'Chat stream event', description: 'With `stream: true`: `event: message` pieces, then `event: done` (or `event: error`). A `: ping` comment comes every 15 s.' },

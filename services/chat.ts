@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto'
 import type { LmcChunk, LmcInput, LmcMessage } from '../schemas/lmc.js'
 import type { RunConfig, Settings } from '../schemas/settings.js'
-import { runTurn, type PassThrough, type TokenUsage, type TurnResult } from './agent/loop.js'
-import { ApiError, sessionBusy, sessionNotFound } from './errors.js'
+import { type ClientTools, runTurn, type PassThrough, type Suspension, type TokenUsage, type TurnResult } from './agent/loop.js'
+import { ApiError, invalidRequest, sessionBusy, sessionNotFound } from './errors.js'
 import type { EventBus } from './events.js'
 import type { ExecutionService } from './execution.js'
 import type { Language } from './kernels/types.js'
@@ -10,7 +10,7 @@ import type { Metrics } from './metrics.js'
 import type { Run, RunRegistry } from './runs.js'
 import type { SecretsService } from './secrets.js'
 import type { SettingsService } from './settings.js'
-import type { SessionRecord, Store } from './store/types.js'
+import type { SessionRecord, Store, SuspendedTurnRecord } from './store/types.js'
 import type OpenAI from 'openai'
 
 export interface ChatRequest {
@@ -24,6 +24,8 @@ export interface ChatRequest {
   passThrough?: PassThrough
   /** Replaces the system message for this run (the OpenAI route's system/developer messages). */
   systemMessage?: string
+  /** The client's function tools; a call to one suspends the turn until its results come back. */
+  tools?: ClientTools
   emit?: (chunk: LmcChunk) => void
   /**
    * Called once the upstream first answered and the user's messages are stored: from here on
@@ -42,8 +44,93 @@ export interface ChatRequest {
   signal?: AbortSignal
 }
 
+/**
+ * What a suspended turn waits for, as the API shows it (`pending` in /v1/chat answers and their
+ * `done` event). `confirmation`: the code `message_id` asks to run (`auto_run: false`), resumed by
+ * POST /v1/sessions/{id}/confirm, a WebSocket `confirm` frame, or a chat request whose only message
+ * is `{role: "user", type: "confirmation", content: {approve}}`. `tool_calls`: the client's tool
+ * calls (OpenAI's `tool_calls[]` shape), resumed by a chat request carrying a result for each id.
+ */
+export type Pending =
+  | { type: 'confirmation'; message_id: string; language: Language; code: string }
+  | { type: 'tool_calls'; tool_calls: { id: string; type: 'function'; function: { name: string; arguments: string } }[] }
+
 export interface ChatResult extends TurnResult {
   model: string
+  /** Set when the turn is suspended, waiting for its client. */
+  pending?: Pending
+}
+
+/** The request fields a suspended turn keeps, so a resume without them (a confirmation) runs as the turn began. */
+interface KeptParams {
+  config?: RunConfig
+  passThrough?: PassThrough
+  systemMessage?: string
+  tools?: ClientTools
+}
+
+/** A suspended turn's `state` in the store. */
+interface SuspendedState {
+  suspension: Suspension
+  params: KeptParams
+}
+
+/** What a chat request does with the session's suspended turn, decided before anything runs. */
+interface Plan {
+  /** Continue the suspended turn (with the user's decision for a confirmation). */
+  resume?: { suspension: Suspension; approve?: boolean }
+  /** The suspended turn this request takes over: resumed, or ended unanswered by new messages. */
+  claim?: SuspendedTurnRecord
+  params: KeptParams
+  /** The messages to store. */
+  inputs: LmcInput[]
+}
+
+export function pendingOf(suspension: Suspension): Pending {
+  const { confirmation } = suspension
+  if (confirmation) return { type: 'confirmation', message_id: confirmation.messageId, language: confirmation.language, code: confirmation.code }
+  return {
+    type: 'tool_calls',
+    tool_calls: suspension.toolCalls.map((call) => ({ id: call.id, type: 'function', function: { name: call.name, arguments: call.arguments } })),
+  }
+}
+
+export const nothingToConfirm = () =>
+  new ApiError(409, 'conflict_error', 'nothing_to_confirm', 'No turn in this session is waiting for a confirmation')
+
+const objectContent = (input: LmcInput): Record<string, unknown> | undefined =>
+  typeof input.content === 'object' && input.content !== null && !Array.isArray(input.content) ? input.content : undefined
+
+/** `{role: "user", type: "confirmation", content: {approve}}`: the user's decision on pending code. */
+function decisionOf(inputs: LmcInput[]): boolean | undefined {
+  const [only] = inputs
+  if (inputs.length !== 1 || only?.type !== 'confirmation' || only.role !== 'user') return undefined
+  const approve = objectContent(only)?.approve
+  if (typeof approve !== 'boolean') throw invalidRequest('A confirmation needs content {"approve": true|false}', 'messages[0].content', 'invalid_message')
+  return approve
+}
+
+/** Checks the tool-call messages a client sends (hand-made LMC or converted from Chat Completions) and returns the results' ids. */
+function toolMessages(inputs: LmcInput[]): { calls: Set<string>; results: { id: string; at: string }[] } {
+  const calls = new Set<string>()
+  const results: { id: string; at: string }[] = []
+  inputs.forEach((input, i) => {
+    const content = objectContent(input)
+    if (input.type === 'tool_call') {
+      if (input.role !== 'assistant' || typeof content?.id !== 'string' || typeof content.name !== 'string' || typeof content.arguments !== 'string') {
+        throw invalidRequest('A tool_call message is {role: "assistant", content: {id, name, arguments}} with strings', `messages[${i}]`, 'invalid_message')
+      }
+      calls.add(content.id)
+    } else if (input.type === 'tool_result') {
+      if (typeof content?.tool_call_id !== 'string' || typeof content.content !== 'string') {
+        throw invalidRequest('A tool_result message is {role: "computer", content: {tool_call_id, content}} with strings', `messages[${i}]`, 'invalid_message')
+      }
+      results.push({ id: content.tool_call_id, at: `messages[${i}]` })
+    } else if (input.type === 'confirmation' && input.role === 'user') {
+      throw invalidRequest('A confirmation must be the only message of its request', `messages[${i}]`, 'invalid_message')
+    }
+  })
+  return { calls, results }
 }
 
 export interface ChatDeps {
@@ -109,6 +196,67 @@ export class ChatService {
     return this.turn(req, client, run)
   }
 
+  /**
+   * Resumes the session's turn suspended on a code confirmation: approved, the code runs and the
+   * turn goes on; declined, the model is told. 409 `nothing_to_confirm` when no turn waits for one.
+   */
+  confirm(req: Omit<ChatRequest, 'inputs'> & { approve: boolean }): Promise<ChatResult> {
+    const { approve, ...rest } = req
+    return this.run({ ...rest, inputs: [{ role: 'user', type: 'confirmation', content: { approve } }] })
+  }
+
+  /**
+   * Ends the session's suspended turn without an answer (POST /stop when nothing runs): pending
+   * code counts as declined, pending tool calls as unanswered. False when none was suspended.
+   */
+  async cancelSuspended(sessionId: string): Promise<boolean> {
+    if (this.deps.runs.get(sessionId)) return false
+    const suspended = await this.deps.store.getSuspendedTurn(sessionId)
+    if (!suspended || !(await this.deps.store.claimSuspendedTurn(sessionId, suspended.id))) return false
+    await this.deps.bus.append(sessionId, 'run_finished', { usage: { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }, stopped: true })
+    return true
+  }
+
+  /**
+   * Decides what the request does with a suspended turn. Tool results must answer exactly the
+   * calls the turn waits for (400 otherwise, as OpenAI refuses a history with an unanswered call);
+   * a confirmation needs a turn waiting for one (409); new messages end the waiting turn
+   * unanswered and start a new one, as a user who moves on instead of answering.
+   */
+  private plan(req: ChatRequest, suspended: SuspendedTurnRecord | undefined): Plan {
+    const state = suspended?.state as SuspendedState | undefined
+    const kept = state?.params ?? {}
+    const params: KeptParams = {
+      config: req.config ?? kept.config,
+      passThrough: req.passThrough ?? kept.passThrough,
+      systemMessage: req.systemMessage ?? kept.systemMessage,
+      tools: req.tools ?? kept.tools,
+    }
+    const approve = decisionOf(req.inputs)
+    if (approve !== undefined) {
+      if (!suspended || !state?.suspension.confirmation) throw nothingToConfirm()
+      return { resume: { suspension: state.suspension, approve }, claim: suspended, params, inputs: [] }
+    }
+    const { calls, results } = toolMessages(req.inputs)
+    const waiting = state && !state.suspension.confirmation ? state.suspension.toolCalls : []
+    const awaited = new Set(waiting.map((call) => call.id))
+    for (const result of results) {
+      if (!calls.has(result.id) && !awaited.has(result.id)) {
+        throw invalidRequest(`No tool call with id "${result.id}" is waiting for a result in this session`, `${result.at}.tool_call_id`, 'unknown_tool_call')
+      }
+    }
+    const answered = new Set(results.map((r) => r.id))
+    const answers = waiting.filter((call) => answered.has(call.id))
+    if (answers.length > 0) {
+      const missing = waiting.filter((call) => !answered.has(call.id)).map((call) => call.id)
+      if (missing.length > 0) {
+        throw invalidRequest(`Every tool call needs its result; missing: ${missing.join(', ')}`, 'messages', 'tool_results_missing')
+      }
+      return { resume: { suspension: state!.suspension }, claim: suspended, params, inputs: req.inputs }
+    }
+    return { ...(suspended ? { claim: suspended } : {}), params, inputs: req.inputs }
+  }
+
   private async turn(req: ChatRequest, client: OpenAI, run: Run): Promise<ChatResult> {
     const { store, bus, runs, metrics } = this.deps
     const cancel = () => run.controller.abort()
@@ -116,13 +264,15 @@ export class ChatService {
     req.signal?.addEventListener('abort', cancel, { once: true })
     let started: Promise<void> | undefined
     try {
+      const plan = this.plan(req, await store.getSuspendedTurn(req.sessionId))
+      const { params, resume } = plan
       const [settings, secrets, languages, stored] = await Promise.all([
-        req.settings ?? this.deps.settings.effective(req.tenantId, req.config),
+        req.settings && req.config === params.config ? req.settings : this.deps.settings.effective(req.tenantId, params.config),
         this.deps.secrets.forTenant(req.tenantId),
         this.deps.languages(),
         store.allMessages(req.sessionId),
       ])
-      const inputs = req.inputs.map(
+      const inputs = plan.inputs.map(
         (input) =>
           ({
             id: randomUUID(),
@@ -136,21 +286,31 @@ export class ChatService {
       )
       const start = () => {
         started ??= (async () => {
+          if (plan.claim) {
+            if (!(await store.claimSuspendedTurn(req.sessionId, plan.claim.id))) {
+              throw new ApiError(409, 'conflict_error', 'session_busy', 'The suspended turn of this session was taken over by another request')
+            }
+            // A turn left waiting for an answer that never came is over.
+            if (!resume) await bus.append(req.sessionId, 'run_finished', { usage: { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }, stopped: true })
+          }
           for (const message of inputs) await bus.appendMessage(req.sessionId, message)
-          await bus.append(req.sessionId, 'run_started', { model: settings.model })
+          await bus.append(req.sessionId, 'run_started', { model: settings.model, ...(resume ? { resumed: true } : {}) })
           req.onStart?.()
         })()
         return started
       }
-      if (!req.storeOnAnswer) await start()
+      // Approved code runs before any upstream call: that is a side effect, so the turn starts now.
+      if (!req.storeOnAnswer || resume?.suspension.confirmation) await start()
       const result = await runTurn({
         client,
         model: settings.model,
         temperature: settings.temperature,
         maxTokens: settings.max_tokens,
-        ...(req.passThrough ? { passThrough: req.passThrough } : {}),
+        ...(params.passThrough ? { passThrough: params.passThrough } : {}),
+        ...(params.tools ? { clientTools: params.tools } : {}),
+        ...(resume ? { resume } : {}),
         maxIterations: settings.max_iterations,
-        systemMessage: req.systemMessage ?? (settings.system_message || undefined),
+        systemMessage: params.systemMessage ?? (settings.system_message || undefined),
         customInstructions: settings.custom_instructions || undefined,
         history: [...stored, ...inputs],
         languages,
@@ -159,10 +319,6 @@ export class ChatService {
         answered: start,
         execute: (language, code, onOutput, signal) =>
           this.deps.execution.run({ tenantId: req.tenantId, sessionId: req.sessionId, language, code, onOutput, signal }),
-        confirm: async (code) => {
-          await bus.append(req.sessionId, 'awaiting_confirmation', { message_id: code.id })
-          return run.awaitConfirmation(code)
-        },
         persist: async (message) => {
           await bus.appendMessage(req.sessionId, message)
         },
@@ -174,6 +330,15 @@ export class ChatService {
       // A turn stopped before the upstream answered still keeps what the user said.
       await start()
       this.count(result.usage)
+      if (result.suspended) {
+        const pending = pendingOf(result.suspended)
+        const state: SuspendedState = { suspension: result.suspended, params }
+        await store.putSuspendedTurn({ id: randomUUID(), sessionId: req.sessionId, reason: pending.type, state })
+        metrics.runs.inc({ outcome: 'suspended' })
+        if (pending.type === 'confirmation') await bus.append(req.sessionId, 'awaiting_confirmation', { message_id: pending.message_id })
+        await bus.append(req.sessionId, 'run_suspended', { usage: result.usage, pending })
+        return { ...result, model: settings.model, pending }
+      }
       metrics.runs.inc({ outcome: result.stopped ? 'stopped' : 'finished' })
       await bus.append(req.sessionId, 'run_finished', { usage: result.usage, stopped: result.stopped })
       return { ...result, model: settings.model }

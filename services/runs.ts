@@ -1,40 +1,16 @@
-import type { LmcMessage } from '../schemas/lmc.js'
 import { sessionBusy } from './errors.js'
 
-/** One agent turn in progress: how to cancel it, and the confirmation it may be waiting for. */
+/**
+ * One agent turn in progress: how to cancel it. A turn that waits for its client (a
+ * confirmation, tool results) is not running: it is suspended in the store (services/chat.ts).
+ */
 export class Run {
   readonly controller = new AbortController()
-  private confirmation: { code: LmcMessage; resolve: (approve: boolean) => void } | undefined
 
   constructor(readonly sessionId: string) {}
 
   get signal(): AbortSignal {
     return this.controller.signal
-  }
-
-  /** Waits for POST /confirm (or a socket `confirm` frame); a stopped run counts as declined. */
-  awaitConfirmation(code: LmcMessage): Promise<boolean> {
-    return new Promise((resolve) => {
-      const done = (approve: boolean) => {
-        this.confirmation = undefined
-        this.signal.removeEventListener('abort', onAbort)
-        resolve(approve)
-      }
-      const onAbort = () => done(false)
-      this.confirmation = { code, resolve: done }
-      if (this.signal.aborted) onAbort()
-      else this.signal.addEventListener('abort', onAbort, { once: true })
-    })
-  }
-
-  get awaiting(): LmcMessage | undefined {
-    return this.confirmation?.code
-  }
-
-  confirm(approve: boolean): boolean {
-    if (!this.confirmation) return false
-    this.confirmation.resolve(approve)
-    return true
   }
 }
 

@@ -59,15 +59,21 @@ type Block =
   | { kind: 'text'; text: string }
   | { kind: 'code'; id: string; language: string; code: string; outputs: string[]; confirmationAsked: boolean; result?: string }
   | { kind: 'orphan'; output: string }
+  | { kind: 'client'; id: string; name: string; arguments: string }
+  | { kind: 'result'; id: string; content: string }
 
 const NO_OUTPUT = 'No output.'
 const NOT_APPROVED = 'The code was not run: the user did not approve it.'
 const INTERRUPTED = 'The code was interrupted before it produced any output.'
+const NO_RESULT = 'The client returned no result for this tool call.'
 
 /**
  * Turns the stored LMC history into the upstream `messages`. Every code message becomes one tool
  * call immediately followed by its result, which upstreams require even when the code never ran:
- * then the result says why (declined, interrupted), read from what the history shows.
+ * then the result says why (declined, interrupted), read from what the history shows. Calls to
+ * the client's tools (`tool_call`) become real `tool_calls`, each followed by the `tool` message
+ * of its `tool_result` wherever that was stored (or a note that none came); a result whose call
+ * is unknown is shown as user text.
  */
 export function buildMessages(history: LmcMessage[], opts: ContextOptions): ChatCompletionMessageParam[] {
   const system = [opts.systemMessage ?? defaultSystemMessage(opts.languages, opts.tools), opts.customInstructions]
@@ -75,14 +81,31 @@ export function buildMessages(history: LmcMessage[], opts: ContextOptions): Chat
     .join('\n\n')
   const messages: ChatCompletionMessageParam[] = [{ role: 'system', content: opts.redact(system) }]
   const blocks = toBlocks(history)
+  const results = new Map<string, string>()
+  for (const block of blocks) if (block.kind === 'result' && !results.has(block.id)) results.set(block.id, block.content)
+  const answered = new Set<string>()
   const output = (block: Extract<Block, { kind: 'code' }>) =>
     opts.redact(block.result ?? opts.capForModel(block.outputs.join(''), opts.maxOutputChars))
 
-  let assistant: { text: string[]; call?: Extract<Block, { kind: 'code' }> } | undefined
+  let assistant: { text: string[]; call?: Extract<Block, { kind: 'code' }>; clients: Extract<Block, { kind: 'client' }>[] } | undefined
+  const clientCalls = (clients: Extract<Block, { kind: 'client' }>[]) =>
+    clients.map((c) => ({ id: c.id, type: 'function' as const, function: { name: c.name, arguments: opts.redact(c.arguments) } }))
+  const clientResults = (clients: Extract<Block, { kind: 'client' }>[]) => {
+    for (const c of clients) {
+      answered.add(c.id)
+      messages.push({ role: 'tool', tool_call_id: c.id, content: opts.redact(results.get(c.id) ?? NO_RESULT) })
+    }
+  }
   const flush = () => {
     if (!assistant) return
-    const { text, call } = assistant
+    const { text, call, clients } = assistant
     assistant = undefined
+    if (clients.length > 0) {
+      // The turn order puts the server's call (and its output) before the client's calls.
+      messages.push({ role: 'assistant', content: text.length > 0 ? opts.redact(text.join('\n\n')) : null, tool_calls: clientCalls(clients) })
+      clientResults(clients)
+      return
+    }
     if (!opts.tools) {
       const parts = [...text.map((part) => part.trim()), ...(call ? [fence(call.language, call.code)] : [])]
       messages.push({ role: 'assistant', content: opts.redact(parts.join('\n\n')) })
@@ -111,13 +134,20 @@ export function buildMessages(history: LmcMessage[], opts: ContextOptions): Chat
 
   for (const block of blocks) {
     if (block.kind === 'text') {
-      if (assistant?.call) flush()
-      assistant ??= { text: [] }
+      if (assistant?.call || assistant?.clients.length) flush()
+      assistant ??= { text: [], clients: [] }
       assistant.text.push(block.text)
     } else if (block.kind === 'code') {
-      if (assistant?.call) flush()
-      assistant ??= { text: [] }
+      if (assistant?.call || assistant?.clients.length) flush()
+      assistant ??= { text: [], clients: [] }
       assistant.call = block
+    } else if (block.kind === 'client') {
+      if (assistant?.call) flush()
+      assistant ??= { text: [], clients: [] }
+      assistant.clients.push(block)
+    } else if (block.kind === 'result') {
+      flush()
+      if (!answered.has(block.id)) messages.push({ role: 'user', content: opts.redact(`Result of tool call ${block.id}:\n${block.content}`) })
     } else {
       flush()
       if (block.kind === 'user') messages.push(userMessage(block.message, opts.redact))
@@ -132,6 +162,13 @@ function toBlocks(history: LmcMessage[]): Block[] {
   const blocks: Block[] = []
   let call: Extract<Block, { kind: 'code' }> | undefined
   for (const message of history) {
+    if (message.type === 'tool_call' || message.type === 'tool_result') {
+      if (call) settle(call, false)
+      call = undefined
+      const block = clientBlock(message)
+      if (block) blocks.push(block)
+      continue
+    }
     if (message.role === 'computer') {
       if (message.type === 'confirmation') {
         if (call) call.confirmationAsked = true
@@ -157,6 +194,18 @@ function toBlocks(history: LmcMessage[]): Block[] {
   }
   if (call) settle(call, false)
   return blocks
+}
+
+/** A stored client tool call or result; a malformed one (hand-made LMC) is left out. */
+function clientBlock(message: LmcMessage): Block | undefined {
+  const content = typeof message.content === 'object' ? message.content : {}
+  if (message.type === 'tool_call') {
+    const { id, name } = content
+    const args = content.arguments
+    return typeof id === 'string' && typeof name === 'string' ? { kind: 'client', id, name, arguments: typeof args === 'string' ? args : '{}' } : undefined
+  }
+  const id = content.tool_call_id
+  return typeof id === 'string' ? { kind: 'result', id, content: typeof content.content === 'string' ? content.content : JSON.stringify(content.content ?? '') } : undefined
 }
 
 /**

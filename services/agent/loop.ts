@@ -1,15 +1,21 @@
 import { randomUUID } from 'node:crypto'
 import type OpenAI from 'openai'
 import { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai'
-import type { ChatCompletionChunk, ChatCompletionCreateParamsStreaming } from 'openai/resources/chat/completions'
+import type {
+  ChatCompletionChunk,
+  ChatCompletionCreateParamsStreaming,
+  ChatCompletionFunctionTool,
+  ChatCompletionToolChoiceOption,
+} from 'openai/resources/chat/completions'
 import type { CompletionUsage } from 'openai/resources/completions'
 import type { LmcChunk, LmcMessage } from '../../schemas/lmc.js'
 import { ApiError } from '../errors.js'
 import type { ExecResult, KernelOutput, Language } from '../kernels/types.js'
 import { capForModel } from './cap.js'
-import { buildMessages, EXECUTE_TOOL, executeTool } from './context.js'
-import { FenceSplitter, languageFromTag } from './fences.js'
-import { PartialJsonStrings } from './partial-json.js'
+import { buildMessages, executeTool } from './context.js'
+import { ASSISTANT_TEXT, type ClientToolCall, FencedReply, type Head, KeptReply, type MessageDraft, type RawCall, type Reply, ToolReply, type Writer } from './replies.js'
+
+export type { ClientToolCall, RawCall } from './replies.js'
 
 export type Executor = (
   language: Language,
@@ -35,12 +41,15 @@ export interface TurnOptions {
   languages: Language[]
   /** LLM_TOOLS: offer the `execute` tool; when false, fenced code blocks in the reply are run. */
   tools: boolean
+  /** The client's function tools, offered beside `execute`; a call to one suspends the turn. */
+  clientTools?: ClientTools
+  /** False: code waits for the user's approval, which suspends the turn. */
   autoRun: boolean
+  /** Continues a suspended turn; for a confirmation, with the user's decision. */
+  resume?: { suspension: Suspension; approve?: boolean }
   execute: Executor
   /** Awaited once, when the first upstream call answered, before anything of the answer is emitted or persisted. */
   answered?: () => Promise<void>
-  /** Asked after the confirmation message was emitted, when `autoRun` is false. */
-  confirm: (code: LmcMessage) => Promise<boolean>
   /** Called as soon as each message is complete, so a crash keeps everything before it. */
   persist: (message: LmcMessage) => Promise<void>
   emit: (chunk: LmcChunk) => void
@@ -67,6 +76,32 @@ export type PassThrough = Partial<
   >
 >
 
+/** The client's tools and how the model may use them: Chat Completions' `tools`, `tool_choice`, `parallel_tool_calls`. */
+export interface ClientTools {
+  tools: ChatCompletionFunctionTool[]
+  toolChoice?: ChatCompletionToolChoiceOption
+  parallelToolCalls?: boolean
+}
+
+/**
+ * Where a turn stopped to wait for its client, kept (as JSON, in the store) until it is resumed.
+ * Waiting for a confirmation: `confirmation` is the code asked about, and the rest of the same
+ * reply (`calls`, `toolCalls`, `trailing`) follows once it is decided. Waiting for tool results:
+ * `toolCalls` were returned to the client and the next upstream call needs their results.
+ */
+export interface Suspension {
+  /** Upstream calls the turn made so far; they count against `maxIterations`. */
+  iterations: number
+  /** The server code waiting for approval, already shown with its confirmation message. */
+  confirmation?: { messageId: string; language: Language; code: string }
+  /** Server calls of the same reply not shown yet. */
+  calls: RawCall[]
+  /** The client's tool calls: returned and awaiting results without `confirmation`, returned after it otherwise. */
+  toolCalls: ClientToolCall[]
+  /** Prose the model wrote after its tool calls, said once they ran. */
+  trailing: string
+}
+
 export interface TokenUsage {
   prompt_tokens: number
   completion_tokens: number
@@ -86,6 +121,8 @@ export interface TurnResult {
   /** The last upstream call's finish_reason, null when it gave none (a clean end counts as complete). */
   finishReason: string | null
   stopped: boolean
+  /** Set when the turn waits for its client (a confirmation, tool results) instead of having ended. */
+  suspended?: Suspension
 }
 
 export async function runTurn(opts: TurnOptions): Promise<TurnResult> {
@@ -150,8 +187,6 @@ const upstreamTimeout = () => new ApiError(504, 'upstream_error', 'llm_timeout',
 const brokenStream = () =>
   new ApiError(502, 'upstream_error', 'llm_error', 'The connection to the model broke before the answer was complete')
 
-type Head = Pick<LmcMessage, 'role' | 'type' | 'format' | 'stream'>
-
 interface Io {
   emit: (chunk: LmcChunk) => void
   persist: (message: LmcMessage) => Promise<void>
@@ -164,7 +199,7 @@ interface Io {
  * One message being streamed. Content goes out in pieces cut after whitespace, so a secret is
  * always redacted whole rather than leaking half before its end arrives.
  */
-class Draft {
+class Draft implements MessageDraft {
   readonly id = randomUUID()
   readonly createdAt = new Date().toISOString()
   private raw = ''
@@ -236,64 +271,82 @@ function lastWhitespace(text: string): number {
   return -1
 }
 
-const ASSISTANT_TEXT: Head = { role: 'assistant', type: 'message', format: 'text' }
 const consoleHead = (stream: 'stdout' | 'stderr'): Head => ({ role: 'computer', type: 'console', format: 'output', stream })
 
-/** Code the model asked to run, once its message is complete, or why it cannot run. */
-type PendingCode = { message: LmcMessage } & ({ language: Language; code: string } | { problem: string })
-
-interface Reply {
-  /** Returns true when the rest of the upstream answer is not wanted. */
-  delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean>
-  /** Completes the open messages once the answer is over. */
-  finish(): Promise<void>
-  /**
-   * The code to run, in order. Lazy: a code message not yet shown is emitted only when its
-   * turn comes, after the output of the code before it.
-   */
-  pending(): AsyncIterable<PendingCode>
-  /** Prose that came after the tool calls, said once the code ran so tool results stay paired. */
-  trailingText(): string
-}
-
-class Turn {
+class Turn implements Writer {
   private readonly messages: LmcMessage[] = []
   private readonly io: Io
   private readonly usage: TokenUsage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }
   private finishReason: string | null = null
-  private readonly aborted: Promise<void>
+  readonly clientTools: ReadonlySet<string>
 
   constructor(private readonly opts: TurnOptions) {
     this.io = { emit: opts.emit, persist: opts.persist, redact: opts.redact, messages: this.messages, open: new Set() }
-    this.aborted = new Promise((resolve) => {
-      if (opts.signal.aborted) resolve()
-      else opts.signal.addEventListener('abort', () => resolve(), { once: true })
-    })
+    this.clientTools = new Set(opts.clientTools?.tools.map((tool) => tool.function.name))
   }
 
   async run(): Promise<TurnResult> {
     try {
-      for (let iteration = 0; iteration < this.opts.maxIterations; iteration++) {
-        if (this.opts.signal.aborted) return this.stop()
-        const reply = this.opts.tools ? new ToolReply(this) : new FencedReply(this)
-        await this.ask(reply)
-        if (this.opts.signal.aborted) return this.stop()
-        await reply.finish()
-        let ran = false
-        for await (const item of reply.pending()) {
-          ran = true
-          await this.runCode(item)
-          if (this.opts.signal.aborted) return this.stop()
+      const { resume, signal } = this.opts
+      let iterations = resume?.suspension.iterations ?? 0
+      let reply: Reply | undefined
+      if (resume?.suspension.confirmation) {
+        const { suspension } = resume
+        await this.decide(suspension.confirmation!, resume.approve === true)
+        if (signal.aborted) return this.stop()
+        reply = new KeptReply(this, suspension.calls, suspension.toolCalls, suspension.trailing)
+      }
+      // Resumed with the client's tool results (already in the history): the model is asked next.
+      for (;;) {
+        let acted = reply !== undefined
+        if (!reply) {
+          if (iterations >= this.opts.maxIterations) {
+            await this.say(
+              ASSISTANT_TEXT,
+              `I stopped after ${this.opts.maxIterations} steps because the iteration limit was reached. Ask me to continue if you want me to keep going.`,
+            )
+            return this.done()
+          }
+          iterations++
+          reply = this.opts.tools ? new ToolReply(this) : new FencedReply(this)
+          await this.ask(reply)
+          if (signal.aborted) return this.stop()
+          await reply.finish()
+        }
+        for (let item = await reply.next(); item; item = await reply.next()) {
+          acted = true
+          if ('problem' in item) {
+            await this.say(consoleHead('stderr'), item.problem)
+            continue
+          }
+          if (!this.opts.autoRun) {
+            await this.say(
+              { role: 'computer', type: 'confirmation', format: 'execution' },
+              { type: 'code', format: item.language, content: this.opts.redact(item.code) },
+            )
+            return this.suspend({
+              iterations,
+              confirmation: { messageId: item.message.id, language: item.language, code: item.code },
+              calls: reply.rest(),
+              toolCalls: reply.clientCalls(),
+              trailing: reply.trailingText(),
+            })
+          }
+          await this.runCode(item.language, item.code)
+          if (signal.aborted) return this.stop()
         }
         const trailing = reply.trailingText().trim()
         if (trailing) await this.say(ASSISTANT_TEXT, trailing)
-        if (!ran) return this.done()
+        // The server's own calls ran first: parallel calls are independent by definition, and the
+        // client's results are all the turn waits for now.
+        const toolCalls = reply.clientCalls().map((call) => ({ ...call, arguments: this.opts.redact(call.arguments) }))
+        if (toolCalls.length > 0) {
+          for (const call of toolCalls) await this.say({ role: 'assistant', type: 'tool_call' }, { ...call })
+          return this.suspend({ iterations, calls: [], toolCalls, trailing: '' })
+        }
+        if (!acted) return this.done()
+        reply = undefined
       }
-      await this.say(
-        ASSISTANT_TEXT,
-        `I stopped after ${this.opts.maxIterations} steps because the iteration limit was reached. Ask me to continue if you want me to keep going.`,
-      )
-      return this.done()
     } catch (err) {
       await this.closeOpen()
       if (this.opts.signal.aborted) return this.result(true)
@@ -317,6 +370,12 @@ class Turn {
 
   get languages(): Language[] {
     return this.opts.languages
+  }
+
+  /** The user's answer to a confirmation: the code runs, or the model is told it was declined. */
+  private async decide(code: NonNullable<Suspension['confirmation']>, approve: boolean): Promise<void> {
+    if (approve) await this.runCode(code.language, code.code)
+    else await this.say(consoleHead('stdout'), 'The user declined to run this code.')
   }
 
   /** Streams one upstream answer into `reply`. Returns quietly when the turn was aborted. */
@@ -404,7 +463,19 @@ class Turn {
       ...opts.passThrough,
       stream: true,
       stream_options: { include_usage: true },
-      ...(opts.tools ? { tools: [executeTool(opts.languages)] } : {}),
+      ...this.toolFields(),
+    }
+  }
+
+  /** `execute` (unless code travels in fences) and the client's tools, with the client's choice fields. */
+  private toolFields(): Partial<ChatCompletionCreateParamsStreaming> {
+    const { clientTools } = this.opts
+    const tools = [...(this.opts.tools ? [executeTool(this.opts.languages)] : []), ...(clientTools?.tools ?? [])]
+    if (tools.length === 0) return {}
+    return {
+      tools,
+      ...(clientTools?.toolChoice !== undefined ? { tool_choice: clientTools.toolChoice } : {}),
+      ...(clientTools?.parallelToolCalls !== undefined ? { parallel_tool_calls: clientTools.parallelToolCalls } : {}),
     }
   }
 
@@ -414,27 +485,11 @@ class Turn {
     this.usage.total_tokens += usage.total_tokens ?? 0
   }
 
-  private async runCode(item: PendingCode): Promise<void> {
-    if ('problem' in item) {
-      await this.say(consoleHead('stderr'), item.problem)
-      return
-    }
-    if (!this.opts.autoRun) {
-      await this.say(
-        { role: 'computer', type: 'confirmation', format: 'execution' },
-        { type: 'code', format: item.language, content: this.opts.redact(item.code) },
-      )
-      const approved = await Promise.race([this.opts.confirm(item.message), this.aborted.then(() => false)])
-      if (this.opts.signal.aborted) return
-      if (!approved) {
-        await this.say(consoleHead('stdout'), 'The user declined to run this code.')
-        return
-      }
-    }
+  private async runCode(language: Language, code: string): Promise<void> {
     const sink = new OutputSink(this)
     let result: ExecResult
     try {
-      result = await this.opts.execute(item.language, item.code, (output) => sink.push(output), this.opts.signal)
+      result = await this.opts.execute(language, code, (output) => sink.push(output), this.opts.signal)
     } catch (err) {
       await sink.finish()
       throw err
@@ -457,6 +512,10 @@ class Turn {
     return this.result(true)
   }
 
+  private suspend(suspension: Suspension): TurnResult {
+    return { ...this.result(false), suspended: suspension }
+  }
+
   private async done(): Promise<TurnResult> {
     if (!this.lastText()) await this.say(ASSISTANT_TEXT, '')
     return this.result(false)
@@ -474,201 +533,6 @@ class Turn {
       created_at: new Date().toISOString(),
     }
     return { messages: [...this.messages], final, usage: { ...this.usage }, finishReason: this.finishReason, stopped }
-  }
-}
-
-/** Prose streamed as one assistant message, opened only once something visible arrives. */
-class ProseWriter {
-  private draft: Draft | undefined
-
-  constructor(private readonly turn: Turn) {}
-
-  write(text: string): void {
-    if (!this.draft) {
-      const visible = text.trimStart()
-      if (!visible) return
-      this.draft = this.turn.open(ASSISTANT_TEXT)
-      this.draft.append(visible)
-      return
-    }
-    this.draft.append(text)
-  }
-
-  async close(): Promise<void> {
-    const draft = this.draft
-    this.draft = undefined
-    await draft?.end()
-  }
-}
-
-interface CallState {
-  index: number
-  name: string
-  args: string
-  reader: PartialJsonStrings
-  draft?: Draft
-  /** How much of the streamed `code` the draft already holds. */
-  shown: number
-}
-
-/** An answer from a model offered the `execute` tool. */
-class ToolReply implements Reply {
-  private readonly prose: ProseWriter
-  private readonly calls: CallState[] = []
-  private trailing = ''
-
-  constructor(private readonly turn: Turn) {
-    this.prose = new ProseWriter(turn)
-  }
-
-  async delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean> {
-    if (delta.content) {
-      if (this.calls.length > 0) this.trailing += delta.content
-      else this.prose.write(delta.content)
-    }
-    for (const part of delta.tool_calls ?? []) {
-      let call = this.calls.find((c) => c.index === part.index)
-      if (!call) {
-        await this.prose.close()
-        call = { index: part.index, name: '', args: '', reader: new PartialJsonStrings(), shown: 0 }
-        this.calls.push(call)
-      }
-      if (part.function?.name && !call.name) call.name = part.function.name
-      if (part.function?.arguments) {
-        call.args += part.function.arguments
-        call.reader.feed(part.function.arguments)
-      }
-      // Only the first call streams live: the others would land between a code message and its
-      // output, so they are shown when their turn to run comes.
-      if (call === this.calls[0]) await this.stream(call)
-    }
-    return false
-  }
-
-  async finish(): Promise<void> {
-    await this.prose.close()
-  }
-
-  async *pending(): AsyncIterable<PendingCode> {
-    for (const call of this.calls) yield await this.settle(call)
-  }
-
-  trailingText(): string {
-    return this.trailing
-  }
-
-  private async stream(call: CallState): Promise<void> {
-    if (call.draft?.ended) return
-    if (!call.draft) {
-      const language = call.reader.complete.has('language') ? call.reader.values.get('language') : languageNamedByTool(call.name)
-      if (language === undefined) return
-      call.draft = this.turn.open({ role: 'assistant', type: 'code', format: languageFromTag(language) ?? 'text' })
-    }
-    const code = call.reader.values.get('code') ?? ''
-    call.draft.append(code.slice(call.shown))
-    call.shown = code.length
-    if (call.reader.complete.has('code')) await call.draft.end()
-  }
-
-  /** Parses the complete arguments; only now is the code trusted enough to run. */
-  private async settle(call: CallState): Promise<PendingCode> {
-    const args = parseArguments(call.args)
-    const code = typeof args?.code === 'string' ? args.code : (call.reader.values.get('code') ?? '')
-    const named = typeof args?.language === 'string' ? args.language : languageNamedByTool(call.name)
-    const language = languageFromTag(named)
-    let message: LmcMessage
-    if (call.draft) {
-      if (code.startsWith(call.draft.text)) call.draft.append(code.slice(call.draft.text.length))
-      message = await call.draft.end()
-    } else {
-      message = await this.turn.say({ role: 'assistant', type: 'code', format: language ?? 'text' }, code)
-    }
-    if (!args) {
-      return {
-        message,
-        problem: 'The tool call arguments were not valid JSON (the answer may have been cut off by the token limit); the code was not run.',
-      }
-    }
-    if (call.name !== EXECUTE_TOOL && !languageNamedByTool(call.name)) {
-      return { message, problem: `There is no tool named "${call.name}"; the only tool is "${EXECUTE_TOOL}". The code was not run.` }
-    }
-    if (!language || !this.turn.languages.includes(language)) {
-      return {
-        message,
-        problem: `The language "${named ?? ''}" is not available; use one of: ${this.turn.languages.join(', ')}. The code was not run.`,
-      }
-    }
-    if (!code.trim()) return { message, problem: 'No code was given.' }
-    return { message, language, code }
-  }
-}
-
-/** Models often call a tool after the language instead of `execute` (`python`, `shell`…). */
-function languageNamedByTool(name: string): string | undefined {
-  return name !== EXECUTE_TOOL && languageFromTag(name) ? name : undefined
-}
-
-function parseArguments(args: string): Record<string, unknown> | undefined {
-  try {
-    const parsed: unknown = JSON.parse(args)
-    return parsed && typeof parsed === 'object' && !Array.isArray(parsed) ? (parsed as Record<string, unknown>) : undefined
-  } catch {
-    return undefined
-  }
-}
-
-/**
- * An answer from a model without tool calling. As in Open Interpreter the answer is cut at the
- * end of the first runnable block: the model cannot know the output yet, so what follows is guesswork.
- */
-class FencedReply implements Reply {
-  private readonly prose: ProseWriter
-  private readonly splitter: FenceSplitter
-  private code: { draft: Draft; language: Language } | undefined
-  private found: PendingCode | undefined
-
-  constructor(private readonly turn: Turn) {
-    this.prose = new ProseWriter(turn)
-    this.splitter = new FenceSplitter((tag) => {
-      const language = languageFromTag(tag)
-      return language && turn.languages.includes(language) ? language : undefined
-    })
-  }
-
-  async delta(delta: ChatCompletionChunk.Choice.Delta): Promise<boolean> {
-    if (!delta.content || this.found) return this.found !== undefined
-    await this.apply(this.splitter.feed(delta.content))
-    return this.found !== undefined
-  }
-
-  async finish(): Promise<void> {
-    if (!this.found) await this.apply(this.splitter.finish())
-    await this.prose.close()
-  }
-
-  async *pending(): AsyncIterable<PendingCode> {
-    if (this.found) yield this.found
-  }
-
-  trailingText(): string {
-    return ''
-  }
-
-  private async apply(events: ReturnType<FenceSplitter['feed']>): Promise<void> {
-    for (const event of events) {
-      if (this.found) return
-      if (event.kind === 'text') this.prose.write(event.text)
-      else if (event.kind === 'codeStart') {
-        await this.prose.close()
-        this.code = { draft: this.turn.open({ role: 'assistant', type: 'code', format: event.language }), language: event.language }
-      } else if (event.kind === 'code') this.code?.draft.append(event.text)
-      else if (this.code) {
-        const { draft, language } = this.code
-        this.code = undefined
-        const message = await draft.end()
-        this.found = { message, language, code: draft.text }
-      }
-    }
   }
 }
 

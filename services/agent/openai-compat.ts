@@ -1,9 +1,17 @@
 import { randomBytes } from 'node:crypto'
-import type { ChatCompletion, ChatCompletionChunk } from 'openai/resources/chat/completions'
+import type {
+  ChatCompletion,
+  ChatCompletionChunk,
+  ChatCompletionFunctionTool,
+  ChatCompletionMessage,
+  ChatCompletionMessageFunctionToolCall,
+  ChatCompletionToolChoiceOption,
+} from 'openai/resources/chat/completions'
 import type { LmcChunk, LmcInput, LmcMessage } from '../../schemas/lmc.js'
 import { invalidRequest } from '../errors.js'
+import { EXECUTE_TOOL } from './context.js'
 import { languageFromTag } from './fences.js'
-import type { PassThrough, TokenUsage } from './loop.js'
+import type { ClientTools, ClientToolCall, PassThrough, TokenUsage } from './loop.js'
 
 /** A Chat Completions request message, or an LMC message sent through the same route. */
 export interface CompatMessage {
@@ -38,8 +46,12 @@ const LMC_FORMATS = new Set([
 ])
 const DATA_IMAGE = /^data:image\/(png|jpe?g);base64,(.*)$/s
 
-/** Converts a Chat Completions `messages` array into LMC inputs for the agent. */
-export function fromChatMessages(messages: CompatMessage[]): CompatConversation {
+/**
+ * Converts a Chat Completions `messages` array into LMC inputs for the agent. Calls to the
+ * server's `execute` tool become code messages; calls to any other tool (`clientTools` wins over
+ * a language-named call) become `tool_call` messages, and `tool` messages their `tool_result`s.
+ */
+export function fromChatMessages(messages: CompatMessage[], clientTools: ReadonlySet<string> = new Set()): CompatConversation {
   const inputs: LmcInput[] = []
   const system: string[] = []
   messages.forEach((message, i) => {
@@ -57,9 +69,14 @@ export function fromChatMessages(messages: CompatMessage[]): CompatConversation 
         inputs.push(...userInputs(message.content, `${at}.content`))
         return
       case 'assistant':
-        inputs.push(...assistantInputs(message, at))
+        inputs.push(...assistantInputs(message, at, clientTools))
         return
       case 'tool':
+        if (typeof message.tool_call_id !== 'string' || !message.tool_call_id) {
+          throw invalidRequest('A tool message needs the tool_call_id it answers', `${at}.tool_call_id`, 'invalid_message')
+        }
+        inputs.push({ role: 'computer', type: 'tool_result', content: { tool_call_id: message.tool_call_id, content: textOf(message.content, `${at}.content`) } })
+        return
       case 'function':
         inputs.push({ role: 'computer', type: 'console', format: 'output', content: textOf(message.content, `${at}.content`) })
         return
@@ -130,7 +147,7 @@ function userInputs(content: unknown, at: string): LmcInput[] {
   return inputs
 }
 
-function assistantInputs(message: CompatMessage, at: string): LmcInput[] {
+function assistantInputs(message: CompatMessage, at: string, clientTools: ReadonlySet<string>): LmcInput[] {
   const inputs: LmcInput[] = []
   const text = textOf(message.content, `${at}.content`)
   if (text) inputs.push({ role: 'assistant', type: 'message', format: 'text', content: text })
@@ -138,6 +155,12 @@ function assistantInputs(message: CompatMessage, at: string): LmcInput[] {
   for (const call of calls) {
     const name = String(call?.function?.name ?? '')
     const raw = String(call?.function?.arguments ?? '')
+    const server = !clientTools.has(name) && (name === EXECUTE_TOOL || languageFromTag(name) !== undefined)
+    if (!server) {
+      if (typeof call?.id !== 'string' || !call.id) throw invalidRequest('A tool call needs its id', `${at}.tool_calls`, 'invalid_message')
+      inputs.push({ role: 'assistant', type: 'tool_call', content: { id: call.id, name, arguments: raw } })
+      continue
+    }
     let args: { language?: unknown; code?: unknown } | undefined
     try {
       args = JSON.parse(raw)
@@ -154,6 +177,85 @@ function assistantInputs(message: CompatMessage, at: string): LmcInput[] {
   return inputs
 }
 
+/** The ids of the tool calls of the last assistant message (a stateless client sending their results). */
+export function lastToolCallIds(messages: CompatMessage[]): string[] {
+  const last = messages.findLast((m) => m?.role === 'assistant' && m.type === undefined)
+  const calls = Array.isArray(last?.tool_calls) ? last.tool_calls : []
+  return calls.map((call) => call?.id).filter((id): id is string => typeof id === 'string' && id !== '')
+}
+
+const TOOL_NAME = /^[a-zA-Z0-9_-]{1,64}$/
+
+/**
+ * The client's tools from a Chat Completions request, checked so a mistake is a 400 naming the
+ * field: function tools only, OpenAI's name rule, no duplicate, nothing named like the server's
+ * own `execute` tool (a silent replacement would run the model's call as code on the server),
+ * and a `tool_choice` that names a tool offered. Undefined when the request brings none.
+ */
+export function clientToolsOf(body: { tools?: unknown; tool_choice?: unknown; parallel_tool_calls?: boolean | null; functions?: unknown; function_call?: unknown }): ClientTools | undefined {
+  if (body.functions != null || body.function_call != null) {
+    throw invalidRequest('functions and function_call are deprecated; send tools and tool_choice instead', body.functions != null ? 'functions' : 'function_call', 'unsupported_parameter')
+  }
+  const tools: ChatCompletionFunctionTool[] = []
+  const names = new Set<string>()
+  const list = body.tools ?? []
+  if (!Array.isArray(list)) throw invalidRequest('tools must be an array', 'tools')
+  list.forEach((tool: unknown, i) => {
+    const at = `tools[${i}]`
+    const t = tool as { type?: unknown; function?: { name?: unknown; description?: unknown; parameters?: unknown; strict?: unknown } } | null
+    if (t?.type !== 'function') throw invalidRequest(`Only function tools are supported, not "${String(t?.type)}"`, `${at}.type`, 'unsupported_parameter')
+    const fn = t.function
+    if (typeof fn !== 'object' || fn === null) throw invalidRequest('A function tool needs its function', `${at}.function`)
+    const name = fn.name
+    if (typeof name !== 'string' || !TOOL_NAME.test(name)) {
+      throw invalidRequest('A function name is 1 to 64 letters, digits, underscores or dashes', `${at}.function.name`)
+    }
+    if (name === EXECUTE_TOOL) {
+      throw invalidRequest(`"${EXECUTE_TOOL}" is the server's own code tool; give your tool another name`, `${at}.function.name`, 'tool_name_reserved')
+    }
+    if (names.has(name)) throw invalidRequest(`Two tools are named "${name}"`, `${at}.function.name`)
+    if (fn.description !== undefined && typeof fn.description !== 'string') throw invalidRequest('description must be a string', `${at}.function.description`)
+    if (fn.parameters !== undefined && (typeof fn.parameters !== 'object' || fn.parameters === null || Array.isArray(fn.parameters))) {
+      throw invalidRequest('parameters must be a JSON Schema object', `${at}.function.parameters`)
+    }
+    if (fn.strict !== undefined && fn.strict !== null && typeof fn.strict !== 'boolean') throw invalidRequest('strict must be a boolean', `${at}.function.strict`)
+    names.add(name)
+    tools.push({
+      type: 'function',
+      function: {
+        name,
+        ...(fn.description !== undefined ? { description: fn.description } : {}),
+        ...(fn.parameters !== undefined ? { parameters: fn.parameters as Record<string, unknown> } : {}),
+        ...(typeof fn.strict === 'boolean' ? { strict: fn.strict } : {}),
+      },
+    })
+  })
+  const choice = toolChoiceOf(body.tool_choice, names)
+  if (tools.length === 0 && choice === undefined) return undefined
+  return {
+    tools,
+    ...(choice !== undefined ? { toolChoice: choice } : {}),
+    ...(typeof body.parallel_tool_calls === 'boolean' && tools.length > 0 ? { parallelToolCalls: body.parallel_tool_calls } : {}),
+  }
+}
+
+function toolChoiceOf(choice: unknown, names: ReadonlySet<string>): ChatCompletionToolChoiceOption | undefined {
+  if (choice === undefined || choice === null) return undefined
+  if (choice === 'none' || choice === 'auto' || choice === 'required') return choice
+  const named = choice as { type?: unknown; function?: { name?: unknown } }
+  if (named?.type === 'function' && typeof named.function?.name === 'string') {
+    const name = named.function.name
+    if (name !== EXECUTE_TOOL && !names.has(name)) throw invalidRequest(`tool_choice names "${name}", which is not among the tools`, 'tool_choice.function.name')
+    return { type: 'function', function: { name } }
+  }
+  throw invalidRequest('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name"}}', 'tool_choice', 'unsupported_parameter')
+}
+
+/** The client's tool calls as Chat Completions' `message.tool_calls`. */
+export function toolCallsOf(calls: ClientToolCall[]): ChatCompletionMessageFunctionToolCall[] {
+  return calls.map((call) => ({ id: call.id, type: 'function', function: { name: call.name, arguments: call.arguments } }))
+}
+
 /** The text of the last assistant message, as a client resends an answer it was given. */
 export function lastAssistantText(messages: CompatMessage[]): string | undefined {
   const last = messages.findLast((m) => m?.role === 'assistant' && m.type === undefined)
@@ -167,6 +269,8 @@ type Block = 'text' | 'code' | 'output' | 'image'
 
 function blockOf(chunk: Pick<LmcChunk, 'role' | 'type' | 'format'>): Block | undefined {
   if (chunk.role === 'user' || chunk.type === 'confirmation' || chunk.format === 'active_line') return undefined
+  // The client's tool calls travel in `tool_calls`, not in the text.
+  if (chunk.type === 'tool_call' || chunk.type === 'tool_result') return undefined
   if (chunk.type === 'code') return 'code'
   if (chunk.type === 'image') return 'image'
   if (chunk.type === 'console' || chunk.role === 'computer') return 'output'
@@ -287,11 +391,13 @@ function ticksFor(messages: LmcMessage[]): string {
 }
 
 /**
- * The finish_reason a client sees: the last upstream call's, except that the server's own
- * `execute` calls are not the client's tool calls (the turn ended at the iteration limit), and
- * an upstream that gave none ended cleanly.
+ * The finish_reason a client sees: `tool_calls` when the turn waits for the client's tool
+ * results; otherwise the last upstream call's, except that the server's own `execute` calls are
+ * not the client's tool calls (the turn ended at the iteration limit), and an upstream that gave
+ * none ended cleanly.
  */
-export function clientFinishReason(upstream: string | null): ChatCompletion.Choice['finish_reason'] {
+export function clientFinishReason(upstream: string | null, toolCalls = false): ChatCompletion.Choice['finish_reason'] {
+  if (toolCalls) return 'tool_calls'
   return upstream === 'length' || upstream === 'content_filter' ? upstream : 'stop'
 }
 
@@ -332,21 +438,35 @@ export interface CompletionMeta {
   model: string
 }
 
+/** A `chat.completion` whose tool calls are function calls (the only kind the server returns). */
+export type Completion = Omit<ChatCompletion, 'choices'> & {
+  choices: (Omit<ChatCompletion.Choice, 'message'> & { message: Omit<ChatCompletionMessage, 'tool_calls'> & { tool_calls?: ChatCompletionMessageFunctionToolCall[] } })[]
+}
+
+/** A `chat.completion`; with `toolCalls` the message carries them (content null when there is no text, as OpenAI sends it). */
 export function buildCompletion(
   meta: CompletionMeta,
   content: string,
   usage: TokenUsage,
   finishReason: ChatCompletion.Choice['finish_reason'] = 'stop',
-): ChatCompletion {
+  toolCalls: ClientToolCall[] = [],
+): Completion {
+  const message: Completion['choices'][number]['message'] =
+    toolCalls.length > 0
+      ? { role: 'assistant', content: content || null, refusal: null, tool_calls: toolCallsOf(toolCalls) }
+      : { role: 'assistant', content, refusal: null }
   return {
     id: meta.id,
     object: 'chat.completion',
     created: meta.created,
     model: meta.model,
-    choices: [{ index: 0, message: { role: 'assistant', content, refusal: null }, logprobs: null, finish_reason: finishReason }],
+    choices: [{ index: 0, message, logprobs: null, finish_reason: finishReason }],
     usage: { ...usage },
   }
 }
+
+/** Argument fragments of a streamed tool call, about this many characters each (OpenAI streams a few tokens at a time). */
+const ARGUMENT_PIECE = 32
 
 /**
  * Builds the `chat.completion.chunk` stream of one turn from its LMC chunks, as they arrive:
@@ -374,6 +494,26 @@ export class CompletionChunks {
   finish(reason: ChatCompletionChunk.Choice['finish_reason'] = 'stop'): ChatCompletionChunk[] {
     const closing = this.renderer.close()
     return [...(closing ? [this.chunk({ content: closing })] : []), this.chunk({}, reason)]
+  }
+
+  /**
+   * The client's tool calls as OpenAI streams them: per call, a delta with its `index`, `id`,
+   * `type` and `function.name` (arguments empty), then deltas with fragments of the arguments.
+   */
+  toolCalls(calls: ClientToolCall[]): ChatCompletionChunk[] {
+    const closing = this.renderer.close()
+    const chunks = closing ? [this.chunk({ content: closing })] : []
+    calls.forEach((call, index) => {
+      chunks.push(this.chunk({ tool_calls: [{ index, id: call.id, type: 'function', function: { name: call.name, arguments: '' } }] }))
+      for (let at = 0; at < call.arguments.length; ) {
+        let end = Math.min(at + ARGUMENT_PIECE, call.arguments.length)
+        // Never between the halves of a surrogate pair: each fragment must be valid text on its own.
+        if (end < call.arguments.length && /[\uD800-\uDBFF]/.test(call.arguments[end - 1]!)) end++
+        chunks.push(this.chunk({ tool_calls: [{ index, function: { arguments: call.arguments.slice(at, end) } }] }))
+        at = end
+      }
+    })
+    return chunks
   }
 
   /** Text sent as it is, outside the rendering of the turn (the final answer of structured output). */

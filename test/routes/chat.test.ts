@@ -1,10 +1,12 @@
 import t from 'tap'
 import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
-import { auth, build } from '../helpers/build.js'
+import { auth, build, tempDir } from '../helpers/build.js'
 import type { Tap } from '../helpers/build.js'
 import { parseSse } from '../helpers/sse.js'
 
 const user = (content: string) => ({ role: 'user', type: 'message', content })
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- event payloads are checked field by field
+const sseJson = (body: string): { event: string | null; data: any }[] => parseSse(body).map((e) => ({ event: e.event, data: JSON.parse(e.data) }))
 
 async function setup(t: Tap, env: Record<string, string> = {}) {
   const upstream = await startFakeUpstream()
@@ -107,32 +109,101 @@ t.test('one run per session: 409 session_busy; stop cancels the run', async (t) 
   t.same(idle.json(), { ok: false, detail: 'No run in progress' })
 })
 
-t.test('auto_run false: confirmation message, then confirm approves the code', async (t) => {
+t.test('auto_run false: a non-stream chat returns at once with the pending confirmation, and POST /confirm resumes the turn', async (t) => {
   const { app, upstream } = await setup(t)
   const { session_id } = (await app.inject({ method: 'POST', url: '/v1/sessions', headers: auth() })).json()
   upstream.script(toolCall({ language: 'python', code: 'print("approved")' }), text('ran it'))
-  const running = app.inject({
+  const first = await app.inject({
     method: 'POST',
     url: '/v1/chat',
     headers: auth(),
     payload: { session_id, messages: [user('run')], config: { auto_run: false } },
   })
-  let confirmed = false
-  for (let i = 0; i < 50 && !confirmed; i++) {
-    await new Promise((r) => setTimeout(r, 100))
-    const res = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: true } })
-    confirmed = res.statusCode === 200
-  }
-  t.ok(confirmed, 'the run waited for a confirmation')
-  const { messages } = (await running).json()
-  t.match(messages, [
-    { type: 'code' },
+  t.equal(first.statusCode, 200)
+  const suspended = first.json()
+  t.match(suspended.messages, [
+    { type: 'code', format: 'python', content: 'print("approved")' },
     { role: 'computer', type: 'confirmation', format: 'execution', content: { type: 'code', format: 'python', content: 'print("approved")' } },
+  ])
+  t.same(suspended.pending, { type: 'confirmation', message_id: suspended.messages[0].id, language: 'python', code: 'print("approved")' })
+  t.equal(app.runs.size, 0, 'nothing is left running')
+  t.equal(upstream.requests.length, 1)
+
+  const busyChatless = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: 'yes' } })
+  t.equal(busyChatless.statusCode, 400, 'approve must be a boolean')
+
+  const confirmed = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: true } })
+  t.equal(confirmed.statusCode, 200)
+  const resumed = confirmed.json()
+  t.equal(resumed.pending, undefined)
+  t.match(resumed.messages, [
     { type: 'console', content: 'approved\n' },
     { type: 'message', content: 'ran it' },
   ])
+  t.equal(resumed.message.content, 'ran it')
+  const sent = upstream.requests[1]!.body.messages
+  t.same(sent.map((m: { role: string }) => m.role), ['system', 'user', 'assistant', 'tool'])
+  t.equal(sent[3].content, 'approved\n')
+
   const nothing = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: true } })
   t.equal(nothing.statusCode, 409)
+  t.match(nothing.json(), { error: { code: 'nothing_to_confirm' } })
+  const events = (await app.inject({ url: `/v1/sessions/${session_id}/events?limit=100`, headers: auth() })).json().events.map((e: { type: string }) => e.type)
+  const runEvents = events.filter((type: string) => type.startsWith('run_') || type === 'awaiting_confirmation')
+  t.same(runEvents, ['run_started', 'awaiting_confirmation', 'run_suspended', 'run_started', 'run_finished'])
+})
+
+t.test('auto_run false: declining through the next chat request (a confirmation message), streamed, and a new message ends a waiting turn', async (t) => {
+  const { app, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'shell', code: 'rm -rf /tmp/nothing' }), text('I will not run it.'))
+  const first = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('clean up')], config: { auto_run: false }, stream: true } })
+  const done = sseJson(first.body).find((e) => e.event === 'done')
+  t.match(done?.data, { stopped: false, pending: { type: 'confirmation', language: 'shell', code: 'rm -rf /tmp/nothing' } })
+  const session_id = first.headers['x-session-id'] as string
+
+  const declined = await app.inject({
+    method: 'POST',
+    url: '/v1/chat',
+    headers: auth(),
+    payload: { session_id, messages: [{ role: 'user', type: 'confirmation', content: { approve: false } }] },
+  })
+  t.equal(declined.statusCode, 200)
+  t.match(declined.json().messages, [{ type: 'console', content: /declined/ }, { type: 'message', content: 'I will not run it.' }])
+  t.match(upstream.requests[1]!.body.messages.at(-1), { role: 'tool', content: /declined/ })
+
+  upstream.script(toolCall({ language: 'python', code: 'print(1)' }), text('Fine, something else.'))
+  await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id, messages: [user('print one')], config: { auto_run: false } } })
+  const moved = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id, messages: [user('never mind, just say hi')] } })
+  t.equal(moved.statusCode, 200)
+  t.equal(moved.json().message.content, 'Fine, something else.')
+  const sent = upstream.requests[3]!.body.messages
+  t.match(sent.slice(-3), [{ role: 'assistant', tool_calls: [{ function: { name: 'execute' } }] }, { role: 'tool', content: /not approved|did not approve/ }, { role: 'user', content: 'never mind, just say hi' }])
+  const again = await app.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: true } })
+  t.equal(again.statusCode, 409, 'the waiting turn is over')
+  const lone = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id, messages: [user('x'), { role: 'user', type: 'confirmation', content: { approve: true } }] } })
+  t.equal(lone.statusCode, 400)
+  t.match(lone.json(), { error: { code: 'invalid_message', param: 'messages[1]' } })
+})
+
+t.test('a suspended turn survives a restart: a new app on the same data directory resumes it', async (t) => {
+  const upstream = await startFakeUpstream()
+  t.teardown(() => upstream.close())
+  const dir = tempDir(t)
+  const env = { LLM_BASE_URL: upstream.url, SANDBOX: 'none', DATA_DIR: dir }
+  const before = await build(t, env)
+  upstream.script(toolCall({ language: 'python', code: 'print(6 * 7)' }), text('It is 42.'))
+  const first = await before.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('compute')], config: { auto_run: false } } })
+  const { session_id, pending } = first.json()
+  t.equal(pending.type, 'confirmation')
+  await before.close()
+
+  const after = await build(t, env)
+  const resumed = await after.inject({ method: 'POST', url: `/v1/sessions/${session_id}/confirm`, headers: auth(), payload: { approve: true, stream: true } })
+  t.equal(resumed.statusCode, 200)
+  const events = sseJson(resumed.body)
+  t.ok(events.some((e) => e.event === 'message' && e.data.content === '42\n'), 'the approved code ran in the new process')
+  t.match(events.at(-1), { event: 'done', data: { session_id, stopped: false } })
+  t.notOk('pending' in events.at(-1)!.data)
 })
 
 t.test('upstream failures: 502 llm_error without leaking the upstream key; event: error mid-stream', async (t) => {

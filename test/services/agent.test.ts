@@ -54,7 +54,6 @@ function setup(overrides: Partial<TurnOptions> = {}) {
     tools: true,
     autoRun: true,
     execute,
-    confirm: async () => true,
     persist: async (message) => {
       log.push(`persist:${message.id}`)
       persisted.push(message)
@@ -272,44 +271,80 @@ t.test('without tools, fenced blocks in the answer are run', async (t) => {
   t.same(sent[3], { role: 'user', content: 'Code output:\n```output\n42\n\n```' })
 })
 
-t.test('auto_run false: the confirmation is asked and approval runs the code', async (t) => {
+t.test('auto_run false: the turn suspends at the confirmation, and an approving resume runs the code', async (t) => {
   upstream.script(toolCall({ language: 'python', code: 'print(42)' }), text('42'))
-  const asked: LmcMessage[] = []
-  const { opts, runs, chunks } = setup({
-    autoRun: false,
-    confirm: async (message) => {
-      asked.push(message)
-      return true
-    },
+  const { opts, runs, chunks } = setup({ autoRun: false })
+  const first = await runTurn(opts)
+  t.same(runs, [], 'nothing ran yet')
+  t.equal(upstream.requests.length, 1)
+  t.same(kinds(first.messages), ['assistant/code/python', 'computer/confirmation/execution'])
+  t.same(first.suspended, {
+    iterations: 1,
+    confirmation: { messageId: first.messages[0].id, language: 'python', code: 'print(42)' },
+    calls: [],
+    toolCalls: [],
+    trailing: '',
   })
-  const result = await runTurn(opts)
-  t.equal(asked.length, 1)
-  t.equal(asked[0].type, 'code')
-  t.equal(runs.length, 1)
-  const confirmation = result.messages.find((m) => m.type === 'confirmation')
-  t.same(confirmation && { role: confirmation.role, format: confirmation.format, content: confirmation.content }, {
-    role: 'computer',
-    format: 'execution',
-    content: { type: 'code', format: 'python', content: 'print(42)' },
-  })
-  t.ok(chunks.some((c) => c.type === 'confirmation' && c.end), 'the confirmation is emitted before asking')
+  t.same(first.messages[1].content, { type: 'code', format: 'python', content: 'print(42)' })
+  t.ok(chunks.some((c) => c.type === 'confirmation' && c.end), 'the confirmation is emitted')
+
+  // The suspension is plain data: it goes through JSON (the store) and back.
+  const suspension = JSON.parse(JSON.stringify(first.suspended))
+  const { opts: again, runs: ran } = setup({ autoRun: false, history: [user('What is 6 * 7?'), ...first.messages], resume: { suspension, approve: true } })
+  const second = await runTurn(again)
+  t.same(ran, [{ language: 'python', code: 'print(42)' }])
+  t.equal(second.suspended, undefined)
+  t.same(kinds(second.messages), ['computer/console/output', 'assistant/message/text'])
   const sent = upstream.requests[1].body.messages
   t.same(
     sent.map((m: { role: string }) => m.role),
     ['system', 'user', 'assistant', 'tool'],
     'confirmation messages are not sent upstream',
   )
+  t.equal(sent[3].content, '42\n')
 })
 
 t.test('auto_run false: a declined run is fed back to the model', async (t) => {
   upstream.script(toolCall({ language: 'shell', code: 'rm -rf /tmp/x' }), text('Okay, I will not.'))
-  const { opts, runs } = setup({ autoRun: false, confirm: async () => false })
-  const result = await runTurn(opts)
+  const { opts } = setup({ autoRun: false })
+  const first = await runTurn(opts)
+  const { opts: again, runs } = setup({ autoRun: false, history: [user('What is 6 * 7?'), ...first.messages], resume: { suspension: first.suspended!, approve: false } })
+  const result = await runTurn(again)
   t.same(runs, [])
-  t.same(kinds(result.messages), ['assistant/code/shell', 'computer/confirmation/execution', 'computer/console/output', 'assistant/message/text'])
-  t.match(result.messages[2].content, /declined/)
+  t.same(kinds([...first.messages, ...result.messages]), ['assistant/code/shell', 'computer/confirmation/execution', 'computer/console/output', 'assistant/message/text'])
+  t.match(result.messages[0].content, /declined/)
   const tool = upstream.requests[1].body.messages.find((m: { role: string }) => m.role === 'tool')
   t.match(tool.content, /declined/)
+})
+
+t.test('auto_run false with several calls in one reply: each is asked in turn, in order, and the client calls come last', async (t) => {
+  upstream.script(
+    toolCall([
+      { language: 'python', code: 'print(1)' },
+      { name: 'lookup', arguments: '{"q":"x"}' },
+      { language: 'python', code: 'print(2)' },
+    ]),
+    text('done'),
+  )
+  const clientTools = { tools: [{ type: 'function' as const, function: { name: 'lookup', parameters: { type: 'object' } } }] }
+  let history = [user('go')]
+  const { opts } = setup({ autoRun: false, clientTools, history })
+  const first = await runTurn(opts)
+  t.match(first.suspended, { confirmation: { code: 'print(1)' }, calls: [{ name: 'execute' }], toolCalls: [{ name: 'lookup', arguments: '{"q":"x"}' }] })
+  t.same(kinds(first.messages), ['assistant/code/python', 'computer/confirmation/execution'], 'the second code is not shown before the first ran')
+  history = [...history, ...first.messages]
+  const { opts: second, runs } = setup({ autoRun: false, clientTools, history, resume: { suspension: first.suspended!, approve: true } })
+  const two = await runTurn(second)
+  t.same(runs.map((r) => r.code), ['print(1)'])
+  t.match(two.suspended, { confirmation: { code: 'print(2)' }, calls: [], toolCalls: [{ name: 'lookup' }] })
+  t.same(kinds(two.messages), ['computer/console/output', 'assistant/code/python', 'computer/confirmation/execution'])
+  history = [...history, ...two.messages]
+  const { opts: third, runs: ran } = setup({ autoRun: false, clientTools, history, resume: { suspension: two.suspended!, approve: true } })
+  const three = await runTurn(third)
+  t.same(ran.map((r) => r.code), ['print(2)'])
+  t.same(kinds(three.messages), ['computer/console/output', 'assistant/tool_call/'])
+  t.match(three.suspended, { confirmation: undefined, toolCalls: [{ name: 'lookup', arguments: '{"q":"x"}' }] })
+  t.equal(upstream.requests.length, 1, 'the model was not asked again while the calls of its reply were pending')
 })
 
 t.test('kernel output: streams, images, results, tracebacks and notices', async (t) => {
@@ -386,20 +421,23 @@ t.test('abort while code runs: the executor gets the signal and the turn stops',
   t.equal(result.final.content, '')
 })
 
-t.test('abort while waiting for confirmation', async (t) => {
+t.test('abort while the approved code of a resumed turn runs', async (t) => {
   upstream.script(toolCall({ language: 'python', code: 'print(1)' }))
+  const { opts } = setup({ autoRun: false })
+  const first = await runTurn(opts)
   const controller = new AbortController()
-  const { opts, runs } = setup({
+  const { opts: again } = setup({
     signal: controller.signal,
-    autoRun: false,
-    confirm: () => {
-      setTimeout(() => controller.abort(), 10)
-      return new Promise<boolean>(() => {})
+    resume: { suspension: first.suspended!, approve: true },
+    execute: async (_language, _code, _onOutput, signal) => {
+      controller.abort()
+      t.ok(signal.aborted)
+      return ok({ interrupted: true })
     },
   })
-  const result = await runTurn(opts)
+  const result = await runTurn(again)
   t.equal(result.stopped, true)
-  t.same(runs, [])
+  t.equal(upstream.requests.length, 1, 'a stopped turn asks nothing more')
 })
 
 t.test('upstream errors become ApiError 502 without leaking the key', async (t) => {
@@ -590,4 +628,71 @@ t.test('the fake upstream also answers without streaming and lists models', asyn
   const models = await client.models.list()
   t.ok(models.data.some((m) => m.id === 'fake-model'))
   t.equal(upstream.requests.at(-1)?.path, '/v1/models')
+})
+
+t.test("client tools: offered beside execute, a call suspends the turn, and the resumed turn sends real tool_calls and tool messages", async (t) => {
+  const weather = { type: 'function' as const, function: { name: 'get_weather', description: 'Weather for a city', parameters: { type: 'object', properties: { city: { type: 'string' } } } } }
+  const clientTools = { tools: [weather], toolChoice: 'auto' as const, parallelToolCalls: false }
+  upstream.script(
+    toolCall([{ language: 'python', code: 'print(6 * 7)' }, { name: 'get_weather', arguments: '{"city":"Paris"}' }], { text: 'Checking.' }),
+    text('It is 42 and sunny in Paris.'),
+  )
+  const { opts, runs, chunks } = setup({ clientTools })
+  const first = await runTurn(opts)
+  const asked = upstream.requests[0].body
+  t.same(asked.tools.map((tool: { function: { name: string } }) => tool.function.name), ['execute', 'get_weather'])
+  t.same(asked.tools[1], weather, "the client's tool goes upstream as it was given")
+  t.equal(asked.tool_choice, 'auto')
+  t.equal(asked.parallel_tool_calls, false)
+  t.same(runs, [{ language: 'python', code: 'print(6 * 7)' }], "the server's own call ran first")
+  t.same(kinds(first.messages), ['assistant/message/text', 'assistant/code/python', 'computer/console/output', 'assistant/tool_call/'])
+  t.equal(first.finishReason, 'tool_calls')
+  const call = first.suspended!.toolCalls[0]!
+  t.match(call, { id: /^call_/, name: 'get_weather', arguments: '{"city":"Paris"}' })
+  t.same(first.messages[3].content, call)
+  t.ok(chunks.some((c) => c.type === 'tool_call' && c.end), 'the call is emitted as an LMC message')
+
+  const result = lmc({ role: 'computer', type: 'tool_result', content: { tool_call_id: call.id, content: 'sunny, 24 C' } })
+  const { opts: again } = setup({ clientTools, history: [user('What is 6 * 7?'), ...first.messages, result], resume: { suspension: first.suspended! } })
+  const second = await runTurn(again)
+  t.equal(second.suspended, undefined)
+  t.equal(second.final.content, 'It is 42 and sunny in Paris.')
+  const sent = upstream.requests[1].body.messages
+  t.same(
+    sent.slice(1).map((m: { role: string; tool_calls?: { function: { name: string } }[] }) => [m.role, m.tool_calls?.map((c) => c.function.name) ?? []]),
+    [
+      ['user', []],
+      ['assistant', ['execute']],
+      ['tool', []],
+      ['assistant', ['get_weather']],
+      ['tool', []],
+    ],
+  )
+  t.same(sent[4], { role: 'assistant', content: null, tool_calls: [{ id: call.id, type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }] })
+  t.same(sent[5], { role: 'tool', tool_call_id: call.id, content: 'sunny, 24 C' })
+})
+
+t.test('client tools: a call left unanswered is told so; a result with no call is shown as text', async (t) => {
+  const history = [
+    user('one'),
+    lmc({ role: 'assistant', type: 'tool_call', content: { id: 'call_a', name: 'f', arguments: '{}' } }),
+    user('two'),
+    lmc({ role: 'computer', type: 'tool_result', content: { tool_call_id: 'call_zzz', content: 'stray' } }),
+  ]
+  const sent = buildMessages(history, { languages: ['python'], tools: true, maxOutputChars: 1000, capForModel, redact: (s) => s })
+  t.same(sent.slice(1), [
+    { role: 'user', content: 'one' },
+    { role: 'assistant', content: null, tool_calls: [{ id: 'call_a', type: 'function', function: { name: 'f', arguments: '{}' } }] },
+    { role: 'tool', tool_call_id: 'call_a', content: 'The client returned no result for this tool call.' },
+    { role: 'user', content: 'two' },
+    { role: 'user', content: 'Result of tool call call_zzz:\nstray' },
+  ])
+})
+
+t.test('client tools with fenced code (no execute tool): the client tools are still offered and their calls suspend', async (t) => {
+  upstream.script(toolCall({ name: 'lookup', arguments: '{"q":"a"}' }))
+  const { opts } = setup({ tools: false, clientTools: { tools: [{ type: 'function', function: { name: 'lookup' } }] } })
+  const result = await runTurn(opts)
+  t.same(upstream.requests[0].body.tools.map((tool: { function: { name: string } }) => tool.function.name), ['lookup'])
+  t.match(result.suspended, { toolCalls: [{ name: 'lookup', arguments: '{"q":"a"}' }] })
 })
