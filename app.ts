@@ -4,6 +4,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { Config } from './config.js'
 import agentPlugin from './plugins/agent.js'
+import clusterPlugin from './plugins/cluster.js'
 import authPlugin, { protect } from './plugins/auth.js'
 import connectionsPlugin from './plugins/connections.js'
 import corsPlugin from './plugins/cors.js'
@@ -33,6 +34,7 @@ import sessionRoutes from './routes/sessions.js'
 import settingsRoutes from './routes/settings.js'
 import { ErrorResponse } from './schemas/common.js'
 import { LmcMessage } from './schemas/lmc.js'
+import { ReplicaAuth } from './services/cluster/replica-auth.js'
 import type { Store } from './services/store/types.js'
 import { VERSION } from './services/version.js'
 
@@ -111,9 +113,13 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
   }
   await app.register(storePlugin, { databaseUrl: config.DATABASE_URL, dataDir: config.DATA_DIR, store: opts.store })
   await app.register(authPlugin, { adminKeys: config.adminKeys })
+  const replicated = config.REPLICA_URL && config.REPLICA_SECRET ? { url: config.REPLICA_URL, secret: config.REPLICA_SECRET } : undefined
+  const replicaAuth = replicated && new ReplicaAuth(replicated.secret)
   await app.register(rateLimitPlugin, {
     perMinute: config.RATE_LIMIT_PER_MINUTE,
     sessionPerMinute: config.SESSION_RATE_LIMIT_PER_MINUTE,
+    // the replica that forwarded a request counted it
+    exempt: replicaAuth && ((request) => replicaAuth.verify(request.headers) !== undefined),
   })
   await app.register(errorsPlugin)
   await app.register(idempotencyPlugin)
@@ -126,6 +132,13 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     defaultModel: config.LITELLM_MODEL,
   })
   await app.register(kernelsPlugin, { config, probe: opts.sandboxProbe })
+  await app.register(clusterPlugin, {
+    replicas: replicated && {
+      ...replicated,
+      leaseTtlMs: config.LEASE_TTL_MS,
+      idleMs: Math.max(config.KERNEL_IDLE_SECONDS * 1000 || 600_000, config.LEASE_TTL_MS),
+    },
+  })
   await app.register(agentPlugin, { config })
   await app.register(websocketPlugin, { maxPayload: 1024 * 1024, pingIntervalMs: config.WS_PING_INTERVAL_MS })
 

@@ -35,6 +35,11 @@ export const ConfigSchema = Type.Object({
   DATA_DIR: Type.String({ default: './data', minLength: 1 }),
   DATABASE_URL: Str('postgres:// or postgresql:// URL'),
   REDIS_URL: Str('redis:// or rediss:// URL'),
+  REPLICA_URL: Str('how the other replicas reach this one (http:// or https://); with REDIS_URL and DATABASE_URL turns on replication'),
+  REPLICA_SECRET: Type.Optional(Type.String({ minLength: 32, description: 'shared by all replicas: authenticates replica-to-replica calls' })),
+  // A dead replica's sessions move after at most this long; renewals run every third of it.
+  LEASE_TTL_MS: Int(15_000, 1000, 600_000),
+  WORKSPACES_DIR: Str('where session workspaces live (default DATA_DIR/workspaces); shared storage lets files survive a failover'),
   SANDBOX: Type.Union([Type.Literal('bwrap'), Type.Literal('none')], { default: 'bwrap' }),
   SANDBOX_NETWORK: Type.Boolean({ default: false }),
   CORS_ORIGINS: Str('comma-separated allowed origins; unset allows any localhost origin, * allows all'),
@@ -115,6 +120,7 @@ const URLS = [
   { names: ['LLM_BASE_URL', 'OPENAI_BASE_URL'], schemes: ['http:', 'https:'], example: 'http://localhost:4000/v1' },
   { names: ['DATABASE_URL'], schemes: ['postgres:', 'postgresql:'], example: 'postgres://user:password@localhost:5432/oi' },
   { names: ['REDIS_URL'], schemes: ['redis:', 'rediss:'], example: 'redis://localhost:6379' },
+  { names: ['REPLICA_URL'], schemes: ['http:', 'https:'], example: 'http://10.0.0.5:5001' },
 ]
 
 /** A URL setting that does not parse, or has another scheme, stops the start (rather than failing at first use). */
@@ -162,6 +168,12 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     throw new ConfigError('Invalid configuration: TLS_CERT_FILE and TLS_KEY_FILE must be set together')
   if (parsed.REQUEST_TIMEOUT_MS > 0 && parsed.HEADERS_TIMEOUT_MS > parsed.REQUEST_TIMEOUT_MS)
     throw new ConfigError('Invalid configuration: HEADERS_TIMEOUT_MS must not exceed REQUEST_TIMEOUT_MS')
+  if (parsed.REPLICA_URL) {
+    // Replicas share sessions only through Redis (leases, wake-ups) and PostgreSQL (the log), and
+    // must read each other's encrypted secrets.
+    const missing = ['REDIS_URL', 'DATABASE_URL', 'REPLICA_SECRET', 'SECRETS_KEY'].filter((name) => !parsed[name as keyof Env])
+    if (missing.length > 0) throw new ConfigError(`Invalid configuration: REPLICA_URL needs ${missing.join(', ')} as well`)
+  }
   const { OPENAI_BASE_URL, OPENAI_API_KEY, API_KEY, ...rest } = parsed
   const adminKeys = (API_KEY ?? '').split(',').map((k) => k.trim()).filter(Boolean)
   return {

@@ -16,6 +16,7 @@ function banner(config: Config, url: string, sandbox: SandboxStatus): string {
     `  sandbox:   ${config.SANDBOX}${config.SANDBOX === 'none' ? '  (WARNING: code runs without isolation)' : ''}${sandbox.ok ? '' : `  (NOT WORKING, no code can run: ${sandbox.reason})`}`,
     `  model:     ${config.LITELLM_MODEL}${config.LLM_BASE_URL ? ` via ${config.LLM_BASE_URL}` : '  (no LLM_BASE_URL: set it to enable /v1/chat)'}`,
     `  rate limit: ${config.REDIS_URL ? 'Redis' : 'in memory'}`,
+    ...(config.REPLICA_URL ? [`  replica:   reached at ${config.REPLICA_URL}; session leases in Redis, ${config.LEASE_TTL_MS} ms`] : []),
   ]
   const generated = config.generatedApiKey
   if (generated) {
@@ -59,6 +60,12 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
   closeWithGrace({ delay: config.SHUTDOWN_GRACE_MS, logger }, async ({ err, signal }) => {
     if (err) logger.error({ err }, 'shutting down after an error')
     else logger.info({ signal }, 'shutting down')
+    // A replica hands its sessions over first, while it still answers (forwarding what it no
+    // longer owns), so a load balancer's requests never meet a closed port mid-session.
+    if (app.cluster && signal) {
+      const drained = await app.cluster.drain(config.SHUTDOWN_GRACE_MS)
+      logger.info({ sessions: drained.handedOver, ms: drained.ms }, 'sessions handed over')
+    }
     await app.close()
   })
 

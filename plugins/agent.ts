@@ -24,7 +24,8 @@ declare module 'fastify' {
 /** The agent and what it stands on: event log, runs, tenant settings and secrets, executions. */
 export default fp(
   async function agent(app: FastifyInstance, { config }: { config: Config }) {
-    const bus = new EventBus(app.store)
+    const cluster = app.cluster
+    const bus = new EventBus(app.store, cluster ? { relay: cluster.relay, fence: (id) => cluster.fence(id) } : {})
     const runs = new RunRegistry()
     const settings = new SettingsService(app.store, {
       model: config.LITELLM_MODEL,
@@ -33,7 +34,7 @@ export default fp(
       maxIterations: config.MAX_ITERATIONS,
     })
     const secrets = new SecretsService(app.store, new SecretBox(loadSecretsKey(config.SECRETS_KEY, join(config.DATA_DIR, 'secrets.key'))))
-    const execution = new ExecutionService(app.kernels, bus, secrets, app.metrics)
+    const execution = new ExecutionService(cluster ? cluster.runner(app.kernels) : app.kernels, bus, secrets, app.metrics)
     const languages = async () => (await app.kernels.languages()).filter((l) => l.available).map((l) => l.name)
     const chat = new ChatService({
       store: app.store,
@@ -57,5 +58,5 @@ export default fp(
     // running turns end (and their streams close) before the kernels and the store go away
     app.addHook('preClose', async () => runs.stopAll())
   },
-  { name: 'agent', dependencies: ['store', 'kernels', 'llm', 'metrics'] },
+  { name: 'agent', dependencies: ['store', 'kernels', 'llm', 'metrics', 'cluster'] },
 )

@@ -15,7 +15,7 @@ export function envelope(err: ApiError) {
 /** Headers an error carries beside its envelope: when to retry, and whether to at all. */
 export function errorHeaders(err: ApiError): Record<string, string> {
   const headers: Record<string, string> = {}
-  if (err.statusCode === 429 && err.extra.retry_after !== undefined) headers['retry-after'] = String(err.extra.retry_after)
+  if ((err.statusCode === 429 || err.statusCode === 503) && err.extra.retry_after !== undefined) headers['retry-after'] = String(err.extra.retry_after)
   if (err.statusCode === 429 && err.extra.retry_after_ms !== undefined) headers['retry-after-ms'] = String(err.extra.retry_after_ms)
   if (!err.retryable) headers['x-should-retry'] = 'false'
   return headers

@@ -28,12 +28,12 @@ export const SANDBOX_FIX =
   '(sysctl kernel.unprivileged_userns_clone=1; in Docker the --security-opt flags of the README), or set SANDBOX=none on a trusted host'
 
 /**
- * Kernels and workspaces live under DATA_DIR/workspaces. Deleting or expiring a session stops
+ * Kernels and workspaces live under WORKSPACES_DIR (default DATA_DIR/workspaces). Deleting or expiring a session stops
  * its kernels and removes its workspace; closing the app kills every kernel.
  */
 export default fp(
   async function kernels(app: FastifyInstance, { config, probe }: { config: Config; probe?: SandboxProbe }) {
-    const workspacesDir = join(config.DATA_DIR, 'workspaces')
+    const workspacesDir = config.WORKSPACES_DIR ?? join(config.DATA_DIR, 'workspaces')
     const options = {
       workspacesDir,
       sandbox: config.SANDBOX,

@@ -18,6 +18,8 @@ declare module 'fastify' {
 export interface RateLimitOptions {
   perMinute: number
   sessionPerMinute: number
+  /** Requests the per-IP limit does not count: those another replica forwarded (it counted them). */
+  exempt?: (request: FastifyRequest) => boolean
 }
 
 const exceeded = (retryMs: number) => {
@@ -86,6 +88,7 @@ export default fp(
       hook: 'onRequest',
       store: storeFor(buckets),
       skipOnError: true,
+      ...(opts.exempt ? { allowList: opts.exempt } : {}),
       errorResponseBuilder: (_req, ctx) => exceeded(ctx.ttl),
     })
     app.decorate('ipRateLimit', opts.perMinute > 0 ? app.rateLimit() : null)

@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import type { FastifyRequest } from 'fastify'
 import { principal } from '../plugins/auth.js'
 import { disconnectSignal, streamRun } from '../plugins/sse.js'
 import { Ack, ChatBody, ChatResponse, ConfirmBody } from '../schemas/chat.js'
@@ -22,11 +23,17 @@ const doneEvent = (sessionId: string, result: ChatResult) => ({
   ...(result.pending ? { pending: result.pending } : {}),
 })
 
+/** The session a chat request continues (raw body: this runs before validation). */
+const namedSession = (request: FastifyRequest) => {
+  const body = request.body as { session_id?: unknown } | null | undefined
+  return typeof body?.session_id === 'string' ? body.session_id : undefined
+}
+
 const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/chat',
     {
-      config: { sessionRateLimit: true, idempotent: true },
+      config: { sessionRateLimit: true, idempotent: true, sessionOwner: namedSession },
       schema: {
         operationId: 'runChat',
         tags: ['chat'],
@@ -61,6 +68,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/sessions/:id/stop',
     {
+      config: { sessionOwner: 'params' },
       schema: {
         operationId: 'stopRun',
         tags: ['chat'],
@@ -80,6 +88,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/sessions/:id/confirm',
     {
+      config: { sessionOwner: 'params' },
       schema: {
         operationId: 'confirmRun',
         tags: ['chat'],

@@ -162,6 +162,8 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
             send({ type: 'event', event: view(event) })
           }
         })
+        // With replicas, events appended elsewhere from now on reach the subscription.
+        await app.bus.ready(session.id)
         for (;;) {
           const page = await app.store.listEvents(session.id, { startId: last + 1, limit: REPLAY_PAGE })
           for (const event of page.events) {
@@ -197,6 +199,9 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         const who = await app.keys.resolve(token)
         if (!who) return socket.close(CLOSE.unauthorized, 'API key revoked or expired')
         const id = sessionId!
+        // The socket stays here (events arrive through the log); what acts on the session goes to its owner.
+        const owner = await app.cluster?.ownerOf(id)
+        if (owner) return void toOwner(owner, id, frame).catch(fail)
         try {
           if (frame.type === 'stop') app.runs.stop(id)
           else if (frame.type === 'confirm') app.chat.confirm({ tenantId: who.tenantId, sessionId: id, approve: frame.approve }).catch(fail)
@@ -207,6 +212,27 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
         } catch (err) {
           fail(err)
         }
+      }
+
+      /** A frame for a session another replica owns, as the HTTP call it stands for. */
+      const toOwner = async (owner: string, id: string, frame: Exclude<ClientFrame, { type: 'auth' }>) => {
+        const call = (path: string, body: unknown) =>
+          fetch(`${owner}${path}`, {
+            method: 'POST',
+            headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', ...app.cluster!.callHeaders() },
+            body: JSON.stringify(body),
+          })
+        const response =
+          frame.type === 'stop'
+            ? await call(`/v1/sessions/${id}/stop`, {})
+            : frame.type === 'confirm'
+              ? await call(`/v1/sessions/${id}/confirm`, { approve: frame.approve })
+              : await call('/v1/chat', { session_id: id, stream: true, messages: [{ role: 'user', type: 'message', content: frame.content }] })
+        const text = await response.text()
+        if (!response.ok) return send(JSON.parse(text).error ? { type: 'error', ...JSON.parse(text) } : { type: 'error', error: { message: 'The session owner failed', type: 'server_error', code: 'owner_failed', param: null } })
+        // A run that failed after its stream began reports it as its last SSE event.
+        const failed = /^event: error\ndata: (.*)$/m.exec(text)
+        if (failed) send({ type: 'error', ...JSON.parse(failed[1]!) })
       }
 
       // Frames are chained: each checks the key first, and they must still act in their order.

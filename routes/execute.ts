@@ -92,7 +92,7 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/sessions/:id/execute',
     {
-      config: { sessionRateLimit: true },
+      config: { sessionOwner: 'params', sessionRateLimit: true },
       schema: {
         operationId: 'executeCode',
         tags: ['execute'],
@@ -135,6 +135,7 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/sessions/:id/interrupt',
     {
+      config: { sessionOwner: 'params' },
       // Like /stop, outside the per-session limit: a session that used up its executions must
       // still be able to stop the one that hangs instead of waiting for EXEC_TIMEOUT_MS.
       schema: {
@@ -155,7 +156,7 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/sessions/:id/restart',
     {
-      config: { sessionRateLimit: true },
+      config: { sessionOwner: 'params', sessionRateLimit: true },
       schema: {
         operationId: 'restartKernels',
         tags: ['execute'],

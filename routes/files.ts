@@ -38,6 +38,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.get(
     '/v1/sessions/:id/files',
     {
+      config: { sessionOwner: 'params' },
       schema: {
         operationId: 'listFiles',
         tags: ['files'],
@@ -58,6 +59,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.get(
     '/v1/sessions/:id/files/content',
     {
+      config: { sessionOwner: 'params' },
       schema: {
         operationId: 'downloadFile',
         tags: ['files'],
@@ -80,7 +82,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.put(
     '/v1/sessions/:id/files/content',
     {
-      config: { swaggerTransform: ({ schema, url }) => ({ schema: { ...schema, body: RawFileBody }, url }) },
+      config: { sessionOwner: 'params', swaggerTransform: ({ schema, url }) => ({ schema: { ...schema, body: RawFileBody }, url }) },
       schema: {
         operationId: 'uploadFile',
         tags: ['files'],
@@ -105,6 +107,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.delete(
     '/v1/sessions/:id/files/content',
     {
+      config: { sessionOwner: 'params' },
       schema: {
         operationId: 'deleteFile',
         tags: ['files'],
@@ -124,7 +127,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.post(
     '/v1/sessions/:id/files/upload',
     {
-      config: { swaggerTransform: ({ schema, url }) => ({ schema: { ...schema, body: MultipartFilesBody }, url }) },
+      config: { sessionOwner: 'params', swaggerTransform: ({ schema, url }) => ({ schema: { ...schema, body: MultipartFilesBody }, url }) },
       schema: {
         operationId: 'uploadFiles',
         tags: ['files'],
@@ -151,6 +154,7 @@ const files: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, o
   app.get(
     '/v1/sessions/:id/files/archive',
     {
+      config: { sessionOwner: 'params' },
       schema: {
         operationId: 'downloadArchive',
         tags: ['files'],

@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import type { FastifyRequest } from 'fastify'
 import { Type } from '@sinclair/typebox'
 import { principal } from '../plugins/auth.js'
 import { disconnectSignal, streamRun } from '../plugins/sse.js'
@@ -89,6 +90,20 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
     if (result.pending?.type === 'tool_calls') for (const call of result.pending.tool_calls) conversations.remember(tenantId, toolCallKey(call.id), sessionId)
   }
 
+  /** The session a completion continues, read from the raw body (this runs before validation). */
+  const namedSession = async (request: FastifyRequest) => {
+    const body = request.body as { session_id?: unknown; metadata?: { session_id?: unknown } | null; messages?: unknown } | null | undefined
+    const header = request.headers['x-session-id']
+    const named = [body?.session_id, header, body?.metadata?.session_id].find((value) => typeof value === 'string')
+    if (typeof named === 'string') return named
+    if (!request.principal || !Array.isArray(body?.messages)) return undefined
+    try {
+      return await continuedSession(request.principal.tenantId, body.messages as CompatMessage[])
+    } catch {
+      return undefined // malformed messages: validation answers
+    }
+  }
+
   app.get(
     '/v1/models',
     { schema: { operationId: 'listModels', tags: ['openai'], summary: 'List models (OpenAI format)', response: { 200: ModelList, ...protectedErrors() } } },
@@ -117,7 +132,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/chat/completions',
     {
-      config: { sessionRateLimit: true, idempotent: true },
+      config: { sessionRateLimit: true, idempotent: true, sessionOwner: namedSession },
       schema: {
         operationId: 'createChatCompletion',
         tags: ['openai'],

@@ -100,6 +100,7 @@ const sessions: FastifyPluginAsyncTypebox = async (app) => {
   app.delete(
     '/v1/sessions/:id',
     {
+      config: { sessionOwner: 'params' },
       schema: {
         operationId: 'deleteSession',
         tags: ['sessions'],

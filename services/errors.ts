@@ -48,3 +48,6 @@ export const invalidRequest = (message: string, param: string | null = null, cod
   new ApiError(400, 'validation_error', code, message, param)
 export const sessionBusy = () =>
   new ApiError(409, 'conflict_error', 'session_busy', 'A run is already in progress in this session')
+/** A write for a session whose lease this process no longer holds (another replica owns it now). */
+export const sessionMoved = () =>
+  new ApiError(503, 'unavailable_error', 'session_moved', 'This session moved to another server process while the request ran; retry it')

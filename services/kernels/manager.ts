@@ -121,6 +121,22 @@ export class KernelManager {
     return (await this.sandboxRuntime()).enforcement
   }
 
+  /**
+   * The session's kernels are gone with their state outside this process (its previous owner
+   * replica stopped): the next execution of each language says so and reports `stateLost`.
+   */
+  markStateLost(sessionId: string, why: string): void {
+    for (const language of LANGUAGES) {
+      const key = keyOf(sessionId, language)
+      if (!this.kernels.has(key)) this.setNotice(key, `${why}; ${STATE_GONE}.`)
+    }
+  }
+
+  /** Whether any kernel of the session is alive (or starting). */
+  hasKernels(sessionId: string): boolean {
+    return LANGUAGES.some((language) => this.tenants.has(keyOf(sessionId, language)))
+  }
+
   /** The uid the session's kernels run as, while it has live kernels and the server is root. */
   uidOf(sessionId: string): number | undefined {
     return this.uids.uidOf(sessionId)
@@ -159,16 +175,18 @@ export class KernelManager {
       result.interrupted = true
     } else {
       const key = keyOf(req.sessionId, req.language)
-      await this.runOn(key, await this.kernelFor(key, req, emit), req, emit, result)
+      await this.runOn(key, await this.kernelFor(key, req, emit, result), req, emit, result)
     }
     result.durationMs = Math.round(performance.now() - started)
     return result
   }
 
-  private async kernelFor(key: string, req: ExecuteRequest, emit: (output: KernelOutput) => void): Promise<Kernel> {
+  private async kernelFor(key: string, req: ExecuteRequest, emit: (output: KernelOutput) => void, result: ExecResult): Promise<Kernel> {
     const notice = this.notices.get(key)
     if (notice !== undefined) {
+      // Every pending notice tells of a kernel that went with its state since the last execution.
       this.notices.delete(key)
+      result.stateLost = true
       emit({ type: 'notice', text: notice })
     }
     const existing = this.kernels.get(key)

@@ -70,7 +70,8 @@ function withStatementCache(database: Sqlite.Database, size: number): SqliteData
 }
 
 export function createPostgresStore(url: string): Store {
-  const pool = new pg.Pool({ connectionString: url, max: 10 })
+  // A database that does not answer fails the request (503) instead of holding it.
+  const pool = new pg.Pool({ connectionString: url, max: 10, connectionTimeoutMillis: 5000, keepAlive: true })
   // An idle client that loses its server emits here; without a listener that kills the process.
   // The pool discards the client and the next query reports the outage where it can be handled.
   pool.on('error', () => {})

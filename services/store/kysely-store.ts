@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { type Dialect, Kysely, type Selectable, type Transaction, sql } from 'kysely'
 import type { LmcMessage } from '../../schemas/lmc.js'
-import { invalidRequest, sessionNotFound } from '../errors.js'
+import { type ApiError, invalidRequest, sessionMoved, sessionNotFound } from '../errors.js'
 import { type Engine, migrate } from './migrations.js'
 import type { ApiKeyRecord, EventRecord, Page, SecretRecord, SessionRecord, Store, SuspendedTurnRecord } from './types.js'
 
@@ -16,6 +16,8 @@ interface SessionsTable {
   message_count: number
   message_seq: number
   event_seq: number
+  /** The highest lease generation that wrote for the session (services/cluster/leases.ts). */
+  owner_fence: number
 }
 
 interface MessagesTable {
@@ -247,6 +249,7 @@ export class KyselyStore implements Store {
       message_count: 0,
       message_seq: 0,
       event_seq: 0,
+      owner_fence: 0,
     }
     await this.#db.insertInto('sessions').values(row).execute()
     return toSession(row)
@@ -339,7 +342,7 @@ export class KyselyStore implements Store {
     return rows.map((row) => ({ id: row.id, tenantId: row.tenant_id }))
   }
 
-  async appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord> {
+  async appendMessage(sessionId: string, message: LmcMessage, fence?: number): Promise<EventRecord> {
     const id = uuidOrUndefined(sessionId)
     if (!id) throw sessionNotFound()
     return this.#db.transaction().execute(async (trx) => {
@@ -353,11 +356,13 @@ export class KyselyStore implements Store {
           event_seq: eb('event_seq', '+', 1),
           message_count: eb('message_count', '+', 1),
           updated_at: at,
+          ...(fence === undefined ? {} : { owner_fence: fence }),
         }))
         .where('id', '=', id)
+        .$if(fence !== undefined, (qb) => qb.where('owner_fence', '<=', fence!))
         .returning(['message_seq', 'event_seq'])
         .executeTakeFirst()
-      if (!seqs) throw sessionNotFound()
+      if (!seqs) throw await this.#missingOrFenced(trx, id)
       await trx
         .insertInto('messages')
         .values({
@@ -432,7 +437,7 @@ export class KyselyStore implements Store {
     })
   }
 
-  async appendEvent(sessionId: string, type: string, data: unknown): Promise<EventRecord> {
+  async appendEvent(sessionId: string, type: string, data: unknown, fence?: number): Promise<EventRecord> {
     const id = uuidOrUndefined(sessionId)
     if (!id) throw sessionNotFound()
     return this.#db.transaction().execute(async (trx) => {
@@ -440,13 +445,26 @@ export class KyselyStore implements Store {
       // Any event is activity: a session used only through /execute must not be swept as idle.
       const seq = await trx
         .updateTable('sessions')
-        .set((eb) => ({ event_seq: eb('event_seq', '+', 1), updated_at: at }))
+        .set((eb) => ({ event_seq: eb('event_seq', '+', 1), updated_at: at, ...(fence === undefined ? {} : { owner_fence: fence }) }))
         .where('id', '=', id)
+        .$if(fence !== undefined, (qb) => qb.where('owner_fence', '<=', fence!))
         .returning('event_seq')
         .executeTakeFirst()
-      if (!seq) throw sessionNotFound()
+      if (!seq) throw await this.#missingOrFenced(trx, id)
       return this.#insertEvent(trx, { session_id: id, id: seq.event_seq, type, data, at })
     })
+  }
+
+  async fenceSession(sessionId: string, fence: number): Promise<void> {
+    const id = uuidOrUndefined(sessionId)
+    if (!id) return
+    await this.#db.updateTable('sessions').set({ owner_fence: fence }).where('id', '=', id).where('owner_fence', '<', fence).execute()
+  }
+
+  /** Why a fenced update matched no row: the session is gone, or a newer owner holds it. */
+  async #missingOrFenced(trx: Transaction<Database>, id: string): Promise<ApiError> {
+    const row = await trx.selectFrom('sessions').select('owner_fence').where('id', '=', id).executeTakeFirst()
+    return row ? sessionMoved() : sessionNotFound()
   }
 
   async #insertEvent(

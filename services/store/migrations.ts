@@ -103,6 +103,12 @@ function migrations(engine: Engine): Record<string, Migration> {
           .execute()
       },
     },
+    // Lease fencing between replicas (services/cluster/leases.ts).
+    '003_owner_fence': {
+      async up(db) {
+        await db.schema.alterTable('sessions').addColumn('owner_fence', 'integer', (col) => col.notNull().defaultTo(0)).execute()
+      },
+    },
   }
 }
 

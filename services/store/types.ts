@@ -94,15 +94,22 @@ export interface Store {
    * Stores one message and its `message` event in one transaction (bumps updated_at and
    * message_count) and returns the event.
    */
-  appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord>
+  appendMessage(sessionId: string, message: LmcMessage, fence?: number): Promise<EventRecord>
   /** Oldest first; `after` is a message id. */
   listMessages(sessionId: string, opts: { after?: string; limit: number }): Promise<{ messages: LmcMessage[]; hasMore: boolean }>
   /** Every message of the session, oldest first (the agent's context). */
   allMessages(sessionId: string): Promise<LmcMessage[]>
   clearMessages(sessionId: string): Promise<void>
 
-  /** Also bumps the session's updated_at: any event is activity. */
-  appendEvent(sessionId: string, type: string, data: unknown): Promise<EventRecord>
+  /**
+   * Also bumps the session's updated_at: any event is activity. With `fence` (appendMessage too),
+   * the write is refused with 503 session_moved when a larger fence was recorded for the session,
+   * and records `fence` otherwise: a replica that lost the session's lease cannot write after
+   * the replica that took it over.
+   */
+  appendEvent(sessionId: string, type: string, data: unknown, fence?: number): Promise<EventRecord>
+  /** Records the fencing generation of a new owner of the session (a no-op when not larger). */
+  fenceSession(sessionId: string, fence: number): Promise<void>
   /**
    * Walks from `startId` to `endId`, both inclusive: ascending from 1 by default, or newest first
    * from the latest event when `reverse` is set (then `startId` is the upper bound).

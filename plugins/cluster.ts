@@ -1,0 +1,237 @@
+import { randomUUID } from 'node:crypto'
+import { performance } from 'node:perf_hooks'
+import replyFrom from '@fastify/reply-from'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import fp from 'fastify-plugin'
+import { RedisEventRelay } from '../services/cluster/event-relay.js'
+import { LeaseTable, type Placement } from '../services/cluster/leases.js'
+import { type Forwarder, ReplicaAuth } from '../services/cluster/replica-auth.js'
+import { ApiError, sessionMoved } from '../services/errors.js'
+import type { KernelRunner } from '../services/execution.js'
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /**
+     * With replicas, the session this route acts on is served by the replica that owns it:
+     * 'params' names it by the `:id` path parameter (forwarded before the body is read, so uploads
+     * stream through untouched); a function names it from the parsed body (forwarded before
+     * validation). Either way before the rate limits and Idempotency-Key of the route.
+     */
+    sessionOwner?: 'params' | ((request: FastifyRequest) => Promise<string | undefined> | string | undefined)
+  }
+  interface FastifyInstance {
+    /** Set when this process is one of several replicas (REPLICA_URL); null otherwise. */
+    cluster: Cluster | null
+  }
+  interface FastifyRequest {
+    /** The replica that forwarded this request, when its proof checked out. */
+    forwarder: Forwarder | null
+  }
+}
+
+export interface ClusterOptions {
+  url: string
+  secret: string
+  leaseTtlMs: number
+  /** Idle sessions keep their lease this long (KERNEL_IDLE_SECONDS, at least one lease lifetime). */
+  idleMs: number
+}
+
+/** A request passes at most this many replicas (a stale owner cache forwards once more). */
+const MAX_HOPS = 3
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+const STATE_LOST_WHY = 'The server process that ran this session\'s kernels stopped, and another one took the session over'
+// A forward that failed before reaching the owner is safe to answer with "retry".
+const CONNECT_ERRORS = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT'])
+
+const ownerUnavailable = (retryAfterMs: number) => {
+  const seconds = Math.max(1, Math.ceil(retryAfterMs / 1000))
+  return new ApiError(
+    503,
+    'unavailable_error',
+    'owner_unavailable',
+    `The server process that holds this session does not answer; another one takes the session over within ${seconds} s`,
+    null,
+    { retry_after: seconds },
+  )
+}
+
+/** What the rest of the app uses of replication (see the README's "Replicas" section). */
+export interface Cluster {
+  readonly leases: LeaseTable
+  readonly auth: ReplicaAuth
+  readonly relay: RedisEventRelay
+  /** The fencing generation of the session's writes here, taking a free lease; throws session_moved when another replica owns it. */
+  fence(sessionId: string): Promise<number>
+  /** Kernels that run only for sessions whose lease this replica holds. */
+  runner(kernels: KernelRunner): KernelRunner
+  /** True to serve the request here; false when it was forwarded to the session's owner (the reply is under way). */
+  serve(request: FastifyRequest, reply: FastifyReply, sessionId: string): Promise<boolean>
+  /** The owner's URL when another replica owns the session; undefined when it is served here. */
+  ownerOf(sessionId: string): Promise<string | undefined>
+  /** Headers that authenticate a call this replica makes to another one. */
+  callHeaders(): Record<string, string>
+  /** SIGTERM: stop taking sessions, let runs finish, hand every lease over, within `graceMs`. */
+  drain(graceMs: number): Promise<{ handedOver: number; ms: number }>
+}
+
+/**
+ * Replication across processes: owner leases in Redis (services/cluster/leases.ts), forwarding of
+ * a session's requests to its owner with @fastify/reply-from (undici; SSE and uploads stream
+ * through), authenticated replica-to-replica calls, and event wake-ups over Redis. Registered
+ * only with REPLICA_URL; without it `app.cluster` is null and nothing here runs.
+ */
+export default fp(
+  async function cluster(app: FastifyInstance, { replicas: opts }: { replicas?: ClusterOptions }) {
+    app.decorateRequest('forwarder', null)
+    if (!opts || !app.redis) {
+      app.decorate('cluster', null)
+      return
+    }
+    const redis = app.redis
+    const auth = new ReplicaAuth(opts.secret)
+    const replicaId = randomUUID()
+    const leases = new LeaseTable({
+      redis,
+      replicaId,
+      url: opts.url.replace(/\/+$/, ''),
+      ttlMs: opts.leaseTtlMs,
+      idleMs: opts.idleMs,
+      busy: (id) => app.runs.get(id) !== undefined || app.kernels.hasKernels(id),
+      onAcquired: (id, generation) => app.store.fenceSession(id, generation),
+      onLost: (id) => {
+        app.runs.stop(id)
+        const had = app.kernels.hasKernels(id)
+        void app.kernels.shutdownSession(id).catch((err) => app.log.error({ err, sessionId: id }, 'kernels of a lost session not stopped'))
+        if (had) app.kernels.markStateLost(id, 'This server process lost the session for a while and stopped its kernels')
+      },
+      onStateLost: (id) => app.kernels.markStateLost(id, STATE_LOST_WHY),
+      logger: app.log,
+    })
+    const relay = new RedisEventRelay(redis, app.log)
+
+    await app.register(replyFrom, {
+      // Runs and streams last as long as they last; the client's own timeouts apply.
+      undici: { headersTimeout: 0, bodyTimeout: 0, connections: 128 },
+      disableRequestLogging: true,
+    })
+
+    const forward = (request: FastifyRequest, reply: FastifyReply, sessionId: string, placement: Extract<Placement, { kind: 'remote' }>, hops: number) => {
+      // A stream body (the raw request, before parsing) is piped as it arrives; a parsed one is sent as JSON.
+      reply.from(`${placement.url}${request.url}`, {
+        rewriteRequestHeaders: (_request, headers) => ({ ...headers, ...auth.headers(replicaId, hops) }),
+        onError: (failed, { error }) => {
+          const code = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: string }).code ?? ''
+          if (CONNECT_ERRORS.has(code) || code === 'FST_REPLY_FROM_CONNECT_TIMEOUT') {
+            leases.unreachable(sessionId)
+            request.log.warn({ sessionId, owner: placement.url, code }, 'session owner unreachable')
+            return failed.send(ownerUnavailable(placement.retryAfterMs || opts.leaseTtlMs))
+          }
+          request.log.error({ err: error, sessionId, owner: placement.url }, 'forwarding to the session owner failed')
+          // The owner may have acted on it: not to be repeated blindly.
+          return failed.send(new ApiError(502, 'upstream_error', 'owner_failed', 'The server process that holds this session failed to answer').final())
+        },
+      })
+    }
+
+    const serve = async (request: FastifyRequest, reply: FastifyReply, sessionId: string): Promise<boolean> => {
+      if (!UUID.test(sessionId)) return true
+      const id = sessionId.toLowerCase()
+      const placement = await leases.place(id)
+      if (placement.kind === 'local') {
+        const leave = leases.enter(id)
+        reply.raw.once('close', leave)
+        return true
+      }
+      const hops = (request.forwarder?.hops ?? 0) + 1
+      if (placement.down || hops > MAX_HOPS) throw ownerUnavailable(placement.retryAfterMs)
+      forward(request, reply, id, placement, hops)
+      return false
+    }
+
+    const cluster: Cluster = {
+      leases,
+      auth,
+      relay,
+      async fence(sessionId) {
+        const placement = await leases.place(sessionId.toLowerCase(), { claim: true })
+        if (placement.kind !== 'local') throw sessionMoved()
+        return placement.generation
+      },
+      runner(kernels) {
+        return {
+          async execute(req) {
+            await cluster.fence(req.sessionId)
+            await leases.markKernels(req.sessionId.toLowerCase())
+            return kernels.execute(req)
+          },
+        }
+      },
+      serve,
+      async ownerOf(sessionId) {
+        if (!UUID.test(sessionId)) return undefined
+        const placement = await leases.place(sessionId.toLowerCase())
+        if (placement.kind === 'local') return undefined
+        if (placement.down) throw ownerUnavailable(placement.retryAfterMs)
+        return placement.url
+      },
+      callHeaders: () => auth.headers(replicaId, 1),
+      async drain(graceMs) {
+        const started = performance.now()
+        const before = leases.heldSessions().length
+        // Room is left within the grace period for closing the server after the hand-over.
+        const deadline = started + Math.max(0, graceMs * 0.8)
+        await leases.drain(
+          deadline,
+          (id) => app.runs.get(id) !== undefined || leases.active(id),
+          async (id) => {
+            const had = app.kernels.hasKernels(id)
+            await app.kernels.shutdownSession(id)
+            return had
+          },
+        )
+        return { handedOver: before, ms: Math.round(performance.now() - started) }
+      },
+    }
+    app.decorate('cluster', cluster)
+
+    // Forwarded requests: the proof is checked once, before the rate limiter counts the request.
+    app.addHook('onRequest', async (request) => {
+      request.forwarder = auth.verify(request.headers) ?? null
+    })
+    app.addHook('onRoute', (route) => {
+      const owner = route.config?.sessionOwner
+      if (!owner) return
+      if (owner === 'params') {
+        // Before the body is read: the raw request is what reply-from pipes to the owner.
+        const hook = async (request: FastifyRequest, reply: FastifyReply, payload: unknown) => {
+          const id = (request.params as { id?: string }).id
+          if (id === undefined || (await serve(request, reply, id))) return payload
+          request.body = request.raw
+          return reply
+        }
+        route.preParsing = [...[route.preParsing ?? []].flat(), hook as never]
+        return
+      }
+      const hook = async (request: FastifyRequest, reply: FastifyReply) => {
+        const id = await owner(request)
+        if (id === undefined || (await serve(request, reply, id))) return
+        return reply
+      }
+      route.preValidation = [...[route.preValidation ?? []].flat(), hook]
+    })
+
+    // A draining replica is alive but should get no new work.
+    app.readiness.set('cluster', () => {
+      if (leases.draining) throw new Error('draining: handing its sessions over')
+      return { replica_id: replicaId, url: opts.url, sessions: leases.heldSessions().length }
+    })
+    app.sessions.onDelete((id) => leases.forget(id))
+    app.addHook('onReady', async () => leases.start())
+    app.addHook('preClose', async () => {
+      relay.close()
+    })
+    app.addHook('onClose', async () => leases.stop())
+  },
+  { name: 'cluster', dependencies: ['redis', 'store', 'sessions', 'kernels', 'readiness'] },
+)
