@@ -116,37 +116,60 @@ export default fp(
       disableRequestLogging: true,
     })
 
-    const forward = (request: FastifyRequest, reply: FastifyReply, sessionId: string, placement: Extract<Placement, { kind: 'remote' }>, hops: number) => {
-      // A stream body (the raw request, before parsing) is piped as it arrives; a parsed one is sent as JSON.
-      reply.from(`${placement.url}${request.url}`, {
-        rewriteRequestHeaders: (_request, headers) => ({ ...headers, ...auth.headers(replicaId, hops) }),
-        onError: (failed, { error }) => {
-          const code = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: string }).code ?? ''
-          if (CONNECT_ERRORS.has(code) || code === 'FST_REPLY_FROM_CONNECT_TIMEOUT') {
-            leases.unreachable(sessionId)
-            request.log.warn({ sessionId, owner: placement.url, code }, 'session owner unreachable')
-            return failed.send(ownerUnavailable(placement.retryAfterMs || opts.leaseTtlMs))
-          }
-          request.log.error({ err: error, sessionId, owner: placement.url }, 'forwarding to the session owner failed')
-          // The owner may have acted on it: not to be repeated blindly.
-          return failed.send(new ApiError(502, 'upstream_error', 'owner_failed', 'The server process that holds this session failed to answer').final())
-        },
+    /**
+     * Proxies the request to the replica at `placement` and resolves once the answer went out
+     * ('sent'), or with 'unreachable' when the connection failed and nothing was sent.
+     */
+    const forward = (request: FastifyRequest, reply: FastifyReply, sessionId: string, placement: Extract<Placement, { kind: 'remote' }>, hops: number) =>
+      new Promise<'sent' | 'unreachable'>((resolve) => {
+        reply.raw.once('close', () => resolve('sent'))
+        reply.from(`${placement.url}${request.url}`, {
+          rewriteRequestHeaders: (_request, headers) => ({ ...headers, ...auth.headers(replicaId, hops) }),
+          onError: (failed, { error }) => {
+            const code = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: string }).code ?? ''
+            if (CONNECT_ERRORS.has(code)) {
+              request.log.warn({ sessionId, owner: placement.url, code }, 'session owner unreachable')
+              return resolve('unreachable')
+            }
+            request.log.error({ err: error, sessionId, owner: placement.url }, 'forwarding to the session owner failed')
+            // The owner may have acted on it: not to be repeated blindly.
+            failed.send(new ApiError(502, 'upstream_error', 'owner_failed', 'The server process that holds this session failed to answer').final())
+          },
+        })
       })
-    }
 
-    const serve = async (request: FastifyRequest, reply: FastifyReply, sessionId: string): Promise<boolean> => {
+    /**
+     * True to serve the request here. Otherwise it is forwarded to the owner and this resolves
+     * (false) once the answer went out, so that Fastify, finding the reply sent, neither parses
+     * the body nor runs the handler here. An owner that refuses the connection is looked up
+     * again once: a replica that drained and exited has released its leases, and the session is
+     * taken here or by whoever took it; an owner whose lease still runs is dead: 503.
+     */
+    const serve = async (request: FastifyRequest, reply: FastifyReply, sessionId: string, stream?: unknown): Promise<boolean> => {
       if (!UUID.test(sessionId)) return true
       const id = sessionId.toLowerCase()
-      const placement = await leases.place(id)
-      if (placement.kind === 'local') {
-        const leave = leases.enter(id)
-        reply.raw.once('close', leave)
-        return true
+      // reply-from pipes a stream body as it arrives and sends a parsed one as JSON.
+      if (stream !== undefined && request.method !== 'GET' && request.method !== 'HEAD') request.body = stream
+      let unreachable: string | undefined
+      for (;;) {
+        const placement = await leases.place(id)
+        if (placement.kind === 'local') {
+          const leave = leases.enter(id)
+          reply.raw.once('close', leave)
+          return true
+        }
+        const hops = (request.forwarder?.hops ?? 0) + 1
+        if (placement.replicaId === unreachable) leases.unreachable(id)
+        if (placement.down || placement.replicaId === unreachable || hops > MAX_HOPS) throw ownerUnavailable(placement.retryAfterMs || opts.leaseTtlMs)
+        if ((await forward(request, reply, id, placement, hops)) === 'sent') return false
+        const body = request.body as { readableDidRead?: boolean } | undefined
+        if (unreachable !== undefined || body?.readableDidRead) {
+          leases.unreachable(id)
+          throw ownerUnavailable(placement.retryAfterMs || opts.leaseTtlMs)
+        }
+        unreachable = placement.replicaId
+        leases.invalidate(id)
       }
-      const hops = (request.forwarder?.hops ?? 0) + 1
-      if (placement.down || hops > MAX_HOPS) throw ownerUnavailable(placement.retryAfterMs)
-      forward(request, reply, id, placement, hops)
-      return false
     }
 
     const cluster: Cluster = {
@@ -206,17 +229,15 @@ export default fp(
         // Before the body is read: the raw request is what reply-from pipes to the owner.
         const hook = async (request: FastifyRequest, reply: FastifyReply, payload: unknown) => {
           const id = (request.params as { id?: string }).id
-          if (id === undefined || (await serve(request, reply, id))) return payload
-          request.body = request.raw
-          return reply
+          if (id !== undefined) await serve(request, reply, id, payload)
+          return payload
         }
         route.preParsing = [...[route.preParsing ?? []].flat(), hook as never]
         return
       }
       const hook = async (request: FastifyRequest, reply: FastifyReply) => {
         const id = await owner(request)
-        if (id === undefined || (await serve(request, reply, id))) return
-        return reply
+        if (id !== undefined) await serve(request, reply, id)
       }
       route.preValidation = [...[route.preValidation ?? []].flat(), hook]
     })

@@ -224,6 +224,11 @@ export class LeaseTable {
     if (foreign) foreign.down = true
   }
 
+  /** Forgets the cached owner of the session: the next placement asks Redis. */
+  invalidate(sessionId: string): void {
+    this.#foreign.delete(sessionId)
+  }
+
   /** Records in Redis that this owner runs kernels for the session (once per lease). */
   async markKernels(sessionId: string): Promise<void> {
     const held = this.#held.get(sessionId)
