@@ -23,6 +23,18 @@ export function errorHeaders(err: ApiError): Record<string, string> {
 
 const METHODS = ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'] as const
 
+// Socket errors, and PostgreSQL's SQLSTATE classes 08 (connection exception) and 57P (operator
+// intervention: shutdown, crash, cannot connect now).
+const UNREACHABLE = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN'])
+
+/** Whether an error says the database cannot be reached (node-postgres errors, pool timeouts). */
+function storeUnreachable(err: Error & { code?: unknown }): boolean {
+  const code = typeof err.code === 'string' ? err.code : ''
+  if (UNREACHABLE.has(code) || code.startsWith('08') || code.startsWith('57P')) return true
+  // node-postgres says these in words only
+  return /^(Connection terminated|timeout exceeded when trying to connect)/.test(err.message)
+}
+
 /** Maps whatever was thrown (ours, Fastify's, a plugin's or a bug) to an ApiError. */
 export function toApiError(err: FastifyError | ApiError | Error): ApiError {
   if (err instanceof ApiError) return err
@@ -48,6 +60,7 @@ export function toApiError(err: FastifyError | ApiError | Error): ApiError {
     case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
       return new ApiError(400, 'validation_error', 'invalid_request', 'Content-Length does not match the body')
   }
+  if (storeUnreachable(err)) return new ApiError(503, 'unavailable_error', 'store_unavailable', 'The database cannot be reached; retry shortly')
   const status = e.statusCode ?? 500
   if (status === 429)
     return new ApiError(429, 'rate_limit_error', 'rate_limit_exceeded', 'Rate limit exceeded')
