@@ -193,6 +193,24 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     t.equal((await store.listEvents(session.id, { limit: 100 })).events.length, 7, 'the event log is kept')
   })
 
+  t.test('fencing: a write with an older lease generation than the newest is refused and stores nothing', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    t.equal((await store.appendEvent(session.id, 'status', { by: 'unfenced' })).id, 1, 'no fence: as before')
+    t.equal((await store.appendEvent(session.id, 'status', { by: 'gen 5' }, 5)).id, 2)
+    // a new owner took the session over: generation 9 is recorded before it writes anything
+    await store.fenceSession(session.id, 9)
+    await t.rejects(store.appendEvent(session.id, 'status', { by: 'gen 5, late' }, 5), { statusCode: 503, code: 'session_moved' })
+    await t.rejects(store.appendMessage(session.id, message({ content: 'late' }), 5), { statusCode: 503, code: 'session_moved' })
+    t.equal((await store.appendMessage(session.id, message({ content: 'new owner' }), 9)).id, 3, 'the new owner writes on, no id lost')
+    await store.fenceSession(session.id, 7)
+    t.equal((await store.appendEvent(session.id, 'status', {}, 9)).id, 4, 'a smaller fence never lowers the recorded one')
+    t.same((await store.allMessages(session.id)).map((m) => m.content), ['new owner'])
+    t.equal((await store.getSession(owner, session.id))?.messageCount, 1)
+    await t.rejects(store.appendEvent(randomUUID(), 'status', {}, 1), { statusCode: 404, code: 'session_not_found' }, 'a missing session is still 404')
+  })
+
   t.test('appending to a missing session throws and stores nothing', async (t) => {
     const store = await open(t)
     const missing = randomUUID()
