@@ -20,7 +20,7 @@ import {
   passThroughOf,
   renderContent,
 } from '../services/agent/openai-compat.js'
-import { ConversationIndex } from '../services/conversations.js'
+import { ConversationIndex, type Conversations, RedisConversationIndex } from '../services/conversations.js'
 import { notFound } from '../services/errors.js'
 import type { LmcChunk, LmcInput } from '../schemas/lmc.js'
 import { Pending, ToolCall } from '../schemas/chat.js'
@@ -68,7 +68,8 @@ function newInputs(inputs: LmcInput[], sessionHasHistory: boolean): LmcInput[] {
 const toolCallKey = (id: string) => `tool_call_id\n${id}`
 
 const openai: FastifyPluginAsyncTypebox = async (app) => {
-  const conversations = new ConversationIndex()
+  // Replicas share the index: a stateless client's next request may reach any of them.
+  const conversations: Conversations = app.cluster && app.redis ? new RedisConversationIndex(app.redis, app.log) : new ConversationIndex()
   const created = Math.floor(Date.now() / 1000)
   const modelView = (id: string) => ({ id, object: 'model' as const, created, owned_by: 'oi-server' })
 
@@ -80,8 +81,8 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
     const previous = lastAssistantText(messages)
     const [call] = lastToolCallIds(messages)
     const found =
-      (call !== undefined ? conversations.find(tenantId, toolCallKey(call)) : undefined) ??
-      (previous === undefined ? undefined : conversations.find(tenantId, previous))
+      (call !== undefined ? await conversations.find(tenantId, toolCallKey(call)) : undefined) ??
+      (previous === undefined ? undefined : await conversations.find(tenantId, previous))
     return found && (await app.store.getSession(tenantId, found)) ? found : undefined
   }
   /** What a stateless client resends of an answer, remembered to find its session again. */

@@ -153,6 +153,8 @@ http {
       body: body === undefined ? undefined : JSON.stringify(body),
     })
     const raw = await response.text()
+    // biome-ignore lint/suspicious/noExplicitAny: tests reach deep into whatever JSON came back
+    // eslint-disable-next-line @typescript-eslint/no-explicit-any
     let json: any
     try {
       json = JSON.parse(raw)
@@ -252,6 +254,23 @@ http {
     t.same(ids, log, 'every event of the log, in order, once')
     t.same(ids, Array.from({ length: ids.length }, (_, i) => i + 1), 'gapless from 1')
     t.ok(types.includes('execution_started') && types.includes('run_finished'))
+    upstream.reset()
+  })
+
+  await t.test('a stateless client that resends the history continues its session through another replica', async (t) => {
+    const [a, b] = replicas
+    upstream.script(text('first reply'), text('second reply'))
+    const first = await call('POST', '/v1/chat/completions', { model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hello' }] }, a!.url)
+    t.equal(first.status, 200)
+    const answer = first.json.choices[0].message.content
+    const second = await call(
+      'POST',
+      '/v1/chat/completions',
+      { model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hello' }, { role: 'assistant', content: answer }, { role: 'user', content: 'again' }] },
+      b!.url,
+    )
+    t.equal(second.status, 200)
+    t.equal(second.headers.get('x-session-id'), first.headers.get('x-session-id'), 'the same session')
     upstream.reset()
   })
 
