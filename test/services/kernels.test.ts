@@ -498,6 +498,7 @@ t.test('a kernel killed from outside is detected and restarted', async (t) => {
   await new Promise((r) => setTimeout(r, 300))
   const after = await run(m, id, 'python', '"kept" in globals()')
   t.match(after.notices.join(' '), /stopped between executions .* and was restarted/)
+  t.equal(after.result.stateLost, true, 'the execution after the notice reports the state lost')
   t.same(after.results, ['False'])
 })
 
@@ -556,6 +557,7 @@ t.test('least recently used kernels are evicted past maxKernels', async (t) => {
   const evicted = await run(m, s2, 'python', '"x" in globals()')
   t.match(evicted.notices.join(' '), /stopped to make room for another \(at most 2 kernels run at once on this server\); .*gone/)
   t.same(evicted.results, ['False'])
+  t.equal(evicted.result.stateLost, true)
   const kept = await run(m, s3, 'python', 'x')
   t.same(kept.notices, [])
   t.same(kept.results, ['3'])
@@ -600,6 +602,7 @@ t.test('idle kernels are reaped', async (t) => {
   t.equal(m.stats().live, 0)
   const after = await run(m, id, 'shell', 'echo "${X:-unset}"')
   t.match(after.notices.join(' '), /stopped after 1 s without use/)
+  t.equal(after.result.stateLost, true)
   t.equal(after.stdout, 'unset\n')
 })
 
