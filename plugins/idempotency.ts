@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { invalidRequest } from '../services/errors.js'
-import { IdempotencyKeys, type StoredResponse } from '../services/idempotency.js'
+import { IdempotencyKeys, type IdempotencyStore, RedisIdempotencyKeys, type StoredResponse } from '../services/idempotency.js'
 import { principal } from './auth.js'
 
 declare module 'fastify' {
@@ -64,7 +64,8 @@ function record(reply: FastifyReply, finish: (response: StoredResponse) => void,
  */
 export default fp(
   async function idempotency(app: FastifyInstance) {
-    const keys = new IdempotencyKeys()
+    // Shared by replicas: a retry may reach any of them.
+    const keys: IdempotencyStore = app.redis ? new RedisIdempotencyKeys(app.redis, { logger: app.log }) : new IdempotencyKeys()
     app.addHook('onRoute', (route) => {
       if (!route.config?.idempotent) return
       const hook = async (request: FastifyRequest, reply: FastifyReply) => {
@@ -77,7 +78,7 @@ export default fp(
         const fingerprint = createHash('sha256')
           .update(JSON.stringify([request.method, request.routeOptions.url, typeof session === 'string' ? session : null, request.body]))
           .digest('hex')
-        const outcome = keys.begin(principal(request).tenantId, key, fingerprint)
+        const outcome = await keys.begin(principal(request).tenantId, key, fingerprint)
         if (outcome.kind === 'replay') {
           const { status, headers, body } = outcome.response
           return reply.code(status).headers({ ...headers, 'idempotent-replayed': 'true' }).send(body)
@@ -87,5 +88,5 @@ export default fp(
       route.preHandler = [...[route.preHandler ?? []].flat(), hook]
     })
   },
-  { name: 'idempotency', dependencies: ['auth', 'errors'] },
+  { name: 'idempotency', dependencies: ['auth', 'errors', 'redis'] },
 )

@@ -69,7 +69,7 @@ const toolCallKey = (id: string) => `tool_call_id\n${id}`
 
 const openai: FastifyPluginAsyncTypebox = async (app) => {
   // Replicas share the index: a stateless client's next request may reach any of them.
-  const conversations: Conversations = app.cluster && app.redis ? new RedisConversationIndex(app.redis, app.log) : new ConversationIndex()
+  const conversations: Conversations = app.redis ? new RedisConversationIndex(app.redis, app.log) : new ConversationIndex()
   const created = Math.floor(Date.now() / 1000)
   const modelView = (id: string) => ({ id, object: 'model' as const, created, owned_by: 'oi-server' })
 

@@ -235,25 +235,36 @@ http {
     const types: string[] = []
     let ready!: () => void
     const isReady = new Promise<void>((resolve) => (ready = resolve))
-    let finished!: () => void
-    const runFinished = new Promise<void>((resolve) => (finished = resolve))
+    const finishedRuns: (() => void)[] = []
+    const runFinished = () => new Promise<void>((resolve) => finishedRuns.push(resolve))
     ws.on('message', (data) => {
       const frame = JSON.parse(String(data))
       if (frame.type === 'ready') ready()
+      if (frame.type === 'error') t.fail(`error frame: ${String(data)}`)
       if (frame.type !== 'event') return
       ids.push(frame.event.id)
       types.push(frame.event.type)
-      if (frame.event.type === 'run_finished') finished()
+      if (frame.event.type === 'run_finished') finishedRuns.shift()?.()
     })
     await isReady
     upstream.script(toolCall({ language: 'python', code: 'for i in range(3): print(i)' }), text('done'))
+    let finished = runFinished()
     const run = await call('POST', '/v1/chat', { session_id: id, messages: [{ role: 'user', type: 'message', content: 'count' }] }, owner.url)
     t.equal(run.status, 200)
-    await runFinished
-    const log = (await call('GET', `/v1/sessions/${id}/events?limit=100`)).json.events.map((e: { id: number }) => e.id)
-    t.same(ids, log, 'every event of the log, in order, once')
+    await finished
+    // a message frame on the subscriber's replica: the run is served by the owner
+    const served = upstream.requests.length
+    upstream.script(toolCall({ language: 'python', code: 'print(x + 1)' }), text('two'))
+    finished = runFinished()
+    ws.send(JSON.stringify({ type: 'message', content: 'again' }))
+    await finished
+    t.equal(upstream.requests.length, served + 2, 'the frame ran one turn')
+    const log = (await call('GET', `/v1/sessions/${id}/events?limit=100`)).json.events
+    t.same(ids, log.map((e: { id: number }) => e.id), 'every event of the log, in order, once')
     t.same(ids, Array.from({ length: ids.length }, (_, i) => i + 1), 'gapless from 1')
-    t.ok(types.includes('execution_started') && types.includes('run_finished'))
+    t.equal(types.filter((type) => type === 'run_finished').length, 2)
+    const outputs = log.filter((e: { type: string; data: { type?: string } }) => e.type === 'message' && e.data.type === 'console')
+    t.match(JSON.stringify(outputs.at(-1)), /2\\n/, 'the second run used the kernel of the first (x was 1)')
     upstream.reset()
   })
 
@@ -271,6 +282,23 @@ http {
     )
     t.equal(second.status, 200)
     t.equal(second.headers.get('x-session-id'), first.headers.get('x-session-id'), 'the same session')
+    upstream.reset()
+  })
+
+  await t.test('Idempotency-Key: a retry that nginx sends to another replica replays the first answer, the turn runs once', async (t) => {
+    const [a, b] = replicas
+    upstream.script(text('once'))
+    const before = upstream.requests.length
+    const body = JSON.stringify({ messages: [{ role: 'user', type: 'message', content: 'pay once' }] })
+    const headers = { ...auth(), 'content-type': 'application/json', 'idempotency-key': `retry-${randomBytes(4).toString('hex')}` }
+    const first = await fetch(`${a!.url}/v1/chat`, { method: 'POST', headers, body })
+    const retry = await fetch(`${b!.url}/v1/chat`, { method: 'POST', headers, body })
+    t.equal(first.status, 200)
+    t.equal(retry.status, 200)
+    t.equal(retry.headers.get('idempotent-replayed'), 'true')
+    t.equal(retry.headers.get('x-session-id'), first.headers.get('x-session-id'))
+    t.same(await retry.json(), await first.json())
+    t.equal(upstream.requests.length, before + 1, 'one upstream call')
     upstream.reset()
   })
 

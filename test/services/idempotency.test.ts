@@ -1,5 +1,5 @@
 import t from 'tap'
-import { IdempotencyKeys } from '../../services/idempotency.js'
+import { IdempotencyKeys, RedisIdempotencyKeys } from '../../services/idempotency.js'
 
 const response = (text: string) => ({ status: 200, headers: { 'content-type': 'text/plain' }, body: Buffer.from(text) })
 
@@ -28,4 +28,41 @@ t.test('an abandoned claim frees the key; the oldest keys go past maxKeys', asyn
   }
   t.equal(keys.begin('t', 'a', 'y').kind, 'run', 'the oldest key was forgotten')
   t.equal(keys.begin('t', 'c', 'x').kind, 'replay')
+})
+
+t.test('in Redis, shared by replicas: a retry that reaches another replica is recognised', { skip: process.env.REDIS_URL ? false : 'REDIS_URL not set (CI sets it)' }, async (t) => {
+  const { Redis } = await import('ioredis')
+  const target = new URL(process.env.REDIS_URL!)
+  target.pathname = '/8'
+  const redis = new Redis(target.href)
+  t.teardown(() => redis.quit())
+  const prefix = `oi-test-idempotency-${Math.random().toString(36).slice(2)}:`
+  const a = new RedisIdempotencyKeys(redis, { prefix })
+  const b = new RedisIdempotencyKeys(redis, { prefix })
+  const first = await a.begin('tenant', 'k', 'body-a')
+  t.equal(first.kind, 'run')
+  await t.rejects(b.begin('tenant', 'k', 'body-a'), { statusCode: 409, code: 'idempotency_in_progress' })
+  await t.rejects(b.begin('tenant', 'k', 'body-b'), { statusCode: 422, code: 'idempotency_key_reused', retryable: false })
+  const body = Buffer.from([0, 1, 2, 255, 0x7b])
+  if (first.kind === 'run') first.finish({ status: 200, headers: { 'content-type': 'application/octet-stream', 'x-session-id': 's' }, body })
+  let replay = await b.begin('tenant', 'k', 'body-a')
+  // the finish is written in the background: wait for it to land
+  while (replay.kind !== 'replay') replay = await b.begin('tenant', 'k', 'body-a').catch(() => replay)
+  t.match(replay, { kind: 'replay', response: { status: 200, headers: { 'x-session-id': 's' } } })
+  t.ok(replay.kind === 'replay' && replay.response.body.equals(body), 'the bytes as they went out')
+  t.equal((await b.begin('other-tenant', 'k', 'body-b')).kind, 'run', 'keys are per tenant')
+
+  const abandoned = await a.begin('tenant', 'k2', 'x')
+  if (abandoned.kind === 'run') abandoned.abandon()
+  let again = await b.begin('tenant', 'k2', 'x').catch(() => undefined)
+  while (again?.kind !== 'run') again = await b.begin('tenant', 'k2', 'x').catch(() => undefined)
+  t.equal(again.kind, 'run', 'an abandoned claim frees the key everywhere')
+})
+
+t.test('in Redis, Redis unreachable: 503 cluster_unavailable, never an unguarded run', async (t) => {
+  const { Redis } = await import('ioredis')
+  const redis = new Redis({ host: '127.0.0.1', port: 1, lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, retryStrategy: () => null })
+  redis.on('error', () => {})
+  t.teardown(() => redis.disconnect())
+  await t.rejects(new RedisIdempotencyKeys(redis).begin('tenant', 'k', 'x'), { statusCode: 503, code: 'cluster_unavailable' })
 })
