@@ -164,7 +164,7 @@ http {
     return { status: response.status, json, headers: response.headers }
   }
   const newSession = async () => (await call('POST', '/v1/sessions', {})).json.session_id as string
-  const execute = (id: string, code: string) => call('POST', `/v1/sessions/${id}/execute`, { language: 'python', code })
+  const execute = (id: string, code: string, base = lb) => call('POST', `/v1/sessions/${id}/execute`, { language: 'python', code }, base)
   const ownerOf = async (id: string) => {
     const value = await redis.get(`oi-server:lease:${id}`)
     return value ? replicas.find((r) => value.endsWith(` ${r.url}`)) : undefined
@@ -356,10 +356,24 @@ http {
         }
       }
     })()
-    await new Promise((r) => setTimeout(r, 300))
+    // a turn in progress on the victim when SIGTERM comes: it finishes there
+    const busy = await newSession()
+    t.equal((await execute(busy, 'y = 1', victim.url)).status, 200)
+    t.equal(await ownerOf(busy), victim)
+    upstream.script(text('finished while draining', { firstByteMs: 1500 }))
+    const turn = call('POST', '/v1/chat', { session_id: busy, messages: [{ role: 'user', type: 'message', content: 'take your time' }] })
+    for (;;) {
+      const events = await call('GET', `/v1/sessions/${busy}/events?limit=100`)
+      if (events.json.events.some((e: { type: string }) => e.type === 'run_started')) break
+      await new Promise((r) => setTimeout(r, 20))
+    }
     const drainAt = performance.now()
     const code = await victim.process!.stop('SIGTERM')
     const drainMs = Math.round(performance.now() - drainAt)
+    const finished = await turn
+    t.equal(finished.status, 200, 'the running turn finished on the draining replica')
+    t.equal(finished.json.message?.content, 'finished while draining')
+    held.push(busy)
     // a few more rounds after the exit
     const after = statuses.length
     while (statuses.length < after + 3 * ids.length) await new Promise((r) => setTimeout(r, 20))
@@ -370,6 +384,7 @@ http {
     for (const id of held) t.not(await ownerOf(id), victim, 'its sessions moved')
     const handedOver = /"sessions":(\d+),"ms":(\d+),"msg":"sessions handed over"/.exec(victim.process!.stdout())
     t.ok(handedOver, 'the replica logged the hand-over')
-    t.comment(`drain: SIGTERM to exit ${drainMs} ms, hand-over of ${handedOver?.[1]} sessions took ${handedOver?.[2]} ms; ${statuses.length} requests during the drain, none failed`)
+    t.comment(`drain: SIGTERM to exit ${drainMs} ms (a turn was running: the upstream answers after 1.5 s), hand-over of ${handedOver?.[1]} sessions took ${handedOver?.[2]} ms; ${statuses.length} requests during the drain, none failed`)
+    upstream.reset()
   })
 })
