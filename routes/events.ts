@@ -229,7 +229,8 @@ export const eventSocket: FastifyPluginAsyncTypebox = async (app) => {
               ? await call(`/v1/sessions/${id}/confirm`, { approve: frame.approve })
               : await call('/v1/chat', { session_id: id, stream: true, messages: [{ role: 'user', type: 'message', content: frame.content }] })
         const text = await response.text()
-        if (!response.ok) return send(JSON.parse(text).error ? { type: 'error', ...JSON.parse(text) } : { type: 'error', error: { message: 'The session owner failed', type: 'server_error', code: 'owner_failed', param: null } })
+        // the owner's error envelope, passed on as the error frame it would have been here
+        if (!response.ok) return send({ type: 'error', ...(JSON.parse(text) as { error: unknown }) })
         // A run that failed after its stream began reports it as its last SSE event.
         const failed = /^event: error\ndata: (.*)$/m.exec(text)
         if (failed) send({ type: 'error', ...JSON.parse(failed[1]!) })

@@ -268,6 +268,43 @@ http {
     upstream.reset()
   })
 
+  await t.test('SSE through a replica that does not own the session streams as produced, and a client that leaves stops the run on the owner', async (t) => {
+    const id = await newSession()
+    await execute(id, 'z = 1')
+    const owner = (await ownerOf(id))!
+    const other = replicas.find((r) => r !== owner)!
+    // many small chunks, slowly: the stream lasts far longer than it takes to read its first event
+    upstream.script(text('word '.repeat(400), { chunkMs: 50 }))
+    const requestsBefore = upstream.requests.length
+    const controller = new AbortController()
+    const response = await fetch(`${other.url}/v1/chat`, {
+      method: 'POST',
+      headers: { ...auth(), 'content-type': 'application/json' },
+      body: JSON.stringify({ session_id: id, stream: true, messages: [{ role: 'user', type: 'message', content: 'talk' }] }),
+      signal: controller.signal,
+    })
+    t.equal(response.status, 200)
+    t.match(response.headers.get('content-type'), /text\/event-stream/)
+    const reader = response.body!.getReader()
+    let received = ''
+    while (!received.includes('"content":"word')) received += new TextDecoder().decode((await reader.read()).value)
+    t.notOk(upstream.requests[requestsBefore]?.finished, 'the first words arrived while the upstream was still writing')
+    controller.abort()
+    // the owner saw the client leave: the run ends stopped and its upstream request is cut
+    for (;;) {
+      const events = (await call('GET', `/v1/sessions/${id}/events?limit=100`)).json.events as { type: string; data: { stopped?: boolean } }[]
+      const end = events.find((e) => e.type === 'run_finished' || e.type === 'run_failed')
+      if (end) {
+        t.match(end, { type: 'run_finished', data: { stopped: true } })
+        break
+      }
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    await upstream.settled()
+    t.equal(upstream.requests[requestsBefore]?.aborted, true, 'the upstream request was aborted')
+    upstream.reset()
+  })
+
   await t.test('a stateless client that resends the history continues its session through another replica', async (t) => {
     const [a, b] = replicas
     upstream.script(text('first reply'), text('second reply'))
