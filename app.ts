@@ -80,6 +80,9 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
       : { http: timeouts }),
     requestTimeout: config.REQUEST_TIMEOUT_MS,
     keepAliveTimeout: config.KEEP_ALIVE_TIMEOUT_MS,
+    // A replica that closes has handed its sessions over: a request that still reaches it is
+    // forwarded to the new owner rather than refused.
+    return503OnClosing: !config.REPLICA_URL,
     clientErrorHandler,
     // a number is a hop count, which Fastify accepts although its types do not say so
     trustProxy: config.TRUST_PROXY as boolean | string,

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { performance } from 'node:perf_hooks'
+import { Readable } from 'node:stream'
 import replyFrom from '@fastify/reply-from'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
@@ -111,10 +112,34 @@ export default fp(
     const relay = new RedisEventRelay(redis, app.log)
 
     await app.register(replyFrom, {
-      // Runs and streams last as long as they last; the client's own timeouts apply.
-      undici: { headersTimeout: 0, bodyTimeout: 0, connections: 128 },
+      // Runs and streams last as long as they last; the client's own timeouts apply. Few enough
+      // connections per owner that a handful of peers stay under its MAX_CONNECTIONS_PER_IP.
+      // No keep-alive (pipelining 0): a request is never written to a connection that a draining
+      // replica is closing, where it could not tell whether the other side had acted on it; a
+      // closed port is refused at connect time, which is safe to try elsewhere.
+      undici: { headersTimeout: 0, bodyTimeout: 0, connections: 64, pipelining: 0 },
       disableRequestLogging: true,
     })
+
+    /**
+     * The raw body, handed to one forwarding attempt at a time: each gets a stream that starts
+     * reading the request only when the connection is up, so an owner that refused the
+     * connection leaves the body whole for the next attempt (undici destroys the stream it got).
+     */
+    const replayable = (body: Readable) => {
+      const state = {
+        started: false,
+        next: () =>
+          Readable.from(
+            (async function* () {
+              state.started = true
+              yield* body
+            })(),
+            { objectMode: false },
+          ),
+      }
+      return state
+    }
 
     /**
      * Proxies the request to the replica at `placement` and resolves once the answer went out
@@ -148,8 +173,7 @@ export default fp(
     const serve = async (request: FastifyRequest, reply: FastifyReply, sessionId: string, stream?: unknown): Promise<boolean> => {
       if (!UUID.test(sessionId)) return true
       const id = sessionId.toLowerCase()
-      // reply-from pipes a stream body as it arrives and sends a parsed one as JSON.
-      if (stream !== undefined && request.method !== 'GET' && request.method !== 'HEAD') request.body = stream
+      const streamed = stream !== undefined && request.method !== 'GET' && request.method !== 'HEAD' ? replayable(stream as Readable) : undefined
       let unreachable: string | undefined
       for (;;) {
         const placement = await leases.place(id)
@@ -161,9 +185,10 @@ export default fp(
         const hops = (request.forwarder?.hops ?? 0) + 1
         if (placement.replicaId === unreachable) leases.unreachable(id)
         if (placement.down || placement.replicaId === unreachable || hops > MAX_HOPS) throw ownerUnavailable(placement.retryAfterMs || opts.leaseTtlMs)
+        // reply-from pipes a stream body as it arrives and sends a parsed one as JSON.
+        if (streamed) request.body = streamed.next()
         if ((await forward(request, reply, id, placement, hops)) === 'sent') return false
-        const body = request.body as { readableDidRead?: boolean } | undefined
-        if (unreachable !== undefined || body?.readableDidRead) {
+        if (unreachable !== undefined || streamed?.started) {
           leases.unreachable(id)
           throw ownerUnavailable(placement.retryAfterMs || opts.leaseTtlMs)
         }

@@ -48,6 +48,11 @@ t.test('bad values name the variable and what is allowed', async (t) => {
     [{ HEADERS_TIMEOUT_MS: '50' }, /HEADERS_TIMEOUT_MS must be >= 100/],
     [{ HEADERS_TIMEOUT_MS: '5000', REQUEST_TIMEOUT_MS: '1000' }, /HEADERS_TIMEOUT_MS must not exceed REQUEST_TIMEOUT_MS/],
     [{ MAX_CONNECTIONS_PER_IP: '-1' }, /MAX_CONNECTIONS_PER_IP must be >= 0/],
+    [{ REPLICA_URL: 'http://10.0.0.5:5001' }, /REPLICA_URL needs REDIS_URL, DATABASE_URL, REPLICA_SECRET, SECRETS_KEY as well/],
+    [{ REPLICA_URL: 'http://10.0.0.5:5001', REDIS_URL: 'redis://r', DATABASE_URL: 'postgres://d/oi', REPLICA_SECRET: 'x'.repeat(32) }, /REPLICA_URL needs SECRETS_KEY as well/],
+    [{ REPLICA_URL: 'ftp://10.0.0.5' }, /REPLICA_URL must be a http:\/\/ or https:\/\/ URL/],
+    [{ REPLICA_SECRET: 'short' }, /REPLICA_SECRET must NOT have fewer than 32 characters/],
+    [{ LEASE_TTL_MS: '500' }, /LEASE_TTL_MS must be >= 1000/],
   ]
   for (const [env, re] of cases) t.throws(() => loadConfig(env), re, JSON.stringify(env))
   t.throws(() => loadConfig({ PORT: 'abc' }), ConfigError)

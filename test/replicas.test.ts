@@ -190,7 +190,10 @@ http {
 
   await t.test('a file uploaded through one replica is downloaded through another', async (t) => {
     const id = await newSession()
-    const [a, b] = replicas
+    const [a, b, c] = replicas
+    // c owns the session: the upload through a and the download through b are both forwarded
+    t.equal((await execute(id, 'pass', c!.url)).status, 200)
+    t.equal(await ownerOf(id), c)
     const content = randomBytes(300_000)
     const form = new FormData()
     form.append('file', new Blob([content]), 'blob.bin')
@@ -199,8 +202,13 @@ http {
     const down = await fetch(`${b!.url}/v1/sessions/${id}/files/content?path=blob.bin`, { headers: auth() })
     t.equal(down.status, 200)
     t.ok(Buffer.from(await down.arrayBuffer()).equals(content), 'the same bytes')
-    const seen = await execute(id, 'import os\nprint(os.path.getsize("blob.bin"))')
-    t.equal(seen.json.outputs[0]?.content, '300000\n', 'the kernel sees it too')
+    const raw = randomBytes(1000)
+    const put = await fetch(`${b!.url}/v1/sessions/${id}/files/content?path=raw.bin`, { method: 'PUT', headers: { ...auth(), 'content-type': 'application/octet-stream' }, body: raw })
+    t.ok(put.status < 300, `raw PUT through b: ${put.status}`)
+    const back = await fetch(`${a!.url}/v1/sessions/${id}/files/content?path=raw.bin`, { headers: auth() })
+    t.ok(Buffer.from(await back.arrayBuffer()).equals(raw), 'a raw body streams through too')
+    const seen = await execute(id, 'import os\nprint(os.path.getsize("blob.bin"), os.path.getsize("raw.bin"))')
+    t.equal(seen.json.outputs[0]?.content, '300000 1000\n', 'the kernel sees them too')
   })
 
   await t.test('two concurrent chats in one session: exactly one 409 session_busy', async (t) => {
@@ -418,6 +426,7 @@ http {
     await load
     t.equal(code, 0, 'the drained replica exits cleanly')
     t.ok(statuses.every((s) => s === 200), `${statuses.length} requests, all 200`)
+    if (!statuses.every((s) => s === 200)) for (const r of replicas) t.comment(r.name, r.url, r.process!.stdout().split('\n').filter((l) => /owner|lease|handed/.test(l)).join('\n'))
     for (const id of held) t.not(await ownerOf(id), victim, 'its sessions moved')
     const handedOver = /"sessions":(\d+),"ms":(\d+),"msg":"sessions handed over"/.exec(victim.process!.stdout())
     t.ok(handedOver, 'the replica logged the hand-over')
