@@ -4,6 +4,7 @@ import { Readable } from 'node:stream'
 import replyFrom from '@fastify/reply-from'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
+import { Agent } from 'undici'
 import { RedisEventRelay } from '../services/cluster/event-relay.js'
 import { LeaseTable, type Placement } from '../services/cluster/leases.js'
 import { type Forwarder, ReplicaAuth } from '../services/cluster/replica-auth.js'
@@ -40,6 +41,8 @@ export interface ClusterOptions {
 
 /** A request passes at most this many replicas (a stale owner cache forwards once more). */
 const MAX_HOPS = 3
+/** Ties a forwarded request to its client's signal inside this process; never sent on. */
+const FORWARD_HEADER = 'x-oi-forward-key'
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 const STATE_LOST_WHY = 'The server process that ran this session\'s kernels stopped, and another one took the session over'
 // A forward that failed before reaching the owner is safe to answer with "retry".
@@ -111,15 +114,27 @@ export default fp(
     })
     const relay = new RedisEventRelay(redis, app.log)
 
-    await app.register(replyFrom, {
-      // Runs and streams last as long as they last; the client's own timeouts apply. Few enough
-      // connections per owner that a handful of peers stay under its MAX_CONNECTIONS_PER_IP.
-      // No keep-alive (pipelining 0): a request is never written to a connection that a draining
-      // replica is closing, where it could not tell whether the other side had acted on it; a
-      // closed port is refused at connect time, which is safe to try elsewhere.
-      undici: { headersTimeout: 0, bodyTimeout: 0, connections: 64, pipelining: 0 },
-      disableRequestLogging: true,
-    })
+    // Runs and streams last as long as they last; the client's own timeouts apply. Few enough
+    // connections per owner that a handful of peers stay under its MAX_CONNECTIONS_PER_IP.
+    // No keep-alive (pipelining 0): a request is never written to a connection that a draining
+    // replica is closing, where it could not tell whether the other side had acted on it; a
+    // closed port is refused at connect time, which is safe to try elsewhere.
+    const agent = new Agent({ headersTimeout: 0, bodyTimeout: 0, connections: 64, pipelining: 0 })
+    // reply-from cannot cancel a request it forwards; this dispatcher gives each one the signal of
+    // its client, named by a header only this process sets (and removes), so a client that leaves
+    // cuts the forwarded request and the owner stops the run as if the client had left it.
+    const signals = new Map<string, AbortSignal>()
+    const dispatcher = {
+      request(options: Agent.DispatchOptions & Record<string, unknown>, callback: (err: Error | null, data?: unknown) => void) {
+        const headers = options.headers as Record<string, string | undefined>
+        const key = headers[FORWARD_HEADER]
+        headers[FORWARD_HEADER] = undefined
+        const signal = key === undefined ? undefined : signals.get(key)
+        return agent.request({ ...(options as Parameters<Agent['request']>[0]), ...(signal ? { signal } : {}) }, callback as never)
+      },
+    }
+    await app.register(replyFrom, { undici: dispatcher as never, disableRequestLogging: true })
+    app.addHook('onClose', async () => agent.close())
 
     /**
      * The raw body, handed to one forwarding attempt at a time: each gets a stream that starts
@@ -147,15 +162,31 @@ export default fp(
      */
     const forward = (request: FastifyRequest, reply: FastifyReply, sessionId: string, placement: Extract<Placement, { kind: 'remote' }>, hops: number) =>
       new Promise<'sent' | 'unreachable'>((resolve) => {
-        reply.raw.once('close', () => resolve('sent'))
+        const key = randomUUID()
+        const controller = new AbortController()
+        signals.set(key, controller.signal)
+        const done = (outcome: 'sent' | 'unreachable') => {
+          signals.delete(key)
+          reply.raw.off('close', closed)
+          resolve(outcome)
+        }
+        const closed = () => {
+          // the client left before the whole answer: the owner must see it leave too
+          if (!reply.raw.writableFinished) controller.abort()
+          // Fastify must not go on with this request here, answered or not
+          if (!reply.sent) reply.hijack()
+          done('sent')
+        }
+        reply.raw.once('close', closed)
         reply.from(`${placement.url}${request.url}`, {
-          rewriteRequestHeaders: (_request, headers) => ({ ...headers, ...auth.headers(replicaId, hops) }),
+          rewriteRequestHeaders: (_request, headers) => ({ ...headers, ...auth.headers(replicaId, hops), [FORWARD_HEADER]: key }),
           onError: (failed, { error }) => {
             const code = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: string }).code ?? ''
             if (CONNECT_ERRORS.has(code)) {
               request.log.warn({ sessionId, owner: placement.url, code }, 'session owner unreachable')
-              return resolve('unreachable')
+              return done('unreachable')
             }
+            if (controller.signal.aborted) return
             request.log.error({ err: error, sessionId, owner: placement.url }, 'forwarding to the session owner failed')
             // The owner may have acted on it: not to be repeated blindly.
             failed.send(new ApiError(502, 'upstream_error', 'owner_failed', 'The server process that holds this session failed to answer').final())

@@ -310,6 +310,24 @@ http {
     }
     await upstream.settled()
     t.equal(upstream.requests[requestsBefore]?.aborted, true, 'the upstream request was aborted')
+
+    // the same without streaming: nothing has come back yet when the client leaves
+    upstream.script(text('too late', { firstByteMs: 60_000 }))
+    const quiet = new AbortController()
+    const pending = fetch(`${other.url}/v1/chat`, {
+      method: 'POST',
+      headers: { ...auth(), 'content-type': 'application/json' },
+      body: JSON.stringify({ session_id: id, messages: [{ role: 'user', type: 'message', content: 'wait' }] }),
+      signal: quiet.signal,
+    }).catch((err: Error) => err)
+    const runs = async () => ((await call('GET', `/v1/sessions/${id}/events?limit=100`)).json.events as { type: string; data: { stopped?: boolean } }[]).filter((e) => e.type === 'run_finished')
+    while (upstream.requests.length < requestsBefore + 2) await new Promise((r) => setTimeout(r, 20))
+    quiet.abort()
+    t.match(await pending, { name: 'AbortError' })
+    while ((await runs()).length < 2) await new Promise((r) => setTimeout(r, 50))
+    t.match((await runs())[1], { data: { stopped: true } }, 'the owner stopped the run when the client left the replica in front')
+    await upstream.settled()
+    t.equal(upstream.requests[requestsBefore + 1]?.aborted, true)
     upstream.reset()
   })
 
