@@ -445,7 +445,7 @@ http {
     await load
     t.equal(code, 0, 'the drained replica exits cleanly')
     t.ok(statuses.every((s) => s === 200), `${statuses.length} requests, all 200`)
-    if (!statuses.every((s) => s === 200)) for (const r of replicas) t.comment(r.name, r.url, r.process!.stdout().split('\n').filter((l) => /owner|lease|handed/.test(l)).join('\n'))
+    if (!statuses.every((s) => s === 200)) for (const r of replicas) t.comment(r.name, r.url, r.process!.stdout().split('\n').filter((l) => /owner|lease|handed|kernel|"level":50/.test(l)).join('\n'))
     for (const id of held) t.not(await ownerOf(id), victim, 'its sessions moved')
     const handedOver = /"sessions":(\d+),"ms":(\d+),"msg":"sessions handed over"/.exec(victim.process!.stdout())
     t.ok(handedOver, 'the replica logged the hand-over')

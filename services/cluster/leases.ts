@@ -134,6 +134,8 @@ export class LeaseTable {
   readonly #held = new Map<string, Held>()
   readonly #foreign = new Map<string, Foreign>()
   readonly #lookups = new Map<string, Promise<Placement>>()
+  // Leases being handed over by drain(): placements wait for the hand-over, then ask Redis.
+  readonly #releasing = new Map<string, Promise<void>>()
   #peers: { replicaId: string; url: string }[] = []
   #timer: NodeJS.Timeout | undefined
   #ticking: Promise<void> | undefined
@@ -174,6 +176,8 @@ export class LeaseTable {
    * Throws 503 cluster_unavailable when Redis cannot be reached.
    */
   place(sessionId: string, opts: { claim?: boolean } = {}): Promise<Placement> {
+    const releasing = this.#releasing.get(sessionId)
+    if (releasing) return releasing.then(() => this.place(sessionId, opts))
     const now = this.#now()
     const held = this.#held.get(sessionId)
     if (held) {
@@ -275,9 +279,16 @@ export class LeaseTable {
     await this.#heartbeat().catch(() => {})
     for (;;) {
       const late = this.#now() >= deadline
-      await Promise.all(
-        [...this.#held.keys()].filter((id) => late || !busy(id)).map(async (id) => this.release(id, await release(id).catch(() => true))),
-      )
+      const handing = [...this.#held.keys()]
+        .filter((id) => late || !busy(id))
+        .map((id) => {
+          // Marked at once, in the tick that found the session idle: a request that comes while
+          // its kernels stop is placed after the hand-over, never served here on a lease going away.
+          const handover = (async () => this.release(id, await release(id).catch(() => true)))().finally(() => this.#releasing.delete(id))
+          this.#releasing.set(id, handover)
+          return handover
+        })
+      await Promise.all(handing)
       if (this.#held.size === 0) return
       await new Promise((resolve) => setTimeout(resolve, 50))
     }

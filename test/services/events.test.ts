@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import { join } from 'node:path'
 import t from 'tap'
 import type { LmcMessage } from '../../schemas/lmc.js'
-import { EventBus } from '../../services/events.js'
+import { EventBus, type EventRelay } from '../../services/events.js'
 import { createSqliteStore } from '../../services/store/index.js'
 import type { EventRecord, Store } from '../../services/store/types.js'
 import { type Tap, tempDir } from '../helpers/build.js'
@@ -120,4 +120,75 @@ t.test('a failed write rejects its callers; the next append continues the sequen
   t.equal((await bus.append(session, 'ok again', null)).id, 2, 'no id was used by the failed writes')
   t.same(seen, [1, 2])
   await t.rejects(bus.append(randomUUID(), 'x', null), { code: 'session_not_found' }, 'an unknown session is refused')
+})
+
+/** Two processes' buses over one store, with wake-ups passed by hand (a relay that can lose them). */
+function relayed() {
+  const watchers = new Map<string, Set<(id: number | undefined) => void>>()
+  const published: number[] = []
+  let dropping = false
+  const relay: EventRelay & { wakeAll(): void } = {
+    publish(sessionId, id) {
+      published.push(id)
+      if (!dropping) for (const wake of watchers.get(sessionId) ?? []) wake(id)
+    },
+    watch(sessionId, wake) {
+      const set = watchers.get(sessionId) ?? new Set()
+      watchers.set(sessionId, set)
+      set.add(wake)
+      return () => set.delete(wake)
+    },
+    wakeAll() {
+      for (const set of watchers.values()) for (const wake of set) wake(undefined)
+    },
+  }
+  return { relay, published, drop: (on: boolean) => (dropping = on) }
+}
+
+t.test('with a relay, a subscriber gets the events another process appends, in order, once; a lost wake-up loses nothing', async (t) => {
+  const { store, session } = await setup(t)
+  const { relay, drop } = relayed()
+  const writer = new EventBus(store, { relay })
+  const reader = new EventBus(store, { relay })
+  await writer.append(session, 'before', {})
+  const heard: number[] = []
+  const unsubscribe = reader.subscribe(session, (e) => heard.push(e.id))
+  await reader.ready(session)
+  await writer.append(session, 'a', {})
+  drop(true)
+  await writer.append(session, 'b', {})
+  await writer.appendMessage(session, message('c'))
+  drop(false)
+  // a reconnection wakes every watched session: it catches up from the log
+  relay.wakeAll()
+  while (heard.at(-1) !== 4) await new Promise((r) => setTimeout(r, 5))
+  t.same(heard, [2, 3, 4], 'the two whose wake-ups were lost, after the reconnection')
+  drop(true)
+  await writer.append(session, 'd', {})
+  drop(false)
+  await writer.append(session, 'e', {})
+  // the reader delivers from its own queue: wait for the last id
+  while (heard.at(-1) !== 6) await new Promise((r) => setTimeout(r, 5))
+  t.same(heard, [2, 3, 4, 5, 6], 'a lost wake-up is made good by the next one')
+
+  // the reader's process appends too: its own event and the writer's interleave in id order
+  drop(true)
+  await writer.append(session, 'f', {})
+  drop(false)
+  await reader.append(session, 'g', {})
+  while (heard.at(-1) !== 8) await new Promise((r) => setTimeout(r, 5))
+  t.same(heard, [2, 3, 4, 5, 6, 7, 8], 'a gap before its own append is read from the log first')
+  unsubscribe()
+})
+
+t.test('with a relay and a fence, a write with an older generation than the newest is refused', async (t) => {
+  const { store, session } = await setup(t)
+  const { relay } = relayed()
+  let generation = 3
+  const bus = new EventBus(store, { relay, fence: () => generation })
+  await bus.append(session, 'owner 3', {})
+  await store.fenceSession(session, 4)
+  await t.rejects(bus.append(session, 'stale', {}), { statusCode: 503, code: 'session_moved' })
+  generation = 4
+  t.equal((await bus.append(session, 'owner 4', {})).id, 2)
 })
