@@ -206,12 +206,20 @@ export default fp(
       const id = sessionId.toLowerCase()
       const streamed = stream !== undefined && request.method !== 'GET' && request.method !== 'HEAD' ? replayable(stream as Readable) : undefined
       let unreachable: string | undefined
+      let refreshed = false
       for (;;) {
         const placement = await leases.place(id)
         if (placement.kind === 'local') {
           const leave = leases.enter(id)
           reply.raw.once('close', leave)
           return true
+        }
+        // A replica forwarded this here, so what this one has cached may be what that one just
+        // gave up (a drained replica hands its free sessions to a peer): Redis says, once.
+        if (request.forwarder && !refreshed) {
+          refreshed = true
+          leases.invalidate(id)
+          continue
         }
         const hops = (request.forwarder?.hops ?? 0) + 1
         if (placement.replicaId === unreachable) leases.unreachable(id)
