@@ -62,7 +62,7 @@ export class IdempotencyKeys {
         ).final()
       }
       if (entry.response) return { kind: 'replay', response: entry.response }
-      throw new ApiError(409, 'conflict_error', 'idempotency_in_progress', 'A request with this Idempotency-Key is still running; retry later to get its result')
+      throw new ApiError(409, 'conflict_error', 'idempotency_in_progress', 'The same request (this Idempotency-Key, or the attempt an SDK is retrying) is still running; retry later to get its result')
     }
     const claim: Entry = { fingerprint, expiresAt: now + this.ttlMs }
     this.entries.delete(id)
@@ -77,6 +77,15 @@ export class IdempotencyKeys {
         if (this.entries.get(id) === claim) this.entries.delete(id)
       },
     }
+  }
+
+  /**
+   * Starts a run under `key` whatever was recorded before (an SDK's first attempt: the same
+   * request again on purpose runs again, and its retries then find this one).
+   */
+  claim(tenantId: string, key: string, fingerprint: string): Extract<IdempotencyOutcome, { kind: 'run' }> {
+    this.entries.delete(`${tenantId}\n${key}`)
+    return this.begin(tenantId, key, fingerprint) as Extract<IdempotencyOutcome, { kind: 'run' }>
   }
 
   private prune(now: number): void {

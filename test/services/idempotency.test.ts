@@ -29,3 +29,16 @@ t.test('an abandoned claim frees the key; the oldest keys go past maxKeys', asyn
   t.equal(keys.begin('t', 'a', 'y').kind, 'run', 'the oldest key was forgotten')
   t.equal(keys.begin('t', 'c', 'x').kind, 'replay')
 })
+
+t.test('claim: a first attempt always runs, and its retries then find it', async (t) => {
+  const keys = new IdempotencyKeys()
+  const first = keys.claim('tenant', 'fp', 'fp')
+  first.finish({ status: 200, headers: {}, body: Buffer.from('one') })
+  t.match(keys.begin('tenant', 'fp', 'fp'), { kind: 'replay', response: { body: Buffer.from('one') } }, 'a retry replays')
+  const again = keys.claim('tenant', 'fp', 'fp')
+  t.equal(again.kind, 'run', 'the same request as a new first attempt runs again')
+  t.throws(() => keys.begin('tenant', 'fp', 'fp'), { statusCode: 409, code: 'idempotency_in_progress' }, 'its retry waits for it')
+  first.finish({ status: 200, headers: {}, body: Buffer.from('stale') })
+  again.finish({ status: 200, headers: {}, body: Buffer.from('two') })
+  t.match(keys.begin('tenant', 'fp', 'fp'), { kind: 'replay', response: { body: Buffer.from('two') } }, 'the replaced attempt cannot overwrite the new one')
+})
