@@ -1,6 +1,5 @@
 import { randomUUID } from 'node:crypto'
 import type OpenAI from 'openai'
-import { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai'
 import type {
   ChatCompletionChunk,
   ChatCompletionCreateParamsStreaming,
@@ -9,7 +8,7 @@ import type {
 } from 'openai/resources/chat/completions'
 import type { CompletionUsage } from 'openai/resources/completions'
 import type { LmcChunk, LmcMessage } from '../../schemas/lmc.js'
-import { ApiError } from '../errors.js'
+import { upstreamError, upstreamTimeout } from '../llm.js'
 import type { ExecResult, KernelOutput, Language } from '../kernels/types.js'
 import { capForModel } from './cap.js'
 import { buildMessages, executeTool } from './context.js'
@@ -128,64 +127,6 @@ export interface TurnResult {
 export async function runTurn(opts: TurnOptions): Promise<TurnResult> {
   return new Turn(opts).run()
 }
-
-/**
- * The upstream failure as the API reports it, keeping its meaning: what the client got wrong
- * stays a 4xx with the upstream's `code` and `param`, a rate limit stays a 429 with its wait, and
- * what only the operator can fix (the upstream refused our key) is a 502 not worth retrying.
- * Upstream messages can quote the key that was refused, so it is masked along with anything the
- * redactor knows.
- */
-export function upstreamError(err: unknown, apiKey: string | null, redact: (text: string) => string = (t) => t): ApiError {
-  if (err instanceof ApiError) return err
-  const clean = (message: string) => {
-    let text = apiKey ? message.replaceAll(apiKey, '***') : message
-    text = text.replace(/\b(sk|pk|rk)-[\w*-]{4,}/g, '$1-***').replace(/Bearer\s+\S+/gi, 'Bearer ***')
-    return redact(text)
-  }
-  if (err instanceof APIConnectionTimeoutError) return upstreamTimeout()
-  if (err instanceof APIConnectionError) {
-    return new ApiError(502, 'upstream_error', 'llm_error', clean(`Could not reach the model: ${err.message}`))
-  }
-  if (!(err instanceof APIError)) return brokenStream()
-  const detail = (err.error as { message?: unknown } | undefined)?.message
-  const said = clean(typeof detail === 'string' && detail ? detail : err.message)
-  const code = typeof err.code === 'string' && err.code ? err.code : undefined
-  const param = typeof err.param === 'string' && err.param ? err.param : null
-  const status = err.status ?? 0
-  if (status === 404 && (code === 'model_not_found' || /model/i.test(said))) {
-    return new ApiError(404, 'invalid_request_error', 'model_not_found', `The model provider does not know this model: ${said}`, 'model')
-  }
-  if (status === 400 || status === 422) return new ApiError(400, 'invalid_request_error', code ?? 'upstream_invalid_request', said, param)
-  if (status === 429) {
-    const wait = retryAfterMs(err.headers)
-    const limited = new ApiError(429, 'rate_limit_error', code ?? 'upstream_rate_limited', `The model provider is rate limiting: ${said}`, null, {
-      ...(wait !== undefined ? { retry_after: Math.max(1, Math.ceil(wait / 1000)), retry_after_ms: wait } : {}),
-    })
-    // An exhausted quota does not come back by waiting.
-    return code === 'insufficient_quota' ? limited.final() : limited
-  }
-  const prefix = status ? `The model provider answered ${status}` : 'The model provider reported an error'
-  if (status === 401 || status === 403) return new ApiError(502, 'upstream_error', 'llm_auth_failed', `${prefix}: ${said}`).final()
-  if (status === 503) return new ApiError(503, 'unavailable_error', 'llm_unavailable', `${prefix}: ${said}`)
-  return new ApiError(502, 'upstream_error', 'llm_error', `${prefix}: ${said}`)
-}
-
-/** The upstream's `retry-after-ms` or `retry-after` (seconds or an HTTP date), in milliseconds. */
-function retryAfterMs(headers: Headers | undefined): number | undefined {
-  const ms = Number.parseFloat(headers?.get('retry-after-ms') ?? '')
-  if (Number.isFinite(ms) && ms >= 0) return Math.ceil(ms)
-  const value = headers?.get('retry-after')
-  if (!value) return undefined
-  const seconds = Number.parseFloat(value)
-  if (Number.isFinite(seconds) && seconds >= 0) return Math.ceil(seconds * 1000)
-  const at = Date.parse(value)
-  return Number.isFinite(at) ? Math.max(0, at - Date.now()) : undefined
-}
-
-const upstreamTimeout = () => new ApiError(504, 'upstream_error', 'llm_timeout', 'The model did not answer in time')
-const brokenStream = () =>
-  new ApiError(502, 'upstream_error', 'llm_error', 'The connection to the model broke before the answer was complete')
 
 interface Io {
   emit: (chunk: LmcChunk) => void
