@@ -182,3 +182,300 @@ t.test('store: false keeps no response and no session of its own', async (t) => 
   const messages = (await app.inject({ url: `/v1/sessions/${session.session_id}/messages`, headers: auth() })).json()
   t.equal(messages.messages.length, 2, 'the named session keeps its messages')
 })
+
+t.test('matplotlib figures come back as image outputs', async (t) => {
+  const { client, upstream } = await setup(t)
+  const code = 'import matplotlib.pyplot as plt\nprint("plotting")\nplt.plot([1, 3, 2])\nplt.show()'
+  upstream.script(toolCall({ language: 'python', code }), text('Here is the plot.'))
+  const response = await client.responses.create({ model: 'gpt-4o-mini', input: 'Plot 1, 3, 2', tools: [CODE_INTERPRETER] })
+  const call = response.output[0]
+  if (call?.type !== 'code_interpreter_call') throw new Error('expected a code_interpreter_call first')
+  t.equal(call.outputs?.length, 2)
+  t.match(call.outputs?.[0], { type: 'logs', logs: /plotting\n$/ })
+  const image = call.outputs?.[1]
+  t.equal(image?.type, 'image')
+  const url = image?.type === 'image' ? image.url : ''
+  t.match(url, /^data:image\/png;base64,/)
+  const png = Buffer.from(url.slice('data:image/png;base64,'.length), 'base64')
+  t.ok(png.subarray(0, 8).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])), 'a PNG')
+  t.equal(response.output_text, 'Here is the plot.')
+})
+
+t.test('the AI SDK default model (Responses API): generateText and streamText with the code interpreter', async (t) => {
+  const { createOpenAI } = await import('@ai-sdk/openai')
+  const { generateText, streamText } = await import('ai')
+  const { upstream, baseURL } = await setup(t)
+  const provider = createOpenAI({ baseURL, apiKey: ADMIN_KEY })
+
+  upstream.script(toolCall({ language: 'python', code: 'print(sum(range(10)))' }), text('The sum is 45.'))
+  const generated = await generateText({
+    model: provider('gpt-4o-mini'),
+    prompt: 'Sum 0..9',
+    tools: { code_interpreter: provider.tools.codeInterpreter() },
+    maxRetries: 0,
+  })
+  t.equal(generated.text, 'The sum is 45.')
+  t.equal(generated.finishReason, 'stop')
+  t.ok(generated.usage.totalTokens && generated.usage.totalTokens > 0)
+  t.equal(upstream.requests.at(-1)!.path, '/v1/chat/completions')
+  const call = generated.toolCalls.find((c) => c.toolName === 'code_interpreter')
+  t.match(call, { providerExecuted: true, input: { code: 'print(sum(range(10)))' } })
+  const result = generated.toolResults.find((r) => r.toolName === 'code_interpreter')
+  t.match(result?.output, { outputs: [{ type: 'logs', logs: '45\n' }] })
+
+  upstream.script(text('Plain streamed words.'))
+  const streamed = streamText({ model: provider('gpt-4o-mini'), prompt: 'Say something', maxRetries: 0 })
+  const pieces: string[] = []
+  for await (const piece of streamed.textStream) pieces.push(piece)
+  t.ok(pieces.length > 1, 'text arrives in pieces')
+  t.equal(pieces.join(''), 'Plain streamed words.')
+  t.equal(await streamed.finishReason, 'stop')
+  t.ok((await streamed.usage).totalTokens! > 0)
+})
+
+t.test('LangChain ChatOpenAI with useResponsesApi: invoke, stream and the code interpreter', async (t) => {
+  const { ChatOpenAI } = await import('@langchain/openai')
+  const { upstream, baseURL } = await setup(t)
+  const model = new ChatOpenAI({ model: 'gpt-4o-mini', apiKey: ADMIN_KEY, useResponsesApi: true, maxRetries: 0, configuration: { baseURL } })
+
+  upstream.script(text('Hello from the agent.'))
+  const plain = await model.invoke('Hi')
+  t.equal(plain.text, 'Hello from the agent.')
+  t.match(plain.response_metadata, { model: 'gpt-4o-mini', status: 'completed' })
+  t.ok(plain.usage_metadata && plain.usage_metadata.total_tokens > 0)
+
+  upstream.script(toolCall({ language: 'python', code: 'print(3 * 14)' }), text('It is 42.'))
+  const withTool = model.bindTools([{ type: 'code_interpreter', container: { type: 'auto' } }])
+  const answer = await withTool.invoke('What is 3*14?')
+  t.equal(answer.text, 'It is 42.')
+  t.match(JSON.stringify(answer.additional_kwargs), /code_interpreter_call/, 'LangChain keeps the code interpreter call')
+
+  upstream.script(text('Streaming through LangChain works.'))
+  const chunks: string[] = []
+  for await (const chunk of await model.stream('Stream please')) chunks.push(chunk.text)
+  t.ok(chunks.length > 1)
+  t.equal(chunks.join(''), 'Streaming through LangChain works.')
+})
+
+t.test('responses.parse with a json_schema text format: output_text is the final answer only', async (t) => {
+  const { zodTextFormat } = await import('openai/helpers/zod')
+  const { z } = await import('zod')
+  const { client, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'print(6 * 7)' }, { text: 'Let me compute that.' }), text('{"answer": 42}'))
+  const parsed = await client.responses.parse({
+    model: 'gpt-4o-mini',
+    input: 'What is 6*7?',
+    tools: [CODE_INTERPRETER],
+    text: { format: zodTextFormat(z.object({ answer: z.number() }), 'result') },
+  })
+  t.same(parsed.output_parsed, { answer: 42 })
+  t.same(
+    parsed.output.map((item) => item.type),
+    ['code_interpreter_call', 'message'],
+    'prose before the code is not part of the answer',
+  )
+  t.match(upstream.requests[0]!.body.response_format, { type: 'json_schema', json_schema: { name: 'result', strict: true } })
+})
+
+t.test('input_items lists the input with ids; DELETE removes the response', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  upstream.script(text('ok'))
+  const response = await client.responses.create({
+    model: 'gpt-4o-mini',
+    input: [
+      { role: 'developer', content: 'Answer in one word.' },
+      { role: 'user', content: [{ type: 'input_text', text: 'first' }] },
+      { type: 'message', role: 'user', content: 'second' },
+    ],
+  })
+  t.equal(upstream.requests[0]!.body.messages[0].content, 'Answer in one word.', 'developer messages are the system message')
+  const items = []
+  for await (const item of client.responses.inputItems.list(response.id, { order: 'asc' })) items.push(item)
+  t.equal(items.length, 3)
+  t.same(
+    items.map((item) => item.type === 'message' && item.role),
+    ['developer', 'user', 'user'],
+  )
+  t.ok(items.every((item) => typeof item.id === 'string' && item.id.startsWith('msg_')))
+  const page = (await app.inject({ url: `/v1/responses/${response.id}/input_items?limit=1`, headers: auth() })).json()
+  t.match(page, { object: 'list', has_more: true, first_id: items[2]!.id, last_id: items[2]!.id }, 'newest first by default')
+  const next = (await app.inject({ url: `/v1/responses/${response.id}/input_items?limit=5&after=${page.last_id}`, headers: auth() })).json()
+  t.same(
+    next.data.map((item: { id: string }) => item.id),
+    [items[1]!.id, items[0]!.id],
+  )
+  t.equal(next.has_more, false)
+  const unknownAfter = await app.inject({ url: `/v1/responses/${response.id}/input_items?after=msg_nope`, headers: auth() })
+  t.equal(unknownAfter.statusCode, 400)
+  t.equal(unknownAfter.json().error.param, 'after')
+
+  t.match(await client.responses.delete(response.id), { id: response.id, deleted: true })
+  const gone = await app.inject({ url: `/v1/responses/${response.id}`, headers: auth() })
+  t.equal(gone.statusCode, 404)
+  t.match(gone.json(), { error: { type: 'not_found_error', code: 'response_not_found' } })
+  t.equal((await app.inject({ method: 'DELETE', url: `/v1/responses/${response.id}`, headers: auth() })).statusCode, 404)
+})
+
+t.test('tenants own their responses and containers', async (t) => {
+  const { client, upstream, app, baseURL } = await setup(t)
+  const { key } = (await app.inject({ method: 'POST', url: '/v1/keys', headers: auth(), payload: { name: 'other tenant' } })).json()
+  const other = new OpenAI({ baseURL, apiKey: key, maxRetries: 0 })
+  upstream.script(toolCall({ language: 'python', code: 'print(1)' }), text('mine'))
+  const mine = await client.responses.create({ model: 'gpt-4o-mini', input: 'x', tools: [CODE_INTERPRETER] })
+  const container = mine.output[0]?.type === 'code_interpreter_call' ? mine.output[0].container_id : ''
+  const statuses = async (...calls: Promise<unknown>[]) =>
+    (await Promise.all(calls.map(failure))).map((err) => (err as { status?: number } | undefined)?.status)
+  t.same(
+    await statuses(
+      other.responses.retrieve(mine.id),
+      other.responses.delete(mine.id),
+      other.responses.cancel(mine.id),
+      other.responses.inputItems.list(mine.id),
+      other.responses.create({ input: 'y', previous_response_id: mine.id }),
+      other.responses.create({ input: 'y', tools: [{ type: 'code_interpreter', container }] }),
+    ),
+    [404, 404, 404, 404, 404, 404],
+  )
+  t.equal(upstream.requests.length, 2, 'the other tenant reached no model')
+  t.equal((await client.responses.retrieve(mine.id)).id, mine.id, 'the owner still has it')
+})
+
+t.test('401, 404 and bad input get the error envelope, and make nothing', async (t) => {
+  const { upstream, app } = await setup(t)
+  const post = (payload: unknown, headers: Record<string, string> = auth()) =>
+    app.inject({ method: 'POST', url: '/v1/responses', headers, payload: payload as Record<string, unknown> })
+
+  const missing = await post({ input: 'x' }, {})
+  t.equal(missing.statusCode, 401)
+  t.match(missing.json(), { error: { type: 'auth_error', code: 'missing_api_key' } })
+  t.equal((await post({ input: 'x' }, auth('wrong'))).statusCode, 401)
+  t.equal((await app.inject({ url: '/v1/responses/resp_x', headers: auth('wrong') })).statusCode, 401)
+
+  for (const url of ['/v1/responses/resp_nope', `/v1/responses/resp_${'0'.repeat(48)}`, '/v1/responses/%00']) {
+    const res = await app.inject({ url, headers: auth() })
+    t.equal(res.statusCode, 404, url)
+    t.match(res.json(), { error: { code: 'response_not_found', param: 'response_id' } })
+  }
+
+  const cases: [unknown, string, string][] = [
+    [{}, 'input', 'invalid_request'],
+    [{ input: { role: 'user' } }, 'input', 'invalid_request'],
+    [{ input: [{ type: 'wat' }] }, 'input[0].type', 'invalid_input'],
+    [{ input: [{ role: 'user', content: [{ type: 'input_image', image_url: 'http://169.254.169.254/x.png' }] }] }, 'input[0].content[0].image_url', 'invalid_input'],
+    [{ input: [{ role: 'user', content: [{ type: 'input_file', file_id: 'file-1' }] }] }, 'input[0].content[0].type', 'invalid_input'],
+    [{ input: [{ role: 'tyrant', content: 'x' }] }, 'input[0].role', 'invalid_input'],
+    [{ input: [{ type: 'item_reference', id: 'msg_1' }] }, 'input[0].type', 'unsupported_parameter'],
+    [{ input: 'x', tools: [{ type: 'web_search' }] }, 'tools[0].type', 'unsupported_parameter'],
+    [{ input: 'x', tools: [CODE_INTERPRETER, CODE_INTERPRETER] }, 'tools[1]', 'invalid_request'],
+    [{ input: 'x', tools: [{ type: 'code_interpreter' }] }, 'tools[0].container', 'invalid_request'],
+    [{ input: 'x', tools: [{ type: 'code_interpreter', container: { type: 'auto', file_ids: ['file-1'] } }] }, 'tools[0].container.file_ids', 'unsupported_parameter'],
+    [{ input: 'x', tools: [{ type: 'code_interpreter', container: 'not-a-session' }] }, 'tools[0].container', 'container_not_found'],
+    [{ input: 'x', tool_choice: 'required' }, 'tool_choice', 'unsupported_parameter'],
+    [{ input: 'x', text: { format: { type: 'json_schema' } } }, 'text.format', 'invalid_request'],
+    [{ input: 'x', temperature: 3 }, 'temperature', 'invalid_request'],
+    [{ input: 'x', metadata: Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, 'v'])) }, 'metadata', 'invalid_request'],
+    [{ input: 'x', previous_response_id: 'resp_nope' }, 'previous_response_id', 'previous_response_not_found'],
+    [{ input: 'x', store: false, background: true }, 'background', 'invalid_request'],
+    [{ input: 'x', conversation: 'conv_1' }, 'conversation', 'unsupported_parameter'],
+  ]
+  for (const [payload, param, code] of cases) {
+    const res = await post(payload)
+    t.ok([400, 404].includes(res.statusCode), `${JSON.stringify(payload).slice(0, 80)}: ${res.statusCode}`)
+    t.match(res.json(), { error: { param, code } }, JSON.stringify(payload).slice(0, 80))
+  }
+  t.equal(upstream.requests.length, 0, 'no upstream call')
+  t.same((await app.inject({ url: '/v1/sessions', headers: auth() })).json().sessions, [], 'no session made')
+})
+
+t.test('an upstream refusal before any output is a plain HTTP error and leaves nothing behind', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  upstream.script(httpError(429, 'Slow down', { code: 'rate_limit_exceeded', headers: { 'retry-after': '7' } }))
+  const err = (await failure(client.responses.create({ model: 'gpt-4o-mini', input: 'x', stream: true }))) as InstanceType<typeof OpenAI.RateLimitError>
+  t.equal(err.status, 429)
+  t.equal(err.headers?.get('retry-after'), '7')
+  upstream.script(httpError(400, 'Too long', { code: 'context_length_exceeded', param: 'messages' }))
+  const bad = (await failure(client.responses.create({ model: 'gpt-4o-mini', input: 'x' }))) as InstanceType<typeof OpenAI.BadRequestError>
+  t.equal(bad.status, 400)
+  t.equal(bad.code, 'context_length_exceeded')
+  t.same((await app.inject({ url: '/v1/sessions', headers: auth() })).json().sessions, [], 'no session made')
+})
+
+t.test('a failure after code ran: the stream ends with response.failed, the stored response says failed', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'print("ran")' }), text('never finished', { breakAfterChunks: 2 }))
+  const stream = client.responses.stream({ model: 'gpt-4o-mini', input: 'x', tools: [CODE_INTERPRETER] })
+  const types: string[] = []
+  stream.on('event', (event) => types.push(event.type))
+  const final = await stream.finalResponse()
+  t.equal(types.at(-1), 'response.failed')
+  t.equal(final.status, 'failed')
+  t.match(final.error, { code: 'llm_error', message: /broke/ })
+  t.match(final.output[0], { type: 'code_interpreter_call', outputs: [{ type: 'logs', logs: 'ran\n' }] })
+  t.equal((await client.responses.retrieve(final.id)).status, 'failed')
+
+  upstream.script(toolCall({ language: 'python', code: 'print("ran")' }), text('never finished', { breakAfterChunks: 2 }))
+  const plain = (await failure(client.responses.create({ model: 'gpt-4o-mini', input: 'x', tools: [CODE_INTERPRETER] }))) as InstanceType<typeof OpenAI.APIError>
+  t.equal(plain.status, 502)
+  t.equal(plain.headers?.get('x-should-retry'), 'false', 'code ran: not to be retried')
+})
+
+t.test('cancel a running response: its code is interrupted and the stream ends cancelled', async (t) => {
+  const { client, upstream, baseURL } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'import time\nprint("started", flush=True)\ntime.sleep(60)' }), text('never asked'))
+  const stream = client.responses.stream({ model: 'gpt-4o-mini', input: 'x', tools: [CODE_INTERPRETER] })
+  const types: string[] = []
+  let id = ''
+  let cancelled: Promise<OpenAI.Responses.Response> | undefined
+  for await (const event of stream) {
+    types.push(event.type)
+    if (event.type === 'response.created') id = event.response.id
+    if (event.type === 'response.code_interpreter_call.interpreting') cancelled = client.responses.cancel(id)
+  }
+  const final = await stream.finalResponse()
+  t.equal(types.at(-1), 'response.incomplete')
+  t.equal(final.status, 'cancelled')
+  t.match(final.output[0], { type: 'code_interpreter_call', status: 'incomplete' })
+  const answer = await cancelled!
+  t.equal(answer.status, 'cancelled', 'cancel answers the response as it ended')
+  t.equal(upstream.requests.length, 1, 'the model was not asked again')
+  t.equal((await client.responses.retrieve(final.id)).status, 'cancelled')
+  t.equal((await client.responses.cancel(final.id)).status, 'cancelled', 'cancelling again answers it again')
+
+  upstream.script(text('done'))
+  const done = await client.responses.create({ model: 'gpt-4o-mini', input: 'y' })
+  const res = await fetch(`${baseURL}/responses/${done.id}/cancel`, { method: 'POST', headers: { authorization: `Bearer ${ADMIN_KEY}` } })
+  t.equal(res.status, 400)
+  t.match(await res.json(), { error: { code: 'response_not_running' } })
+})
+
+t.test('background: answered at once, polled until done, cancellable', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'print(5 + 5)' }), text('Ten.'))
+  const started = await client.responses.create({ model: 'gpt-4o-mini', input: 'x', background: true, tools: [CODE_INTERPRETER] })
+  t.equal(started.status, 'in_progress')
+  t.equal(started.background, true)
+  let polled = await client.responses.retrieve(started.id)
+  while (polled.status === 'in_progress') {
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    polled = await client.responses.retrieve(started.id)
+  }
+  t.equal(polled.status, 'completed')
+  t.equal(polled.output_text, 'Ten.')
+
+  upstream.script(toolCall({ language: 'python', code: 'import time\ntime.sleep(60)' }), text('never asked'))
+  const slow = await client.responses.create({ model: 'gpt-4o-mini', input: 'y', background: true, previous_response_id: started.id, tools: [CODE_INTERPRETER] })
+  const cancelled = await client.responses.cancel(slow.id)
+  t.equal(cancelled.status, 'cancelled')
+  t.equal((await client.responses.retrieve(slow.id)).status, 'cancelled')
+})
+
+t.test('Idempotency-Key: a retried create runs once and gets the same response', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'python', code: 'print("once")' }), text('Done once.'))
+  const body = { model: 'gpt-4o-mini', input: 'x', tools: [CODE_INTERPRETER] }
+  const first = await client.responses.create(body, { headers: { 'Idempotency-Key': 'key-1' } }).withResponse()
+  const again = await client.responses.create(body, { headers: { 'Idempotency-Key': 'key-1' } }).withResponse()
+  t.equal(again.data.id, first.data.id)
+  t.equal(again.response.headers.get('idempotent-replayed'), 'true')
+  t.equal(upstream.requests.length, 2, 'the model was asked for one turn only')
+})
