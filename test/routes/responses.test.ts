@@ -162,7 +162,7 @@ t.test('store: false keeps no response and no session of its own', async (t) => 
   upstream.script(toolCall({ language: 'python', code: 'print(1)' }), text('done'))
   const { data, response } = await client.responses.create({ model: 'gpt-4o-mini', input: 'x', store: false, tools: [CODE_INTERPRETER] }).withResponse()
   t.equal(data.status, 'completed')
-  t.equal(data.store, false)
+  t.equal((data as { store?: boolean }).store, false)
   const err = (await failure(client.responses.retrieve(data.id))) as InstanceType<typeof OpenAI.NotFoundError>
   t.equal(err.status, 404)
   const sessionId = response.headers.get('x-session-id')
@@ -211,7 +211,8 @@ t.test('the AI SDK default model (Responses API): generateText and streamText wi
   const generated = await generateText({
     model: provider('gpt-4o-mini'),
     prompt: 'Sum 0..9',
-    tools: { code_interpreter: provider.tools.codeInterpreter() },
+    // `ai` pins @ai-sdk/provider-utils 4.0.65 and @ai-sdk/openai 4.0.66: the same tool, typed by two copies.
+    tools: { code_interpreter: provider.tools.codeInterpreter() as Parameters<typeof generateText>[0]['tools'] extends infer T ? T[keyof T] : never },
     maxRetries: 0,
   })
   t.equal(generated.text, 'The sum is 45.')
@@ -478,4 +479,23 @@ t.test('Idempotency-Key: a retried create runs once and gets the same response',
   t.equal(again.data.id, first.data.id)
   t.equal(again.response.headers.get('idempotent-replayed'), 'true')
   t.equal(upstream.requests.length, 2, 'the model was asked for one turn only')
+})
+
+t.test('the raw stream: every event named after its type, X-Session-Id, no data: [DONE]', async (t) => {
+  const { baseURL, upstream } = await setup(t)
+  upstream.script(toolCall({ language: 'shell', code: 'echo hi' }), text('Said hi.'))
+  const res = await fetch(`${baseURL}/responses`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o-mini', input: 'say hi in the shell', stream: true, tools: [CODE_INTERPRETER] }),
+  })
+  t.equal(res.status, 200)
+  t.match(res.headers.get('content-type'), /^text\/event-stream/)
+  t.match(res.headers.get('x-session-id'), /^[0-9a-f-]{36}$/)
+  const events = parseSse(await res.text())
+  t.ok(events.every((e) => e.event === JSON.parse(e.data).type), 'event: names the type')
+  t.notOk(events.some((e) => e.data === '[DONE]'))
+  const last = JSON.parse(events.at(-1)!.data)
+  t.equal(last.type, 'response.completed')
+  t.match(last.response.output[0], { type: 'code_interpreter_call', language: 'shell', code: 'echo hi', outputs: [{ type: 'logs', logs: 'hi\n' }] })
 })
