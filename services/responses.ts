@@ -1,7 +1,8 @@
 import type { InputItemsQuery, ResponseCreateBody, ResponseObject as WireResponse } from '../schemas/responses.js'
 import type { LmcChunk, LmcMessage } from '../schemas/lmc.js'
 import type { Settings } from '../schemas/settings.js'
-import type { PassThrough } from './agent/loop.js'
+import type { ClientTools, PassThrough } from './agent/loop.js'
+import { clientToolsOf } from './agent/openai-compat.js'
 import { fromResponseInput, itemId, type OutputItem, ResponseItems, responseUsage, type StreamEvent } from './agent/response-items.js'
 import type { ChatResult, ChatService } from './chat.js'
 import { ApiError, invalidRequest } from './errors.js'
@@ -43,7 +44,10 @@ export interface PreparedResponse {
     settings: Settings
     passThrough: PassThrough
     codeTool: boolean
+    clientTools?: ClientTools
   }
+  /** For each of `turn.inputs`, the index of the input item it came from. */
+  sources: number[]
 }
 
 export interface RunOptions {
@@ -111,7 +115,7 @@ export class ResponsesService {
     if (background && !store) throw invalidRequest('Background responses must be stored (store: true)', 'background')
     if (body.input === undefined) throw invalidRequest('input is required', 'input')
     const parsed = fromResponseInput(body.input)
-    const { container, codeTool, tools } = this.tools(body)
+    const { container, codeTool, tools, clientTools } = this.tools(body)
 
     const previous = body.previous_response_id ? await this.deps.store.getResponse(tenantId, body.previous_response_id) : undefined
     if (body.previous_response_id && !previous) {
@@ -146,6 +150,10 @@ export class ResponsesService {
       previous ? this.deps.store.responseContext(tenantId, previous.id) : Promise.resolve([]),
     ])
     const systemMessage = [body.instructions ?? '', ...parsed.system].filter((text) => text.trim()).join('\n\n')
+    // A client continuing with previous_response_id may send the function calls it answers again.
+    const known = new Set((context ?? []).filter((m) => m.type === 'tool_call').map((m) => (m.content as { id?: unknown }).id))
+    const fresh = parsed.inputs.map((input, k) => ({ input, source: parsed.sources[k]! }))
+      .filter(({ input }) => !(input.type === 'tool_call' && known.has((input.content as { id?: unknown }).id)))
     const id = itemId('resp')
     return {
       id,
@@ -179,25 +187,40 @@ export class ResponsesService {
         user: body.user ?? null,
         metadata: body.metadata ?? {},
       },
+      sources: fresh.map(({ source }) => source),
       turn: {
-        inputs: parsed.inputs,
+        inputs: fresh.map(({ input }) => input),
         ...(systemMessage ? { systemMessage } : {}),
         history: context ?? [],
         settings,
         passThrough,
         codeTool,
+        ...(clientTools ? { clientTools } : {}),
       },
     }
   }
 
-  /** The request's tools: at most one code interpreter (and its container), nothing this server cannot run. */
+  /**
+   * The request's tools: at most one code interpreter (and its container), and the client's
+   * function tools, which pass through to the model; a call to one ends the response with a
+   * `function_call` item and suspends the turn until a `function_call_output` answers it.
+   */
   private tools(body: ResponseCreateBody) {
     const tools = (body.tools ?? []) as ToolSpec[]
     let container: { id: string; param: string } | undefined
     let interpreter = false
+    // The functions in Chat Completions form, with where each came from in `tools`.
+    const functions: { type: 'function'; function: Record<string, unknown> }[] = []
+    const positions: number[] = []
     tools.forEach((tool, i) => {
+      if (tool.type === 'function') {
+        const { name, description, parameters, strict } = tool
+        functions.push({ type: 'function', function: { name, description, parameters, strict } })
+        positions.push(i)
+        return
+      }
       if (tool.type !== 'code_interpreter') {
-        throw unsupported(`Tools of type "${tool.type}" are not supported; this server offers code_interpreter`, `tools[${i}].type`)
+        throw unsupported(`Tools of type "${tool.type}" are not supported; this server offers code_interpreter and function tools`, `tools[${i}].type`)
       }
       if (interpreter) throw invalidRequest('Only one code_interpreter tool may be given', `tools[${i}]`)
       interpreter = true
@@ -212,12 +235,19 @@ export class ResponsesService {
         throw unsupported('file_ids are not supported: upload files to the container (the session workspace) instead', `tools[${i}].container.file_ids`)
       }
     })
-    const choice = body.tool_choice
-    const choiceType = typeof choice === 'string' ? choice : choice?.type
-    if (choiceType !== undefined && choiceType !== 'auto' && choiceType !== 'none') {
-      throw unsupported('tool_choice must be "auto" or "none"', 'tool_choice')
+    const choice = toolChoice(body.tool_choice, functions.length > 0)
+    let clientTools: ClientTools | undefined
+    try {
+      clientTools = clientToolsOf({ tools: functions, tool_choice: choice, parallel_tool_calls: body.parallel_tool_calls })
+    } catch (err) {
+      // Chat Completions names the field in its own shape; say where it is in this request.
+      throw renamed(err, (param) =>
+        param
+          .replace(/^tools\[(\d+)\]\.function/, (_, k: string) => `tools[${positions[Number(k)]}]`)
+          .replace(/^tool_choice\.function\.name$/, 'tool_choice.name'),
+      )
     }
-    return { container, codeTool: interpreter && choiceType !== 'none', tools }
+    return { container, codeTool: interpreter && choice !== 'none', tools, clientTools }
   }
 
   /**
@@ -252,6 +282,7 @@ export class ResponsesService {
       ...(prepared.turn.systemMessage ? { systemMessage: prepared.turn.systemMessage } : {}),
       history: prepared.turn.history,
       codeTool: prepared.turn.codeTool,
+      ...(prepared.turn.clientTools ? { tools: prepared.turn.clientTools } : {}),
       emit: (chunk: LmcChunk) => items.push(chunk),
       onStart,
       ...(opts.signal ? { signal: opts.signal } : {}),
@@ -273,8 +304,8 @@ export class ResponsesService {
     try {
       result = await turn
     } catch (err) {
-      const apiError = err instanceof ApiError ? err : undefined
-      if (!started() && !prepared.background) throw err
+      const apiError = err instanceof ApiError ? renamed(err, (param) => inputParam(param, prepared.sources)) : undefined
+      if (!started() && !prepared.background) throw apiError ?? err
       const output = items.finish({ incomplete: true })
       const error = { code: apiError?.code ?? 'server_error', message: apiError?.message ?? 'Internal server error' }
       const response = this.snapshot(prepared, 'failed', { output, error })
@@ -287,8 +318,16 @@ export class ResponsesService {
       return response
     }
     const cancelled = result.stopped
-    const output = items.finish({ incomplete: cancelled, final: result.final })
-    const reason = result.finishReason === 'length' ? 'max_output_tokens' : result.finishReason === 'content_filter' ? 'content_filter' : undefined
+    // Code waiting for the user's approval (auto_run: false) has not run: the response stops short.
+    const awaiting = result.pending?.type === 'confirmation'
+    const output = items.finish({ incomplete: cancelled || awaiting, ...(result.pending ? {} : { final: result.final }) })
+    const reason = awaiting
+      ? 'confirmation_required'
+      : result.finishReason === 'length'
+        ? 'max_output_tokens'
+        : result.finishReason === 'content_filter'
+          ? 'content_filter'
+          : undefined
     const status = cancelled ? 'cancelled' : reason ? 'incomplete' : 'completed'
     const response = this.snapshot(prepared, status, {
       output,
@@ -434,4 +473,32 @@ function responseFormat(format: NonNullable<NonNullable<ResponseCreateBody['text
     }
   }
   return { type: 'json_object' }
+}
+
+/**
+ * Responses' `tool_choice` in Chat Completions form. Forcing a tool only makes sense for the
+ * client's functions, whose call ends the turn; forced on the server's code tool, every step of
+ * the turn would have to run code again.
+ */
+function toolChoice(choice: ResponseCreateBody['tool_choice'], functions: boolean): unknown {
+  if (choice === undefined || choice === 'auto' || choice === 'none') return choice
+  const named = typeof choice === 'object' ? (choice as { type: string; name?: unknown }) : undefined
+  if (functions && choice === 'required') return choice
+  if (functions && named?.type === 'function') return { type: 'function', function: { name: named.name } }
+  throw unsupported('tool_choice must be "auto", "none", or with function tools "required" or a function', 'tool_choice')
+}
+
+/** The same error with its `param` renamed. */
+function renamed<E>(err: E, rename: (param: string) => string): E | ApiError {
+  if (!(err instanceof ApiError) || err.param === null) return err
+  const param = rename(err.param)
+  if (param === err.param) return err
+  const copy = new ApiError(err.statusCode, err.type, err.code, err.message, param, err.extra, { cause: err })
+  return err.retryable ? copy : copy.final()
+}
+
+/** `messages[k]…` (the chat service's name for the turn's k-th input) as the input item it came from. */
+function inputParam(param: string, sources: number[]): string {
+  if (param === 'messages') return 'input'
+  return param.replace(/^messages\[(\d+)\]\.tool_call_id/, (_, k: string) => `input[${sources[Number(k)] ?? k}].call_id`).replace(/^messages\[(\d+)\]/, (_, k: string) => `input[${sources[Number(k)] ?? k}]`)
 }

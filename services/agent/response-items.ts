@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import type {
   ResponseCodeInterpreterToolCall,
+  ResponseFunctionToolCall,
   ResponseOutputMessage,
   ResponseStreamEvent,
   ResponseUsage,
@@ -17,7 +18,7 @@ import type { TokenUsage } from './loop.js'
  * that follow it; an assistant text message is a `message` item with one `output_text` part.
  */
 
-export type OutputItem = ResponseOutputMessage | (ResponseCodeInterpreterToolCall & { language?: string })
+export type OutputItem = ResponseOutputMessage | (ResponseCodeInterpreterToolCall & { language?: string }) | (ResponseFunctionToolCall & { id: string })
 
 /** A `data:` URL of a base64 PNG or JPEG, the only images the server accepts (it never fetches URLs). */
 const DATA_IMAGE = /^data:image\/(png|jpe?g);base64,(.*)$/s
@@ -28,7 +29,7 @@ export function itemId(prefix: string): string {
 }
 
 /** The output item id of an LMC message: stable, so a stream and the stored response agree. */
-function idOf(prefix: 'msg' | 'ci', lmcId: string): string {
+function idOf(prefix: 'msg' | 'ci' | 'fc', lmcId: string): string {
   return `${prefix}_${lmcId.replaceAll('-', '')}`
 }
 
@@ -39,6 +40,8 @@ export interface ResponseInput {
   system: string[]
   /** The input as a list of items with ids, as `GET /v1/responses/{id}/input_items` lists them. */
   items: Record<string, unknown>[]
+  /** For each of `inputs`, the index of the input item it came from (to name it in an error). */
+  sources: number[]
 }
 
 type Item = Record<string, unknown>
@@ -53,10 +56,11 @@ const isRecord = (value: unknown): value is Item => typeof value === 'object' &&
 export function fromResponseInput(input: string | unknown[]): ResponseInput {
   if (typeof input === 'string') {
     const item = { id: itemId('msg'), type: 'message', role: 'user', content: [{ type: 'input_text', text: input }] }
-    return { inputs: [{ role: 'user', type: 'message', format: 'text', content: input }], system: [], items: [item] }
+    return { inputs: [{ role: 'user', type: 'message', format: 'text', content: input }], system: [], items: [item], sources: [0] }
   }
-  const out: ResponseInput = { inputs: [], system: [], items: [] }
+  const out: ResponseInput = { inputs: [], system: [], items: [], sources: [] }
   input.forEach((raw, i) => {
+    const before = out.inputs.length
     const at = `input[${i}]`
     if (!isRecord(raw)) throw invalidRequest('Each input item must be an object', at, 'invalid_input')
     const type = raw.type ?? (raw.role !== undefined ? 'message' : undefined)
@@ -67,14 +71,15 @@ export function fromResponseInput(input: string | unknown[]): ResponseInput {
       case 'code_interpreter_call':
         out.inputs.push(...codeCallItem(raw, at))
         break
-      case 'function_call': {
-        const name = typeof raw.name === 'string' ? raw.name : 'a function'
-        const args = typeof raw.arguments === 'string' ? raw.arguments : ''
-        out.inputs.push({ role: 'assistant', type: 'message', format: 'text', content: `[called ${name} with ${args}]` })
+      case 'function_call':
+        out.inputs.push({
+          role: 'assistant',
+          type: 'tool_call',
+          content: { id: callId(raw, at), name: stringField(raw, 'name', at), arguments: stringField(raw, 'arguments', at) },
+        })
         break
-      }
       case 'function_call_output':
-        out.inputs.push({ role: 'computer', type: 'console', format: 'output', content: outputText(raw.output, `${at}.output`) })
+        out.inputs.push({ role: 'computer', type: 'tool_result', content: { tool_call_id: callId(raw, at), content: outputText(raw.output, `${at}.output`) } })
         break
       case 'reasoning':
         // Reasoning of another model carries nothing the upstream here can read.
@@ -89,8 +94,21 @@ export function fromResponseInput(input: string | unknown[]): ResponseInput {
         throw invalidRequest(`Unsupported input item type "${String(type)}"`, `${at}.type`, 'invalid_input')
     }
     out.items.push({ ...raw, type, id: typeof raw.id === 'string' && raw.id ? raw.id : itemId(type === 'message' ? 'msg' : 'item') })
+    for (let k = before; k < out.inputs.length; k++) out.sources.push(i)
   })
   return out
+}
+
+function stringField(item: Item, field: string, at: string): string {
+  const value = item[field]
+  if (typeof value !== 'string') throw invalidRequest(`${field} must be a string`, `${at}.${field}`, 'invalid_input')
+  return value
+}
+
+function callId(item: Item, at: string): string {
+  const id = stringField(item, 'call_id', at)
+  if (!id) throw invalidRequest('call_id must not be empty', `${at}.call_id`, 'invalid_input')
+  return id
 }
 
 function messageItem(item: Item, at: string, out: ResponseInput): void {
@@ -232,7 +250,9 @@ export class ResponseItems {
 
   push(chunk: LmcChunk): void {
     if (chunk.role === 'user' || chunk.type === 'confirmation' || chunk.format === 'active_line') return
-    if (chunk.role === 'assistant' && chunk.type === 'code') this.code(chunk)
+    if (chunk.type === 'tool_result') return
+    if (chunk.type === 'tool_call') this.functionCall(chunk)
+    else if (chunk.role === 'assistant' && chunk.type === 'code') this.code(chunk)
     else if (chunk.role === 'assistant') this.text(chunk)
     else this.output(chunk)
   }
@@ -316,6 +336,30 @@ export class ResponseItems {
     call.item.status = status
     if (status === 'completed') this.event('response.code_interpreter_call.completed', { output_index: call.index, item_id: call.item.id })
     this.event('response.output_item.done', { output_index: call.index, item: structuredClone(call.item) })
+  }
+
+  /** A call to one of the client's functions: known whole (the turn suspends on it), sent as one delta. */
+  private functionCall(chunk: LmcChunk): void {
+    const call = chunk.content
+    if (typeof call !== 'object' || call === null) return
+    this.closeCall('completed')
+    const { id, name, arguments: args } = call as { id?: unknown; name?: unknown; arguments?: unknown }
+    const item = {
+      id: idOf('fc', chunk.id),
+      type: 'function_call' as const,
+      status: 'in_progress' as const,
+      call_id: String(id),
+      name: String(name),
+      arguments: '',
+    }
+    const index = this.add(item)
+    const text = String(args ?? '')
+    if (text) this.event('response.function_call_arguments.delta', { item_id: item.id, output_index: index, delta: text })
+    item.arguments = text
+    this.event('response.function_call_arguments.done', { item_id: item.id, output_index: index, name: item.name, arguments: text })
+    const done = { ...item, status: 'completed' as const }
+    this.items[index] = done
+    this.event('response.output_item.done', { output_index: index, item: structuredClone(done) })
   }
 
   private text(chunk: LmcChunk): void {

@@ -499,3 +499,107 @@ t.test('the raw stream: every event named after its type, X-Session-Id, no data:
   t.equal(last.type, 'response.completed')
   t.match(last.response.output[0], { type: 'code_interpreter_call', language: 'shell', code: 'echo hi', outputs: [{ type: 'logs', logs: 'hi\n' }] })
 })
+
+const WEATHER = {
+  type: 'function',
+  name: 'get_weather',
+  description: 'The weather in a city',
+  parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'], additionalProperties: false },
+  strict: true,
+} as const
+
+t.test('a function tool round trip: function_call out, function_call_output with previous_response_id resumes the turn', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  upstream.script(toolCall({ name: 'get_weather', arguments: '{"city":"Paris"}' }))
+  const first = await client.responses.create({ model: 'gpt-4o-mini', input: 'Weather in Paris?', tools: [WEATHER, CODE_INTERPRETER] })
+  t.equal(first.status, 'completed')
+  t.equal(first.output.length, 1, JSON.stringify(first.output))
+  const call = first.output[0]
+  if (call?.type !== 'function_call') throw new Error('expected a function_call')
+  t.match(call, { type: 'function_call', name: 'get_weather', arguments: '{"city":"Paris"}', status: 'completed', id: /^fc_/ })
+  t.match(call.call_id, /^call_/)
+  const offered = upstream.requests[0]!.body.tools.map((tool: { function: { name: string } }) => tool.function.name)
+  t.same(offered, ['execute', 'get_weather'], 'the function is offered beside the code tool')
+  t.same(upstream.requests[0]!.body.tools[1].function, { name: 'get_weather', description: 'The weather in a city', parameters: WEATHER.parameters, strict: true })
+
+  upstream.script(toolCall({ language: 'python', code: 'print(18 * 9 / 5 + 32)' }), text('18 °C, which is 64.4 °F.'))
+  const second = await client.responses.create({
+    model: 'gpt-4o-mini',
+    previous_response_id: first.id,
+    input: [{ type: 'function_call_output', call_id: call.call_id, output: '{"celsius": 18}' }],
+    tools: [WEATHER, CODE_INTERPRETER],
+  })
+  t.equal(second.status, 'completed')
+  t.equal(second.output_text, '18 °C, which is 64.4 °F.')
+  t.match(second.output[0], { type: 'code_interpreter_call', outputs: [{ type: 'logs', logs: '64.4\n' }] })
+  const sent = upstream.requests[1]!.body.messages
+  const toolMessage = sent.find((m: { role: string }) => m.role === 'tool')
+  t.same(toolMessage, { role: 'tool', tool_call_id: call.call_id, content: '{"celsius": 18}' }, 'the upstream gets a real tool message')
+  const assistant = sent.find((m: { tool_calls?: unknown }) => m.tool_calls)
+  t.match(assistant.tool_calls, [{ id: call.call_id, function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }])
+  const events = (await app.inject({ url: `/v1/sessions/${second.tools[1]?.type === 'code_interpreter' ? (second.tools[1].container as string) : ''}/events?limit=100`, headers: auth() })).json()
+  t.same(
+    events.events.map((e: { type: string }) => e.type).filter((type: string) => type.startsWith('run_')),
+    ['run_started', 'run_suspended', 'run_started', 'run_finished'],
+    'one turn, suspended and resumed',
+  )
+})
+
+t.test('a function tool round trip without previous_response_id: the history carries the call', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(toolCall({ name: 'get_weather', arguments: '{"city":"Oslo"}' }))
+  const first = await client.responses.create({ model: 'gpt-4o-mini', input: 'Weather in Oslo?', tools: [WEATHER], store: false })
+  const call = first.output[0]
+  if (call?.type !== 'function_call') throw new Error('expected a function_call')
+  upstream.script(text('It is 3 °C in Oslo.'))
+  const second = await client.responses.create({
+    model: 'gpt-4o-mini',
+    input: [{ role: 'user', content: 'Weather in Oslo?' }, call, { type: 'function_call_output', call_id: call.call_id, output: '3 °C' }],
+    tools: [WEATHER],
+  })
+  t.equal(second.output_text, 'It is 3 °C in Oslo.')
+  t.same(
+    upstream.requests[1]!.body.messages.map((m: { role: string }) => m.role),
+    ['user', 'assistant', 'tool'],
+  )
+  t.equal(upstream.requests[1]!.body.tools.length, 1, 'only the function: no code interpreter was asked for')
+})
+
+t.test('a streamed function call: arguments delta and done, then the response completes', async (t) => {
+  const { client, upstream } = await setup(t)
+  upstream.script(toolCall({ name: 'get_weather', arguments: '{"city":"Rome"}' }))
+  const stream = client.responses.stream({ model: 'gpt-4o-mini', input: 'Weather in Rome?', tools: [WEATHER] })
+  const types: string[] = []
+  stream.on('event', (event) => types.push(event.type))
+  const final = await stream.finalResponse()
+  t.same(types, [
+    'response.created',
+    'response.in_progress',
+    'response.output_item.added',
+    'response.function_call_arguments.delta',
+    'response.function_call_arguments.done',
+    'response.output_item.done',
+    'response.completed',
+  ])
+  t.match(final.output, [{ type: 'function_call', name: 'get_weather', arguments: '{"city":"Rome"}', status: 'completed' }])
+})
+
+t.test('function tools: refusals name the field in the Responses request', async (t) => {
+  const { upstream, app } = await setup(t)
+  const post = (payload: unknown) => app.inject({ method: 'POST', url: '/v1/responses', headers: auth(), payload: payload as Record<string, unknown> })
+  const cases: [unknown, string, string][] = [
+    [{ input: 'x', tools: [CODE_INTERPRETER, { ...WEATHER, name: 'execute' }] }, 'tools[1].name', 'tool_name_reserved'],
+    [{ input: 'x', tools: [CODE_INTERPRETER, { ...WEATHER, name: 'bad name!' }] }, 'tools[1].name', 'invalid_request'],
+    [{ input: 'x', tools: [WEATHER], tool_choice: { type: 'function', name: 'nope' } }, 'tool_choice.name', 'invalid_request'],
+    [{ input: 'x', tools: [CODE_INTERPRETER], tool_choice: 'required' }, 'tool_choice', 'unsupported_parameter'],
+    [{ input: [{ role: 'user', content: 'x' }, { type: 'function_call_output', call_id: 'call_nope', output: '1' }], tools: [WEATHER] }, 'input[1].call_id', 'unknown_tool_call'],
+    [{ input: [{ type: 'function_call_output', output: '1' }] }, 'input[0].call_id', 'invalid_input'],
+  ]
+  for (const [payload, param, code] of cases) {
+    const res = await post(payload)
+    t.equal(res.statusCode, 400, JSON.stringify(payload).slice(0, 100))
+    t.match(res.json(), { error: { param, code } }, JSON.stringify(payload).slice(0, 100))
+  }
+  t.equal(upstream.requests.length, 0, 'no upstream call')
+  t.same((await app.inject({ url: '/v1/sessions', headers: auth() })).json().sessions, [], 'no session made')
+})
