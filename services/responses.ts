@@ -114,7 +114,7 @@ export class ResponsesService {
     const background = body.background === true
     if (background && !store) throw invalidRequest('Background responses must be stored (store: true)', 'background')
     if (body.input === undefined) throw invalidRequest('input is required', 'input')
-    const parsed = fromResponseInput(body.input)
+    const parsed = fromResponseInput(await this.referenced(tenantId, body.input))
     const { container, codeTool, tools, clientTools } = this.tools(body)
 
     const previous = body.previous_response_id ? await this.deps.store.getResponse(tenantId, body.previous_response_id) : undefined
@@ -198,6 +198,25 @@ export class ResponsesService {
         ...(clientTools ? { clientTools } : {}),
       },
     }
+  }
+
+  /**
+   * The input with each `item_reference` replaced by the stored output item it names (clients
+   * such as the AI SDK send earlier items that way); 404 for an item the tenant has not got.
+   */
+  private async referenced(tenantId: string, input: string | unknown[]): Promise<string | unknown[]> {
+    if (typeof input === 'string') return input
+    const isReference = (item: unknown): item is { type: 'item_reference'; id: unknown } =>
+      typeof item === 'object' && item !== null && (item as { type?: unknown }).type === 'item_reference'
+    const ids = input.filter(isReference).map((item) => item.id)
+    if (ids.length === 0) return input
+    const found = await this.deps.store.getResponseItems(tenantId, ids.filter((id): id is string => typeof id === 'string'))
+    return input.map((item, i) => {
+      if (!isReference(item)) return item
+      const stored = typeof item.id === 'string' ? found.get(item.id) : undefined
+      if (!stored) throw new ApiError(404, 'not_found_error', 'item_not_found', `No stored item with id '${String(item.id)}'`, `input[${i}].id`)
+      return stored
+    })
   }
 
   /**

@@ -51,7 +51,7 @@ const isRecord = (value: unknown): value is Item => typeof value === 'object' &&
 /**
  * Converts a request's `input` (a string, or a list of items: messages, earlier output items,
  * `function_call_output`) into LMC inputs. Refuses (400 with `param`) what it cannot honour:
- * images by URL or file id, files, references to items it does not keep.
+ * images by URL or file id, files. Item references are resolved before (services/responses.ts).
  */
 export function fromResponseInput(input: string | unknown[]): ResponseInput {
   if (typeof input === 'string') {
@@ -84,12 +84,6 @@ export function fromResponseInput(input: string | unknown[]): ResponseInput {
       case 'reasoning':
         // Reasoning of another model carries nothing the upstream here can read.
         break
-      case 'item_reference':
-        throw invalidRequest(
-          'Item references are not supported: send the items themselves, or continue with previous_response_id',
-          `${at}.type`,
-          'unsupported_parameter',
-        )
       default:
         throw invalidRequest(`Unsupported input item type "${String(type)}"`, `${at}.type`, 'invalid_input')
     }

@@ -85,6 +85,13 @@ interface ResponsesTable {
   messages: string
 }
 
+interface ResponseItemsTable {
+  tenant_id: string
+  id: string
+  response_id: string
+  item: string
+}
+
 export interface Database {
   suspended_turns: SuspendedTurnsTable
   sessions: SessionsTable
@@ -94,6 +101,7 @@ export interface Database {
   settings: SettingsTable
   secrets: SecretsTable
   responses: ResponsesTable
+  response_items: ResponseItemsTable
 }
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
@@ -113,6 +121,9 @@ const RESPONSE_ID = /^resp_[0-9a-f]{48}$/
 function responseIdOrUndefined(id: string): string | undefined {
   return RESPONSE_ID.test(id) ? id : undefined
 }
+
+/** Output item ids as the server makes them (`msg_…`, `ci_…`, `fc_…`): nothing else names a stored item. */
+const ITEM_ID = /^[a-z]{2,4}_[0-9a-f]{32,48}$/
 
 /** A chain of `previous_response_id` links is walked at most this deep. */
 const MAX_RESPONSE_CHAIN = 10_000
@@ -360,6 +371,10 @@ export class KyselyStore implements Store {
       await trx.deleteFrom('messages').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('events').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('suspended_turns').where('session_id', '=', sessionId).execute()
+      await trx
+        .deleteFrom('response_items')
+        .where('response_id', 'in', (eb) => eb.selectFrom('responses').select('id').where('session_id', '=', sessionId))
+        .execute()
       await trx.deleteFrom('responses').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('sessions').where('id', '=', sessionId).execute()
       return true
@@ -645,20 +660,46 @@ export class KyselyStore implements Store {
   ): Promise<boolean> {
     const responseId = responseIdOrUndefined(id)
     if (!responseId) return false
-    const result = await this.#db
-      .updateTable('responses')
-      .set({ status: patch.status, response: JSON.stringify(patch.response), messages: JSON.stringify(patch.messages) })
-      .where('id', '=', responseId)
-      .where('tenant_id', '=', tenantId)
-      .executeTakeFirst()
-    return Number(result.numUpdatedRows) > 0
+    const output = Array.isArray(patch.response.output) ? (patch.response.output as Record<string, unknown>[]) : []
+    const items = output
+      .filter((item) => typeof item?.id === 'string' && item.id)
+      .map((item) => ({ tenant_id: tenantId, id: item.id as string, response_id: responseId, item: JSON.stringify(item) }))
+    return this.#db.transaction().execute(async (trx) => {
+      const result = await trx
+        .updateTable('responses')
+        .set({ status: patch.status, response: JSON.stringify(patch.response), messages: JSON.stringify(patch.messages) })
+        .where('id', '=', responseId)
+        .where('tenant_id', '=', tenantId)
+        .executeTakeFirst()
+      if (Number(result.numUpdatedRows) === 0) return false
+      if (items.length > 0) {
+        await trx
+          .insertInto('response_items')
+          .values(items)
+          .onConflict((oc) => oc.columns(['tenant_id', 'id']).doUpdateSet((eb) => ({ response_id: eb.ref('excluded.response_id'), item: eb.ref('excluded.item') })))
+          .execute()
+      }
+      return true
+    })
+  }
+
+  async getResponseItems(tenantId: string, ids: string[]): Promise<Map<string, Record<string, unknown>>> {
+    const found = new Map<string, Record<string, unknown>>()
+    const wanted = ids.filter((id) => ITEM_ID.test(id))
+    if (wanted.length === 0) return found
+    const rows = await this.#db.selectFrom('response_items').select(['id', 'item']).where('tenant_id', '=', tenantId).where('id', 'in', wanted).execute()
+    for (const row of rows) found.set(row.id, JSON.parse(row.item) as Record<string, unknown>)
+    return found
   }
 
   async deleteResponse(tenantId: string, id: string): Promise<boolean> {
     const responseId = responseIdOrUndefined(id)
     if (!responseId) return false
-    const result = await this.#db.deleteFrom('responses').where('id', '=', responseId).where('tenant_id', '=', tenantId).executeTakeFirst()
-    return Number(result.numDeletedRows) > 0
+    return this.#db.transaction().execute(async (trx) => {
+      await trx.deleteFrom('response_items').where('response_id', '=', responseId).where('tenant_id', '=', tenantId).execute()
+      const result = await trx.deleteFrom('responses').where('id', '=', responseId).where('tenant_id', '=', tenantId).executeTakeFirst()
+      return Number(result.numDeletedRows) > 0
+    })
   }
 
   async responseContext(tenantId: string, id: string): Promise<LmcMessage[] | undefined> {

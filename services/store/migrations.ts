@@ -118,6 +118,15 @@ function migrations(engine: Engine): Record<string, Migration> {
           .addColumn('messages', text, (col) => col.notNull())
           .execute()
         await db.schema.createIndex('responses_session_idx').on('responses').column('session_id').execute()
+        await db.schema
+          .createTable('response_items')
+          .addColumn('tenant_id', text, (col) => col.notNull())
+          .addColumn('id', text, (col) => col.notNull())
+          .addColumn('response_id', text, (col) => col.notNull().references('responses.id'))
+          .addColumn('item', text, (col) => col.notNull())
+          .addPrimaryKeyConstraint('response_items_pk', ['tenant_id', 'id'])
+          .execute()
+        await db.schema.createIndex('response_items_response_idx').on('response_items').column('response_id').execute()
       },
     },
   }

@@ -152,13 +152,18 @@ export interface Store {
 
   createResponse(record: ResponseRecord): Promise<void>
   getResponse(tenantId: string, id: string): Promise<ResponseRecord | undefined>
-  /** Replaces status, Response object and messages of a stored response; false when there is none. */
+  /**
+   * Replaces status, Response object and messages of a stored response; false when there is none.
+   * The Response's output items with an `id` become findable with `getResponseItems`.
+   */
   updateResponse(
     tenantId: string,
     id: string,
     patch: Pick<ResponseRecord, 'status' | 'response' | 'messages'>,
   ): Promise<boolean>
   deleteResponse(tenantId: string, id: string): Promise<boolean>
+  /** Output items of the tenant's stored responses by item id (an `item_reference`); unknown ids are left out. */
+  getResponseItems(tenantId: string, ids: string[]): Promise<Map<string, Record<string, unknown>>>
   /**
    * The LMC messages of a response and of every response before it through
    * `previous_response_id`, oldest first; undefined when the tenant has no such response. The

@@ -365,7 +365,7 @@ t.test('401, 404 and bad input get the error envelope, and make nothing', async 
     [{ input: [{ role: 'user', content: [{ type: 'input_image', image_url: 'http://169.254.169.254/x.png' }] }] }, 'input[0].content[0].image_url', 'invalid_input'],
     [{ input: [{ role: 'user', content: [{ type: 'input_file', file_id: 'file-1' }] }] }, 'input[0].content[0].type', 'invalid_input'],
     [{ input: [{ role: 'tyrant', content: 'x' }] }, 'input[0].role', 'invalid_input'],
-    [{ input: [{ type: 'item_reference', id: 'msg_1' }] }, 'input[0].type', 'unsupported_parameter'],
+    [{ input: [{ role: 'user', content: 'x' }, { type: 'item_reference', id: 'msg_1' }] }, 'input[1].id', 'item_not_found'],
     [{ input: 'x', tools: [{ type: 'web_search' }] }, 'tools[0].type', 'unsupported_parameter'],
     [{ input: 'x', tools: [CODE_INTERPRETER, CODE_INTERPRETER] }, 'tools[1]', 'invalid_request'],
     [{ input: 'x', tools: [{ type: 'code_interpreter' }] }, 'tools[0].container', 'invalid_request'],
@@ -602,4 +602,56 @@ t.test('function tools: refusals name the field in the Responses request', async
   }
   t.equal(upstream.requests.length, 0, 'no upstream call')
   t.same((await app.inject({ url: '/v1/sessions', headers: auth() })).json().sessions, [], 'no session made')
+})
+
+t.test('the AI SDK runs a function tool over two steps and sends the earlier items back', async (t) => {
+  const { createOpenAI } = await import('@ai-sdk/openai')
+  const { generateText, stepCountIs, tool } = await import('ai')
+  const { z } = await import('zod')
+  const { upstream, baseURL } = await setup(t)
+  const provider = createOpenAI({ baseURL, apiKey: ADMIN_KEY })
+  upstream.script(toolCall({ name: 'get_weather', arguments: '{"city":"Lima"}' }, { text: 'Let me check.' }), text('It is 20 °C in Lima.'))
+  const cities: string[] = []
+  const result = await generateText({
+    model: provider('gpt-4o-mini'),
+    prompt: 'Weather in Lima?',
+    tools: {
+      get_weather: tool({
+        description: 'The weather in a city',
+        inputSchema: z.object({ city: z.string() }),
+        execute: async ({ city }) => {
+          cities.push(city)
+          return { celsius: 20 }
+        },
+      }),
+    },
+    stopWhen: stepCountIs(3),
+    maxRetries: 0,
+  })
+  t.same(cities, ['Lima'])
+  t.equal(result.text, 'It is 20 °C in Lima.')
+  t.equal(result.steps.length, 2)
+  const tool_ = upstream.requests[1]!.body.messages.find((m: { role: string }) => m.role === 'tool')
+  t.match(tool_, { content: /"celsius":20/ })
+  t.match(
+    upstream.requests[1]!.body.messages.map((m: { role: string; content: unknown }) => m.role),
+    ['user', 'assistant', 'tool'],
+  )
+})
+
+t.test('auto_run: false stops the response before its code runs; the session confirm endpoint resumes it', async (t) => {
+  const { client, upstream, app } = await setup(t)
+  await app.inject({ method: 'PATCH', url: '/v1/settings', headers: auth(), payload: { auto_run: false } })
+  upstream.script(toolCall({ language: 'python', code: 'print("approved")' }), text('It ran.'))
+  const response = await client.responses.create({ model: 'gpt-4o-mini', input: 'x', tools: [CODE_INTERPRETER] })
+  t.equal(response.status, 'incomplete')
+  t.same(response.incomplete_details, { reason: 'confirmation_required' })
+  t.match(response.output, [{ type: 'code_interpreter_call', code: 'print("approved")', status: 'incomplete', outputs: [] }])
+  t.equal(upstream.requests.length, 1)
+  const sessionId = response.output[0]?.type === 'code_interpreter_call' ? response.output[0].container_id : ''
+  const confirmed = await app.inject({ method: 'POST', url: `/v1/sessions/${sessionId}/confirm`, headers: auth(), payload: { approve: true } })
+  t.equal(confirmed.statusCode, 200)
+  const messages = (await app.inject({ url: `/v1/sessions/${sessionId}/messages`, headers: auth() })).json().messages
+  t.match(messages.at(-1), { role: 'assistant', content: 'It ran.' })
+  t.ok(messages.some((m: { type: string; content: string }) => m.type === 'console' && m.content === 'approved\n'), 'the code ran once approved')
 })

@@ -141,10 +141,11 @@ t.test('fromResponseInput: strings, messages, parts, earlier output items', asyn
     { role: 'assistant', type: 'code', format: 'shell', content: 'echo hi' },
     { role: 'computer', type: 'console', format: 'output', content: 'hi\n' },
     { role: 'computer', type: 'image', format: 'base64.png', content: 'AAAA' },
-    { role: 'assistant', type: 'message', format: 'text', content: '[called lookup with {"q":1}]' },
-    { role: 'computer', type: 'console', format: 'output', content: 'found' },
+    { role: 'assistant', type: 'tool_call', content: { id: 'call_1', name: 'lookup', arguments: '{"q":1}' } },
+    { role: 'computer', type: 'tool_result', content: { tool_call_id: 'call_1', content: 'found' } },
   ])
   t.equal(parsed.items.length, 8, 'every item is listed, with an id')
+  t.same(parsed.sources, [2, 2, 2, 3, 4, 4, 4, 5, 6], 'each input knows its item')
   t.equal(parsed.items[3]!.id, 'msg_old', 'ids the client gave are kept')
 })
 
@@ -163,5 +164,5 @@ t.test('fromResponseInput refuses what it cannot honour, naming the field', asyn
   t.same(refused([{ role: 'user', content: 7 }]), [400, 'input[0].content', 'invalid_input'])
   t.same(refused([{ role: 'assistant', content: [{ type: 'input_image' }] }]), [400, 'input[0].content[0]', 'invalid_input'])
   t.same(refused([{ type: 'code_interpreter_call', code: 'x', outputs: [{ type: 'image', url: 'https://example.com/a.png' }] }]), [400, 'input[0].outputs[0]', 'invalid_input'])
-  t.same(refused([{ type: 'item_reference', id: 'msg_1' }]), [400, 'input[0].type', 'unsupported_parameter'])
+  t.same(refused([{ type: 'item_reference', id: 'msg_1' }]), [400, 'input[0].type', 'invalid_input'], 'references are resolved before, never converted')
 })

@@ -466,6 +466,16 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     t.equal(await store.updateResponse(owner, id, { status: 'completed', response: { id, status: 'completed' }, messages: [user, answer] }), true)
     t.match(await store.getResponse(owner, id), { status: 'completed', response: { status: 'completed' }, messages: [user, answer], input: record.input })
 
+    const output = [
+      { id: `msg_${'a'.repeat(32)}`, type: 'message', role: 'assistant', content: [{ type: 'output_text', text: 'hello' }] },
+      { id: `fc_${'b'.repeat(32)}`, type: 'function_call', call_id: 'call_1', name: 'f', arguments: '{}' },
+    ]
+    t.equal(await store.updateResponse(owner, id, { status: 'completed', response: { id, status: 'completed', output }, messages: [user, answer] }), true)
+    const items = await store.getResponseItems(owner, [output[0]!.id, output[1]!.id, `msg_${'c'.repeat(32)}`, 'msg_\u0000', 'x'])
+    t.same([...items.keys()].sort(), [output[1]!.id, output[0]!.id].sort(), 'output items are found by id; unknown ids are left out')
+    t.same(items.get(output[0]!.id), output[0])
+    t.equal((await store.getResponseItems(intruder, [output[0]!.id])).size, 0, 'not by another tenant')
+
     for (const bad of ['nope', `${id}0`, id.toUpperCase(), 'resp_\u0000', '']) {
       t.equal(await store.getResponse(owner, bad), undefined, `get ${JSON.stringify(bad)}`)
       t.equal(await store.deleteResponse(owner, bad), false, `delete ${JSON.stringify(bad)}`)
@@ -473,6 +483,7 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     }
     t.equal(await store.deleteResponse(owner, id), true)
     t.equal(await store.getResponse(owner, id), undefined)
+    t.equal((await store.getResponseItems(owner, [output[0]!.id])).size, 0, 'its items go with it')
     t.equal(await store.deleteResponse(owner, id), false)
   })
 
@@ -502,8 +513,11 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     const owner = tenant()
     const session = await store.createSession({ tenantId: owner, model: 'm' })
     const id = responseId()
-    await store.createResponse({ id, tenantId: owner, sessionId: session.id, previousResponseId: null, status: 'completed', createdAt: iso(), response: {}, input: [], messages: [] })
+    await store.createResponse({ id, tenantId: owner, sessionId: session.id, previousResponseId: null, status: 'in_progress', createdAt: iso(), response: {}, input: [], messages: [] })
+    const item = { id: `ci_${'d'.repeat(32)}`, type: 'code_interpreter_call' }
+    await store.updateResponse(owner, id, { status: 'completed', response: { output: [item] }, messages: [] })
     t.equal(await store.deleteSession(owner, session.id), true)
     t.equal(await store.getResponse(owner, id), undefined)
+    t.equal((await store.getResponseItems(owner, [item.id])).size, 0)
   })
 }
