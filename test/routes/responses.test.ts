@@ -655,3 +655,16 @@ t.test('auto_run: false stops the response before its code runs; the session con
   t.match(messages.at(-1), { role: 'assistant', content: 'It ran.' })
   t.ok(messages.some((m: { type: string; content: string }) => m.type === 'console' && m.content === 'approved\n'), 'the code ran once approved')
 })
+
+t.test('the per-session rate limit counts responses against the session they name', async (t) => {
+  const { client, upstream } = await setup(t, { SESSION_RATE_LIMIT_PER_MINUTE: '1' })
+  upstream.script(text('one'), text('two'), text('three'))
+  const first = await client.responses.create({ model: 'gpt-4o-mini', input: 'a', tools: [CODE_INTERPRETER] })
+  const container = (first.tools[0] as { container: string }).container
+  await client.responses.create({ model: 'gpt-4o-mini', input: 'b', previous_response_id: first.id })
+  const limited = (await failure(client.responses.create({ model: 'gpt-4o-mini', input: 'c', previous_response_id: first.id }))) as InstanceType<typeof OpenAI.RateLimitError>
+  t.equal(limited.status, 429, 'named by previous_response_id')
+  const byContainer = (await failure(client.responses.create({ model: 'gpt-4o-mini', input: 'd', tools: [{ type: 'code_interpreter', container }] }))) as InstanceType<typeof OpenAI.RateLimitError>
+  t.equal(byContainer.status, 429, 'named by the container')
+  t.equal((await client.responses.create({ model: 'gpt-4o-mini', input: 'e' })).status, 'completed', 'a new session is not limited')
+})
