@@ -29,6 +29,7 @@ import healthRoutes from './routes/health.js'
 import keyRoutes from './routes/keys.js'
 import metricsRoutes from './routes/metrics.js'
 import openaiRoutes from './routes/openai.js'
+import responseRoutes from './routes/responses.js'
 import sessionRoutes from './routes/sessions.js'
 import settingsRoutes from './routes/settings.js'
 import { ErrorResponse } from './schemas/common.js'
@@ -136,6 +137,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     await api.register(sessionRoutes)
     await api.register(chatRoutes)
     await api.register(openaiRoutes)
+    await api.register(responseRoutes)
     await api.register(executeRoutes)
     await api.register(fileRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
     await api.register(eventLog)

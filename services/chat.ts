@@ -26,6 +26,13 @@ export interface ChatRequest {
   systemMessage?: string
   /** The client's function tools; a call to one suspends the turn until its results come back. */
   tools?: ClientTools
+  /**
+   * The conversation this turn continues, instead of the session's whole log (the Responses
+   * API's `previous_response_id` chain, which may branch within one session).
+   */
+  history?: LmcMessage[]
+  /** Offer the server's code tool; false runs a plain model turn in the session. Default true. */
+  codeTool?: boolean
   emit?: (chunk: LmcChunk) => void
   /**
    * Called once the upstream first answered and the user's messages are stored: from here on
@@ -57,6 +64,8 @@ export type Pending =
 
 export interface ChatResult extends TurnResult {
   model: string
+  /** The request's messages as stored at the start of the turn (before `messages`). */
+  inputs: LmcMessage[]
   /** Set when the turn is suspended, waiting for its client. */
   pending?: Pending
 }
@@ -269,8 +278,8 @@ export class ChatService {
       const [settings, secrets, languages, stored] = await Promise.all([
         req.settings && req.config === params.config ? req.settings : this.deps.settings.effective(req.tenantId, params.config),
         this.deps.secrets.forTenant(req.tenantId),
-        this.deps.languages(),
-        store.allMessages(req.sessionId),
+        req.codeTool === false ? [] : this.deps.languages(),
+        req.history ?? store.allMessages(req.sessionId),
       ])
       const inputs = plan.inputs.map(
         (input) =>
@@ -337,11 +346,11 @@ export class ChatService {
         metrics.runs.inc({ outcome: 'suspended' })
         if (pending.type === 'confirmation') await bus.append(req.sessionId, 'awaiting_confirmation', { message_id: pending.message_id })
         await bus.append(req.sessionId, 'run_suspended', { usage: result.usage, pending })
-        return { ...result, model: settings.model, pending }
+        return { ...result, model: settings.model, inputs, pending }
       }
       metrics.runs.inc({ outcome: result.stopped ? 'stopped' : 'finished' })
       await bus.append(req.sessionId, 'run_finished', { usage: result.usage, stopped: result.stopped })
-      return { ...result, model: settings.model }
+      return { ...result, model: settings.model, inputs }
     } catch (err) {
       metrics.runs.inc({ outcome: 'failed' })
       if (!started) {

@@ -36,7 +36,7 @@ export interface TurnOptions {
   customInstructions?: string
   /** Stored history, already including this turn's user messages. */
   history: LmcMessage[]
-  /** What the `execute` tool (or a fenced block) may ask for. */
+  /** What the `execute` tool (or a fenced block) may ask for; empty: the turn runs no code and offers no tool. */
   languages: Language[]
   /** LLM_TOOLS: offer the `execute` tool; when false, fenced code blocks in the reply are run. */
   tools: boolean
@@ -295,6 +295,14 @@ class Turn implements Writer {
     }
   }
 
+  /**
+   * The `execute` tool is offered: tool calling is on and there is something to run code in.
+   * Replies are still read as tool calls whenever tool calling is on, for the client's tools.
+   */
+  private get tools(): boolean {
+    return this.opts.tools && this.opts.languages.length > 0
+  }
+
   open(head: Head): Draft {
     return new Draft(this.io, head)
   }
@@ -392,7 +400,7 @@ class Turn implements Writer {
       model: opts.model,
       messages: buildMessages([...opts.history, ...this.messages], {
         languages: opts.languages,
-        tools: opts.tools,
+        tools: this.tools,
         systemMessage: opts.systemMessage,
         customInstructions: opts.customInstructions,
         maxOutputChars: opts.maxOutputChars,
@@ -411,7 +419,7 @@ class Turn implements Writer {
   /** `execute` (unless code travels in fences) and the client's tools, with the client's choice fields. */
   private toolFields(): Partial<ChatCompletionCreateParamsStreaming> {
     const { clientTools } = this.opts
-    const tools = [...(this.opts.tools ? [executeTool(this.opts.languages)] : []), ...(clientTools?.tools ?? [])]
+    const tools = [...(this.tools ? [executeTool(this.opts.languages)] : []), ...(clientTools?.tools ?? [])]
     if (tools.length === 0) return {}
     return {
       tools,

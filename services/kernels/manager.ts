@@ -159,7 +159,10 @@ export class KernelManager {
       result.interrupted = true
     } else {
       const key = keyOf(req.sessionId, req.language)
-      await this.runOn(key, await this.kernelFor(key, req, emit), req, emit, result)
+      const kernel = await this.kernelFor(key, req, emit)
+      // An abort while the kernel started came before runOn listens for one: the code must not run.
+      if (req.signal?.aborted) result.interrupted = true
+      else await this.runOn(key, kernel, req, emit, result)
     }
     result.durationMs = Math.round(performance.now() - started)
     return result

@@ -3,7 +3,7 @@ import { type Dialect, Kysely, type Selectable, type Transaction, sql } from 'ky
 import type { LmcMessage } from '../../schemas/lmc.js'
 import { invalidRequest, sessionNotFound } from '../errors.js'
 import { type Engine, migrate } from './migrations.js'
-import type { ApiKeyRecord, EventRecord, Page, SecretRecord, SessionRecord, Store, SuspendedTurnRecord } from './types.js'
+import type { ApiKeyRecord, EventRecord, Page, ResponseRecord, SecretRecord, SessionRecord, Store, SuspendedTurnRecord } from './types.js'
 
 interface SessionsTable {
   id: string
@@ -73,6 +73,25 @@ interface SuspendedTurnsTable {
   created_at: string
 }
 
+interface ResponsesTable {
+  id: string
+  tenant_id: string
+  session_id: string
+  previous_response_id: string | null
+  status: string
+  created_at: string
+  response: string
+  input: string
+  messages: string
+}
+
+interface ResponseItemsTable {
+  tenant_id: string
+  id: string
+  response_id: string
+  item: string
+}
+
 export interface Database {
   suspended_turns: SuspendedTurnsTable
   sessions: SessionsTable
@@ -81,6 +100,8 @@ export interface Database {
   api_keys: ApiKeysTable
   settings: SettingsTable
   secrets: SecretsTable
+  responses: ResponsesTable
+  response_items: ResponseItemsTable
 }
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
@@ -93,6 +114,19 @@ const ISO_TIMESTAMP = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/
 function uuidOrUndefined(id: string): string | undefined {
   return UUID.test(id) ? id.toLowerCase() : undefined
 }
+
+const RESPONSE_ID = /^resp_[0-9a-f]{48}$/
+
+/** Response ids are ours (`resp_` + 48 hex digits); anything else names no row. */
+function responseIdOrUndefined(id: string): string | undefined {
+  return RESPONSE_ID.test(id) ? id : undefined
+}
+
+/** Output item ids as the server makes them (`msg_…`, `ci_…`, `fc_…`): nothing else names a stored item. */
+const ITEM_ID = /^[a-z]{2,4}_[0-9a-f]{32,48}$/
+
+/** A chain of `previous_response_id` links is walked at most this deep. */
+const MAX_RESPONSE_CHAIN = 10_000
 
 /** `toISOString()` is fixed-width, so text order is time order on both engines. */
 const now = () => new Date().toISOString()
@@ -145,6 +179,20 @@ function decodeCursor(cursor: string): { createdAt: string; id: string } {
     throw invalidRequest('Invalid cursor', 'cursor')
   }
   return { createdAt: parsed[0], id: parsed[1] }
+}
+
+function toResponse(row: Selectable<ResponsesTable>): ResponseRecord {
+  return {
+    id: row.id,
+    tenantId: row.tenant_id,
+    sessionId: row.session_id,
+    previousResponseId: row.previous_response_id,
+    status: row.status,
+    createdAt: row.created_at,
+    response: JSON.parse(row.response) as Record<string, unknown>,
+    input: JSON.parse(row.input) as Record<string, unknown>[],
+    messages: JSON.parse(row.messages) as LmcMessage[],
+  }
 }
 
 function toSession(row: Selectable<SessionsTable>): SessionRecord {
@@ -323,6 +371,11 @@ export class KyselyStore implements Store {
       await trx.deleteFrom('messages').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('events').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('suspended_turns').where('session_id', '=', sessionId).execute()
+      await trx
+        .deleteFrom('response_items')
+        .where('response_id', 'in', (eb) => eb.selectFrom('responses').select('id').where('session_id', '=', sessionId))
+        .execute()
+      await trx.deleteFrom('responses').where('session_id', '=', sessionId).execute()
       await trx.deleteFrom('sessions').where('id', '=', sessionId).execute()
       return true
     })
@@ -569,6 +622,101 @@ export class KyselyStore implements Store {
           .execute()
       }
     })
+  }
+
+  async createResponse(record: ResponseRecord): Promise<void> {
+    await this.#db
+      .insertInto('responses')
+      .values({
+        id: record.id,
+        tenant_id: record.tenantId,
+        session_id: record.sessionId,
+        previous_response_id: record.previousResponseId,
+        status: record.status,
+        created_at: record.createdAt,
+        response: JSON.stringify(record.response),
+        input: JSON.stringify(record.input),
+        messages: JSON.stringify(record.messages),
+      })
+      .execute()
+  }
+
+  async getResponse(tenantId: string, id: string): Promise<ResponseRecord | undefined> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return undefined
+    const row = await this.#db
+      .selectFrom('responses')
+      .selectAll()
+      .where('id', '=', responseId)
+      .where('tenant_id', '=', tenantId)
+      .executeTakeFirst()
+    return row && toResponse(row)
+  }
+
+  async updateResponse(
+    tenantId: string,
+    id: string,
+    patch: Pick<ResponseRecord, 'status' | 'response' | 'messages'>,
+  ): Promise<boolean> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return false
+    const output = Array.isArray(patch.response.output) ? (patch.response.output as Record<string, unknown>[]) : []
+    const items = output
+      .filter((item) => typeof item?.id === 'string' && item.id)
+      .map((item) => ({ tenant_id: tenantId, id: item.id as string, response_id: responseId, item: JSON.stringify(item) }))
+    return this.#db.transaction().execute(async (trx) => {
+      const result = await trx
+        .updateTable('responses')
+        .set({ status: patch.status, response: JSON.stringify(patch.response), messages: JSON.stringify(patch.messages) })
+        .where('id', '=', responseId)
+        .where('tenant_id', '=', tenantId)
+        .executeTakeFirst()
+      if (Number(result.numUpdatedRows) === 0) return false
+      if (items.length > 0) {
+        await trx
+          .insertInto('response_items')
+          .values(items)
+          .onConflict((oc) => oc.columns(['tenant_id', 'id']).doUpdateSet((eb) => ({ response_id: eb.ref('excluded.response_id'), item: eb.ref('excluded.item') })))
+          .execute()
+      }
+      return true
+    })
+  }
+
+  async getResponseItems(tenantId: string, ids: string[]): Promise<Map<string, Record<string, unknown>>> {
+    const found = new Map<string, Record<string, unknown>>()
+    const wanted = ids.filter((id) => ITEM_ID.test(id))
+    if (wanted.length === 0) return found
+    const rows = await this.#db.selectFrom('response_items').select(['id', 'item']).where('tenant_id', '=', tenantId).where('id', 'in', wanted).execute()
+    for (const row of rows) found.set(row.id, JSON.parse(row.item) as Record<string, unknown>)
+    return found
+  }
+
+  async deleteResponse(tenantId: string, id: string): Promise<boolean> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return false
+    return this.#db.transaction().execute(async (trx) => {
+      await trx.deleteFrom('response_items').where('response_id', '=', responseId).where('tenant_id', '=', tenantId).execute()
+      const result = await trx.deleteFrom('responses').where('id', '=', responseId).where('tenant_id', '=', tenantId).executeTakeFirst()
+      return Number(result.numDeletedRows) > 0
+    })
+  }
+
+  async responseContext(tenantId: string, id: string): Promise<LmcMessage[] | undefined> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return undefined
+    // One round trip for the whole chain, however long, on both engines.
+    const { rows } = await sql<{ messages: string }>`
+      with recursive chain(id, previous_response_id, messages, depth) as (
+        select id, previous_response_id, messages, 0 from responses where id = ${responseId} and tenant_id = ${tenantId}
+        union all
+        select r.id, r.previous_response_id, r.messages, chain.depth + 1
+        from responses r join chain on r.id = chain.previous_response_id
+        where r.tenant_id = ${tenantId} and chain.depth < ${MAX_RESPONSE_CHAIN}
+      )
+      select messages from chain order by depth desc`.execute(this.#db)
+    if (rows.length === 0) return undefined
+    return rows.flatMap((row) => JSON.parse(row.messages) as LmcMessage[])
   }
 
   async getSettings(tenantId: string): Promise<Record<string, unknown>> {

@@ -404,6 +404,18 @@ t.test('figures and images come back as PNG', async (t) => {
   t.same(pil.results, [])
 })
 
+t.test('an execution aborted while its kernel starts does not run', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const controller = new AbortController()
+  const running = run(m, id, 'python', 'open("ran.txt", "w").write("ran")\nimport time\ntime.sleep(30)', { signal: controller.signal })
+  // The kernel of a new session takes several turns of the event loop to start.
+  setImmediate(() => controller.abort())
+  const { result } = await running
+  t.equal(result.interrupted, true)
+  t.notOk(existsSync(join(workspacesDir, id, 'ran.txt')), 'the code never ran')
+})
+
 t.test('timeouts interrupt first and kill only when needed', async (t) => {
   const m = manager({ execGraceMs: 800 })
   const id = newSession()

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto'
+import { randomBytes, randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { Test } from 'tap'
 import type { LmcMessage } from '../../schemas/lmc.js'
@@ -18,6 +18,7 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
 
   const tenant = () => `tenant-${randomUUID()}`
   const iso = () => new Date().toISOString()
+  const responseId = () => `resp_${randomBytes(24).toString('hex')}`
   const message = (fields: Partial<LmcMessage> = {}): LmcMessage => ({
     id: randomUUID(),
     role: 'user',
@@ -435,5 +436,88 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
       (await store.listSecrets(one)).map((s) => s.name),
       ['ZED'],
     )
+  })
+
+  t.test('responses: create, get, update, delete, per tenant', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const intruder = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const id = responseId()
+    const user = message({ content: 'hi' })
+    const record = {
+      id,
+      tenantId: owner,
+      sessionId: session.id,
+      previousResponseId: null,
+      status: 'in_progress',
+      createdAt: iso(),
+      response: { id, object: 'response', status: 'in_progress', output: [] },
+      input: [{ id: 'msg_1', type: 'message', role: 'user', content: [{ type: 'input_text', text: 'hi' }] }],
+      messages: [user],
+    }
+    await store.createResponse(record)
+    t.same(await store.getResponse(owner, id), record)
+    t.equal(await store.getResponse(intruder, id), undefined, 'another tenant cannot see it')
+    t.equal(await store.updateResponse(intruder, id, { status: 'completed', response: {}, messages: [] }), false)
+    t.equal(await store.deleteResponse(intruder, id), false)
+
+    const answer = message({ role: 'assistant', content: 'hello' })
+    t.equal(await store.updateResponse(owner, id, { status: 'completed', response: { id, status: 'completed' }, messages: [user, answer] }), true)
+    t.match(await store.getResponse(owner, id), { status: 'completed', response: { status: 'completed' }, messages: [user, answer], input: record.input })
+
+    const output = [
+      { id: `msg_${'a'.repeat(32)}`, type: 'message', role: 'assistant', content: [{ type: 'output_text', text: 'hello' }] },
+      { id: `fc_${'b'.repeat(32)}`, type: 'function_call', call_id: 'call_1', name: 'f', arguments: '{}' },
+    ]
+    t.equal(await store.updateResponse(owner, id, { status: 'completed', response: { id, status: 'completed', output }, messages: [user, answer] }), true)
+    const items = await store.getResponseItems(owner, [output[0]!.id, output[1]!.id, `msg_${'c'.repeat(32)}`, 'msg_\u0000', 'x'])
+    t.same([...items.keys()].sort(), [output[1]!.id, output[0]!.id].sort(), 'output items are found by id; unknown ids are left out')
+    t.same(items.get(output[0]!.id), output[0])
+    t.equal((await store.getResponseItems(intruder, [output[0]!.id])).size, 0, 'not by another tenant')
+
+    for (const bad of ['nope', `${id}0`, id.toUpperCase(), 'resp_\u0000', '']) {
+      t.equal(await store.getResponse(owner, bad), undefined, `get ${JSON.stringify(bad)}`)
+      t.equal(await store.deleteResponse(owner, bad), false, `delete ${JSON.stringify(bad)}`)
+      t.equal(await store.responseContext(owner, bad), undefined, `context ${JSON.stringify(bad)}`)
+    }
+    t.equal(await store.deleteResponse(owner, id), true)
+    t.equal(await store.getResponse(owner, id), undefined)
+    t.equal((await store.getResponseItems(owner, [output[0]!.id])).size, 0, 'its items go with it')
+    t.equal(await store.deleteResponse(owner, id), false)
+  })
+
+  t.test('responseContext walks previous_response_id oldest first, within the tenant', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const make = async (previous: string | null, text: string) => {
+      const id = responseId()
+      const messages = [message({ content: text }), message({ role: 'assistant', content: `re: ${text}` })]
+      await store.createResponse({ id, tenantId: owner, sessionId: session.id, previousResponseId: previous, status: 'completed', createdAt: iso(), response: {}, input: [], messages })
+      return { id, messages }
+    }
+    const first = await make(null, 'one')
+    const second = await make(first.id, 'two')
+    const branch = await make(first.id, 'branch')
+    const third = await make(second.id, 'three')
+    t.same(await store.responseContext(owner, third.id), [...first.messages, ...second.messages, ...third.messages])
+    t.same(await store.responseContext(owner, branch.id), [...first.messages, ...branch.messages], 'a branch sees only its own ancestors')
+    t.equal(await store.responseContext(tenant(), third.id), undefined, 'another tenant has no such response')
+    await store.deleteResponse(owner, second.id)
+    t.same(await store.responseContext(owner, third.id), third.messages, 'the walk stops at a deleted link')
+  })
+
+  t.test('deleteSession removes its responses', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const id = responseId()
+    await store.createResponse({ id, tenantId: owner, sessionId: session.id, previousResponseId: null, status: 'in_progress', createdAt: iso(), response: {}, input: [], messages: [] })
+    const item = { id: `ci_${'d'.repeat(32)}`, type: 'code_interpreter_call' }
+    await store.updateResponse(owner, id, { status: 'completed', response: { output: [item] }, messages: [] })
+    t.equal(await store.deleteSession(owner, session.id), true)
+    t.equal(await store.getResponse(owner, id), undefined)
+    t.equal((await store.getResponseItems(owner, [item.id])).size, 0)
   })
 }
