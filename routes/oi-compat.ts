@@ -37,6 +37,17 @@ function keyOf(request: FastifyRequest): string | undefined {
   return /^Bearer (.+)$/.exec(request.headers.authorization ?? '')?.[1]?.trim()
 }
 
+/** The id of an `{"ack": id}` frame, or undefined for any other frame. */
+function ackOf(raw: unknown): string | undefined {
+  try {
+    const parsed: unknown = JSON.parse(String(raw))
+    const id = (parsed as { ack?: unknown } | null)?.ack
+    return typeof id === 'string' ? id : undefined
+  } catch {
+    return undefined
+  }
+}
+
 /** The user's turn from accumulated chunks; only what a user can say (text, a file path, an image). */
 function userInputs(messages: ReturnType<OiInput['take']>): LmcInput[] {
   if (messages.length === 0) throw invalidRequest('The message is empty', 'content', 'invalid_message')
@@ -350,6 +361,12 @@ const oiCompat: FastifyPluginAsyncTypebox<{ ack: boolean }> = async (app, opts) 
         if (!who) socket.close(CLOSE.unauthorized, 'authentication timed out')
       }, AUTH_TIMEOUT_MS)
       socket.on('message', (raw, binary) => {
+        // Acknowledgements skip the line: one still queued when the socket closes would be lost,
+        // and its frame sent again to the next socket.
+        if (channel && !binary && client.ack) {
+          const ack = ackOf(raw)
+          if (ack !== undefined) return channel.acknowledge(client, ack)
+        }
         // In order: frames sent right after the auth frame wait for its answer, not for a retry.
         chain = chain.then(() => handle(raw, binary)).catch(fail)
       })

@@ -54,8 +54,9 @@ interface Positioned {
 
 export const COMPLETE: OiFrame = { role: 'server', type: 'status', content: 'complete' }
 
+/** Open Interpreter's text messages have no format, and console flags none either. */
 const baseOf = (m: { role: string; type: string; format?: string }): Base =>
-  m.type === 'console' ? { role: m.role, type: m.type } : { role: m.role, type: m.type, ...(m.format ? { format: m.format } : {}) }
+  m.type === 'console' || m.type === 'message' ? { role: m.role, type: m.type } : { role: m.role, type: m.type, ...(m.format ? { format: m.format } : {}) }
 const sameBase = (a: Base | null, b: Base) => a !== null && a.role === b.role && a.type === b.type && a.format === b.format
 /** Messages an Open Interpreter client never sees: its own input and the server's approval requests. */
 const hidden = (m: { role: string; type: string }) => m.role === 'user' || m.type === 'confirmation'
@@ -420,7 +421,7 @@ export class OiCompat {
 export function oiMessages(messages: LmcMessage[]): OiFrame[] {
   return messages
     .filter((m) => m.type !== 'confirmation')
-    .map((m) => ({ role: m.role, type: m.type, ...(m.format ? { format: m.format } : {}), content: m.content }))
+    .map((m) => ({ role: m.role, type: m.type, ...(m.format && m.type !== 'message' ? { format: m.format } : {}), content: m.content }))
 }
 
 /**
