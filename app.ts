@@ -33,6 +33,7 @@ import oiCompatRoutes from './routes/oi-compat.js'
 import openaiRoutes from './routes/openai.js'
 import sessionRoutes from './routes/sessions.js'
 import settingsRoutes from './routes/settings.js'
+import transferRoutes from './routes/transfer.js'
 import { ErrorResponse } from './schemas/common.js'
 import { LmcMessage } from './schemas/lmc.js'
 import type { Store } from './services/store/types.js'
@@ -147,6 +148,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     await api.register(eventLog)
     await api.register(keyRoutes)
     await api.register(settingsRoutes)
+    await api.register(transferRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
   })
   await app.register(eventSocket)
   // Its own key handling (X-API-KEY or bearer; the socket's first frame), as Open Interpreter's server.

@@ -22,8 +22,9 @@ function runClient(env: Record<string, string>): Promise<{ code: number | null; 
 
 const hasPythonClients = () => existsSync(PYTHON) && spawnSync(PYTHON, ['-c', 'import websockets, requests']).status === 0
 
-t.test("Open Interpreter's test_server flow, driven by a Python client on OI_COMPAT_PORT", async (t) => {
-  if (!hasPythonClients()) return t.skip('needs /usr/bin/python3 with python3-websockets and python3-requests')
+const noPythonClients = hasPythonClients() ? false : 'needs /usr/bin/python3 with python3-websockets and python3-requests'
+
+t.test("Open Interpreter's test_server flow, driven by a Python client on OI_COMPAT_PORT", { skip: noPythonClients }, async (t) => {
   const upstream = await startFakeUpstream()
   t.teardown(() => upstream.close())
   const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none' })
