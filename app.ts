@@ -28,6 +28,7 @@ import executeRoutes from './routes/execute.js'
 import fileRoutes from './routes/files.js'
 import healthRoutes from './routes/health.js'
 import keyRoutes from './routes/keys.js'
+import mcpRoutes from './routes/mcp.js'
 import metricsRoutes from './routes/metrics.js'
 import oiCompatRoutes from './routes/oi-compat.js'
 import openaiRoutes from './routes/openai.js'
@@ -149,6 +150,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     await api.register(keyRoutes)
     await api.register(settingsRoutes)
     await api.register(transferRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
+    await api.register(mcpRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
   })
   await app.register(eventSocket)
   // Its own key handling (X-API-KEY or bearer; the socket's first frame), as Open Interpreter's server.

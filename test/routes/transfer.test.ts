@@ -1,7 +1,7 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import yazl from 'yazl'
 import { startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
-import { auth, build, type Tap } from '../helpers/build.js'
+import { auth, build } from '../helpers/build.js'
 import { freshDatabase } from '../helpers/postgres.js'
 
 const KEY_NAME = 'tenant-b'
@@ -19,7 +19,7 @@ async function zipOf(entries: { name: string; data: string | Buffer; mode?: numb
 }
 
 /** An export → import round trip on the store `env` selects. */
-async function roundTrip(t: Tap, env: Record<string, string>) {
+async function roundTrip(t: Test, env: Record<string, string>) {
   const upstream = await startFakeUpstream()
   t.teardown(() => upstream.close())
   const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none', ...env })
