@@ -3,13 +3,14 @@ import { Type } from '@sinclair/typebox'
 import type {} from '@fastify/websocket'
 import type { FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
-import { disconnectSignal, streamRun } from '../plugins/sse.js'
+import { streamRun } from '../plugins/sse.js'
 import { CLOSE, TOO_SLOW_REASON } from '../plugins/websocket.js'
 import { CompletionBody } from '../schemas/chat.js'
 import { errors } from '../schemas/common.js'
 import type { LmcChunk, LmcInput } from '../schemas/lmc.js'
 import { OiSettingsBody, OiSettingName, OiStatus } from '../schemas/oi-compat.js'
 import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
+import type { ChatResult } from '../services/chat.js'
 import type { Principal } from '../services/auth.js'
 import { ApiError, invalidRequest, notFound, sessionBusy } from '../services/errors.js'
 import { COMPLETE, type OiChannel, type OiClient, type OiFrame, OiInput, oiMessages } from '../services/oi-compat.js'
@@ -173,7 +174,7 @@ const oiCompat: FastifyPluginAsyncTypebox<{ ack: boolean }> = async (app, opts) 
         security,
         summary: "The last user message against the default session's history (Open Interpreter's OpenAI-compatible route)",
         description:
-          'As Open Interpreter serves it: only the last message is read, and must be from the user; the history is the server\'s. A standard chat.completion, or with stream: true chat.completion.chunk events and data: [DONE]. With auto_run off the answer ends at code waiting for approval ("Do you want to run this code?"); approve it with a WebSocket `go` or POST /v1/sessions/{id}/confirm.',
+          'As Open Interpreter serves it: only the last message is read, and must be from the user; the history is the server\'s. A standard chat.completion, or with stream: true chat.completion.chunk events and data: [DONE]. With auto_run off the answer ends at code waiting for approval ("Do you want to run this code?"); the turn is suspended until a WebSocket `go` or POST /v1/sessions/{id}/confirm.',
         body: CompletionBody,
         response: { ...errors(400, 401, 404, 409, 429, 502, 503, 504) },
       },
@@ -189,58 +190,35 @@ const oiCompat: FastifyPluginAsyncTypebox<{ ack: boolean }> = async (app, opts) 
       const settings = await app.settings.effective(who.tenantId)
       const meta = { id: completionId(), created: Math.floor(Date.now() / 1000), model: body.model ?? settings.model }
       reply.header('x-session-id', session.id)
-      // Upstream ends the answer where code waits for approval; the run waits on, for `go`.
-      let paused!: () => void
-      const pausedAt = new Promise<'paused'>((resolve) => (paused = () => resolve('paused')))
       const run = (emit?: (chunk: LmcChunk) => void, onStart?: () => void) =>
-        app.chat.run({
-          tenantId: who.tenantId,
-          sessionId: session.id,
-          inputs,
-          settings,
-          ...(onStart ? { onStart } : {}),
-          emit: (chunk) => {
-            if (chunk.type === 'confirmation' && chunk.end) paused()
-            if (chunk.type !== 'confirmation') emit?.(chunk)
-          },
-        })
+        app.chat.run({ tenantId: who.tenantId, sessionId: session.id, inputs, settings, ...(onStart ? { onStart } : {}), ...(emit ? { emit } : {}) })
+      // As upstream, an answer that stops at code waiting for approval asks for it; `go` resumes the turn.
       const ASK = 'Do you want to run this code?'
+      const waits = (result: ChatResult) => result.pending?.type === 'confirmation'
 
       if (!body.stream) {
-        const messages: import('../schemas/lmc.js').LmcMessage[] = []
-        const running = run()
-        const signal = disconnectSignal(reply)
-        signal.addEventListener('abort', () => app.runs.stop(session.id), { once: true })
-        const outcome = await Promise.race([running, pausedAt])
-        if (outcome === 'paused') {
-          messages.push(...(await app.store.allMessages(session.id)).slice(session.messageCount))
-          const shown = renderContent(messages.filter((m) => m.role !== 'user' && m.type !== 'confirmation'))
-          running.catch(() => {})
-          return buildCompletion(meta, `${shown}${shown ? '\n\n' : ''}${ASK}`, { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 })
-        }
-        return buildCompletion(meta, renderContent(outcome.messages), outcome.usage, clientFinishReason(outcome.finishReason))
+        const result = await run()
+        const shown = renderContent(result.messages.filter((m) => m.type !== 'confirmation'))
+        const content = waits(result) ? `${shown}${shown ? '\n\n' : ''}${ASK}` : shown
+        return buildCompletion(meta, content, result.usage, clientFinishReason(result.finishReason))
       }
 
       const chunks = new CompletionChunks(meta)
       return streamRun(request, reply, {
         hold: true,
-        start: (send, started) => {
-          const running = run((lmc) => {
+        start: (send, started) =>
+          run((lmc) => {
+            if (lmc.type === 'confirmation') return
             for (const chunk of chunks.push(lmc)) send(chunk)
-          }, started)
-          running.catch(() => {})
-          return Promise.race([running, pausedAt])
-        },
+          }, started),
         stop: () => app.runs.stop(session.id),
         open: (sse) => sse.send(chunks.start()),
-        done: (sse, outcome) => {
-          if (outcome === 'paused') {
+        done: (sse, result) => {
+          if (waits(result)) {
             for (const chunk of chunks.interrupt()) sse.send(chunk)
             sse.send(chunks.content(`${chunks.text ? '\n\n' : ''}${ASK}`))
-            for (const chunk of chunks.finish('stop')) sse.send(chunk)
-            return
           }
-          for (const chunk of chunks.finish(clientFinishReason(outcome.finishReason))) sse.send(chunk)
+          for (const chunk of chunks.finish(clientFinishReason(result.finishReason))) sse.send(chunk)
         },
         error: (sse, err) => {
           for (const chunk of chunks.interrupt()) sse.send(chunk)
@@ -337,7 +315,7 @@ const oiCompat: FastifyPluginAsyncTypebox<{ ack: boolean }> = async (app, opts) 
         if ('ack' in data) return current.acknowledge(client, data.ack)
         if (data.start === true) {
           // A new message interrupts the answer in progress; a command (go) acts on it instead.
-          if (data.type !== 'command') current.stop()
+          if (data.type !== 'command') await current.stop()
           return input.start(data)
         }
         if (data.end === true) {
@@ -345,10 +323,7 @@ const oiCompat: FastifyPluginAsyncTypebox<{ ack: boolean }> = async (app, opts) 
           const last = messages.at(-1)
           if (last?.type === 'command') {
             if (last.content === 'stop') return current.stop()
-            if (last.content === 'go') {
-              if (!current.approve()) throw new ApiError(409, 'conflict_error', 'nothing_to_confirm', 'No code is waiting for approval')
-              return
-            }
+            if (last.content === 'go') return current.approve(who.tenantId, client)
             throw invalidRequest(`Unknown command '${last.content}' (go, stop)`, 'content', 'invalid_message')
           }
           return current.turn(who.tenantId, userInputs(messages), client)

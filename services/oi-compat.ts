@@ -1,5 +1,5 @@
 import type { LmcChunk, LmcInput, LmcMessage } from '../schemas/lmc.js'
-import type { ChatService } from './chat.js'
+import type { ChatRequest, ChatService } from './chat.js'
 import { ApiError } from './errors.js'
 import type { EventBus } from './events.js'
 import type { RunRegistry } from './runs.js'
@@ -19,7 +19,8 @@ import type { EventRecord, SessionRecord, Store } from './store/types.js'
  * - console blocks carry no `format` on their flags; their content is `format: "output"`,
  *   and `{format: "active_line", content: null}` closes the execution's output;
  * - `{"role":"server","type":"status","content":"complete"}` after every answer, and when the
- *   answer waits for code to be approved (`command` `go`); none after a stopped answer;
+ *   answer is suspended waiting for code to be approved (`command` `go` resumes it); none after
+ *   a stopped answer;
  * - `{"role":"server","type":"error","content": message}` then `complete` on failure.
  * In acknowledgement mode every frame also carries an `id` the client returns as `{"ack": id}`.
  */
@@ -256,17 +257,34 @@ export class OiChannel {
       this.deps.runs.stop(this.sessionId)
       await this.running.catch(() => {})
     }
+    this.start(from, (req) => this.deps.chat.run({ ...req, tenantId, inputs }))
+  }
+
+  /**
+   * Approves the code the answer waits on (`command` `go`): the suspended turn resumes. With
+   * none waiting, the refusal (409 nothing_to_confirm) comes back as an error frame.
+   */
+  approve(tenantId: string, from: OiClient): void {
+    if (this.running) return this.notify(from, [errorFrame(new ApiError(409, 'conflict_error', 'session_busy', 'The answer is still running')), COMPLETE])
+    this.start(from, (req) => this.deps.chat.confirm({ ...req, tenantId, approve: true }))
+  }
+
+  /** Stops the answer in progress, or ends the one waiting for approval (`command` `stop`): no `complete` follows. */
+  async stop(): Promise<void> {
+    if (this.deps.runs.stop(this.sessionId)) return
+    await this.deps.chat.cancelSuspended(this.sessionId)
+  }
+
+  private start(from: OiClient, call: (req: Pick<ChatRequest, 'sessionId' | 'onStart' | 'emit'>) => Promise<unknown>): void {
     let started = false
     // run() refuses synchronously (503, 409): inside then() that becomes a rejection handled below
     const run = Promise.resolve()
       .then(() =>
-        this.deps.chat.run({
-        tenantId,
-        sessionId: this.sessionId,
-        inputs,
-        onStart: () => {
-          started = true
-        },
+        call({
+          sessionId: this.sessionId,
+          onStart: () => {
+            started = true
+          },
           emit: (chunk) => this.enqueue(async () => this.onChunk(chunk)),
         }),
       )
@@ -278,16 +296,6 @@ export class OiChannel {
     void run.finally(() => {
       if (this.running === run) this.running = undefined
     })
-  }
-
-  /** Stops the answer in progress (`command` `stop`): no `complete` follows. */
-  stop(): void {
-    this.deps.runs.stop(this.sessionId)
-  }
-
-  /** Approves the code the answer waits on (`command` `go`); false when none waits. */
-  approve(): boolean {
-    return this.deps.runs.get(this.sessionId)?.confirm(true) ?? false
   }
 
   /** Resolves once every queued step ran (tests, shutdown). */

@@ -74,7 +74,7 @@ t.test("Open Interpreter's test_server flow, driven by a Python client on OI_COM
     { role: 'computer', type: 'console', end: true },
   ])
   t.same(steps.go.frames.at(-1), { role: 'server', type: 'status', content: 'complete' })
-  t.equal(steps['nothing-to-go'].error.content, 'No code is waiting for approval')
+  t.equal(steps['nothing-to-go'].error.content, 'No turn in this session is waiting for a confirmation')
 
   // The answer was cut after four acknowledged frames; the next socket got exactly the rest.
   t.ok(steps.reconnect.first.length > 0 && steps.reconnect.rest.length > 0)
