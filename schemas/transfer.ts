@@ -32,7 +32,20 @@ export const SessionExport = Type.Object(
     ),
     kernel_state: Type.Literal('not_exported', { description: 'Kernel state (variables, imports) is never exported' }),
   },
-  { title: 'Session export' },
+  {
+    title: 'Session export',
+    examples: [
+{
+        format: 'oi-server.session',
+        version: 1,
+        exported_at: '2026-01-02T03:04:05.000Z',
+        session: { id: '0b9a3f2e-5c1d-4e8f-9a7b-1c2d3e4f5a6b', title: 'Plots', metadata: {}, model: 'gpt-4o-mini', created_at: '2026-01-02T03:00:00.000Z' },
+        messages: [{ id: '7d1e2f3a-4b5c-4d6e-8f90-a1b2c3d4e5f6', role: 'user', type: 'message', content: 'Plot y = x^2', created_at: '2026-01-02T03:00:01.000Z' }],
+        events: [],
+        kernel_state: 'not_exported',
+      },
+    ],
+  },
 )
 
 export const ExportQuery = Type.Object({
