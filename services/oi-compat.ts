@@ -45,6 +45,10 @@ export interface OiPosition {
   open: Base | null
   /** Inside a run: messages logged outside one (history posted to /settings, an import) are not output. */
   run?: boolean
+  /** The open console block's `active_line: null` is out; its `end` is not. */
+  lineEnded?: boolean
+  /** The error of this `run_failed` event is out; its `complete` is not. */
+  failed?: number
 }
 
 /** A frame with the position reached once the client has it. */
@@ -121,7 +125,12 @@ export class OiFramer {
       frames = this.close()
       this.pos = { ...this.pos, run: false }
     } else if (event.type === 'run_failed') {
-      frames = [...this.close(), this.frame({ role: 'server', type: 'error', content: data.error?.message ?? 'The run failed' }), this.frame(COMPLETE, event.id, false)]
+      frames = this.close()
+      if (this.pos.failed !== event.id) {
+        this.pos = { ...this.pos, failed: event.id }
+        frames.push(this.frame({ role: 'server', type: 'error', content: data.error?.message ?? 'The run failed' }))
+      }
+      frames.push(this.frame(COMPLETE, event.id, false))
     }
     // A message partly framed stays the next one: its own event comes later in the log.
     this.pos = { ...this.pos, event: Math.max(this.pos.event, event.id) }
@@ -133,8 +142,12 @@ export class OiFramer {
     const open = this.pos.open
     if (!open) return []
     const frames: Positioned[] = []
-    if (open.type === 'console') frames.push(this.frame({ ...open, format: 'active_line', content: null }))
-    this.pos = { ...this.pos, open: null }
+    if (open.type === 'console' && !this.pos.lineEnded) {
+      this.pos = { ...this.pos, lineEnded: true }
+      frames.push(this.frame({ ...open, format: 'active_line', content: null }))
+    }
+    const { lineEnded: _, ...rest } = this.pos
+    this.pos = { ...rest, open: null }
     frames.push(this.frame({ ...open, end: true }))
     return frames
   }
