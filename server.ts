@@ -7,7 +7,7 @@ import type { SandboxStatus } from './plugins/kernels.js'
 import { createLogger } from './services/logger.js'
 import { VERSION } from './services/version.js'
 
-function banner(config: Config, url: string, sandbox: SandboxStatus): string {
+function banner(config: Config, url: string, sandbox: SandboxStatus, compatPort: number | undefined): string {
   const storage = config.DATABASE_URL ? 'PostgreSQL (DATABASE_URL)' : `SQLite in ${config.DATA_DIR}`
   const lines = [
     `oi-server ${VERSION} listening on ${url}`,
@@ -16,6 +16,7 @@ function banner(config: Config, url: string, sandbox: SandboxStatus): string {
     `  sandbox:   ${config.SANDBOX}${config.SANDBOX === 'none' ? '  (WARNING: code runs without isolation)' : ''}${sandbox.ok ? '' : `  (NOT WORKING, no code can run: ${sandbox.reason})`}`,
     `  model:     ${config.LITELLM_MODEL}${config.LLM_BASE_URL ? ` via ${config.LLM_BASE_URL}` : '  (no LLM_BASE_URL: set it to enable /v1/chat)'}`,
     `  rate limit: ${config.REDIS_URL ? 'Redis' : 'in memory'}`,
+    `  Open Interpreter protocol: ${url}/oi${compatPort === undefined ? '' : ` and the root of port ${compatPort} (OI_COMPAT_PORT)`}`,
   ]
   const generated = config.generatedApiKey
   if (generated) {
@@ -63,8 +64,9 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
   })
 
   const address = await app.listen({ host: config.HOST, port: config.PORT })
+  const compatPort = config.OI_COMPAT_PORT === undefined ? undefined : await app.listenOiCompat({ host: config.HOST, port: config.OI_COMPAT_PORT })
   // the probe logs its one line (with the fix) when the sandbox cannot work
   const sandbox = await app.sandboxStatus()
   // stderr: stdout carries only the JSON log lines, so a pipe into a log collector stays parsable
-  process.stderr.write(banner(config, address.replace('[::1]', 'localhost'), sandbox))
+  process.stderr.write(banner(config, address.replace('[::1]', 'localhost'), sandbox, compatPort))
 }

@@ -28,6 +28,8 @@ export interface Delivery {
   usageEveryChunk?: boolean
   /** End the stream by closing it cleanly, without `data: [DONE]`. */
   noDone?: boolean
+  /** How many deltas the text is cut into (default 4). */
+  pieces?: number
 }
 
 export interface ScriptedCall {
@@ -256,7 +258,7 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
 
     const events: object[] = [chunk({ role: 'assistant', content: '' })]
     const leadText = step.kind === 'text' ? step.text : (step.text ?? '')
-    for (const piece of split(leadText, 4)) events.push(chunk({ content: piece }))
+    for (const piece of split(leadText, step.pieces ?? 4)) events.push(chunk({ content: piece }))
     let chars = leadText.length
     if (step.kind === 'tool') {
       step.calls.forEach((call, index) => {
