@@ -9,12 +9,20 @@ const SECRET_FIELDS = ['authorization', 'apiKey', 'api_key', 'token', 'secret', 
 /**
  * Paths whose values never reach a log line, all explicit: pino's redaction costs per path, and
  * a wildcard path (`*.token`) makes it walk every object of every line, the request line
- * included, which is a large share of a cheap request. The request line needs no path: Fastify's
- * `req` serializer writes method, url, host and peer address, never headers (test/services/
- * logger.test.ts holds it to that). What else is logged is an error (`err`, whose serializer copies
- * a library's own fields) or fields named at the call.
+ * included, which was a large share of a cheap request. Fastify's `req` serializer writes no
+ * headers (test/services/logger.test.ts holds it to that); the header paths catch a `req` logged
+ * by hand. Otherwise an error (`err`, whose serializer copies a library's own fields) or fields
+ * named at the call can carry a credential.
  */
-export const REDACT_PATHS = [...SECRET_FIELDS, ...SECRET_FIELDS.map((field) => `err.${field}`), 'headers.authorization', 'err.headers.authorization']
+export const REDACT_PATHS = [
+  'req.headers.authorization',
+  'req.headers.cookie',
+  'req.headers["x-api-key"]',
+  'headers.authorization',
+  'err.headers.authorization',
+  ...SECRET_FIELDS,
+  ...SECRET_FIELDS.map((field) => `err.${field}`),
+]
 
 /** Bytes a file or stdout destination gathers before it writes (one write per ~15 request lines). */
 const BUFFER_BYTES = 4096
