@@ -4,7 +4,7 @@ import { buildApp } from './app.js'
 import { type Config, ConfigError, loadConfig } from './config.js'
 import { loadAdminKey } from './services/crypto.js'
 import type { SandboxStatus } from './plugins/kernels.js'
-import { createLogger } from './services/logger.js'
+import { createLogger, flushLogs } from './services/logger.js'
 import { VERSION } from './services/version.js'
 
 function banner(config: Config, url: string, sandbox: SandboxStatus, compatPort: number | undefined): string {
@@ -61,6 +61,8 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
     if (err) logger.error({ err }, 'shutting down after an error')
     else logger.info({ signal }, 'shutting down')
     await app.close()
+    // the destinations buffer lines: the last ones, the shutdown's included, are written now
+    await flushLogs(logger)
   })
 
   const address = await app.listen({ host: config.HOST, port: config.PORT })

@@ -273,13 +273,14 @@ export class ChatService {
     req.signal?.addEventListener('abort', cancel, { once: true })
     let started: Promise<void> | undefined
     try {
-      const plan = this.plan(req, await store.getSuspendedTurn(req.sessionId))
+      // a session made for this turn has nothing suspended and no history to read
+      const plan = this.plan(req, req.newSession ? undefined : await store.getSuspendedTurn(req.sessionId))
       const { params, resume } = plan
       const [settings, secrets, languages, stored] = await Promise.all([
         req.settings && req.config === params.config ? req.settings : this.deps.settings.effective(req.tenantId, params.config),
         this.deps.secrets.forTenant(req.tenantId),
         req.codeTool === false ? [] : this.deps.languages(),
-        req.history ?? store.allMessages(req.sessionId),
+        req.history ?? (req.newSession ? [] : store.allMessages(req.sessionId)),
       ])
       const inputs = plan.inputs.map(
         (input) =>
@@ -299,11 +300,14 @@ export class ChatService {
             if (!(await store.claimSuspendedTurn(req.sessionId, plan.claim.id))) {
               throw new ApiError(409, 'conflict_error', 'session_busy', 'The suspended turn of this session was taken over by another request')
             }
-            // A turn left waiting for an answer that never came is over.
-            if (!resume) await bus.append(req.sessionId, 'run_finished', { usage: { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }, stopped: true })
           }
-          for (const message of inputs) await bus.appendMessage(req.sessionId, message)
-          await bus.append(req.sessionId, 'run_started', { model: settings.model, ...(resume ? { resumed: true } : {}) })
+          // one commit for the phase: the end of an abandoned turn, the user's messages and run_started
+          await bus.appendAll(req.sessionId, [
+            // A turn left waiting for an answer that never came is over.
+            ...(plan.claim && !resume ? [{ type: 'run_finished', data: { usage: { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }, stopped: true } }] : []),
+            ...inputs.map((message) => ({ message })),
+            { type: 'run_started', data: { model: settings.model, ...(resume ? { resumed: true } : {}) } },
+          ])
           req.onStart?.()
         })()
         return started

@@ -1,5 +1,5 @@
 import type { LmcMessage } from '../schemas/lmc.js'
-import type { EventRecord, Store } from './store/types.js'
+import type { AppendEntry, EventRecord, Store } from './store/types.js'
 
 export type EventListener = (event: EventRecord) => void
 
@@ -15,13 +15,21 @@ export class EventBus {
 
   constructor(private readonly store: Store) {}
 
-  append(sessionId: string, type: string, data: unknown): Promise<EventRecord> {
-    return this.chain(sessionId, () => this.store.appendEvent(sessionId, type, data))
+  async append(sessionId: string, type: string, data: unknown): Promise<EventRecord> {
+    return (await this.chain(sessionId, async () => [await this.store.appendEvent(sessionId, type, data)]))[0]!
   }
 
   /** Stores an LMC message together with its `message` event. */
-  appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord> {
-    return this.chain(sessionId, () => this.store.appendMessage(sessionId, message))
+  async appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord> {
+    return (await this.chain(sessionId, async () => [await this.store.appendMessage(sessionId, message)]))[0]!
+  }
+
+  /**
+   * Stores messages and events in one transaction (`Store.appendEntries`): one commit for a phase
+   * of a turn. Subscribers see the events once all of them are stored, in order.
+   */
+  appendAll(sessionId: string, entries: AppendEntry[]): Promise<EventRecord[]> {
+    return this.chain(sessionId, () => this.store.appendEntries(sessionId, entries))
   }
 
   /** Live events of a session from now on; returns the unsubscribe function. */
@@ -39,18 +47,20 @@ export class EventBus {
     return this.listeners.get(sessionId)?.size ?? 0
   }
 
-  private chain(sessionId: string, write: () => Promise<EventRecord>): Promise<EventRecord> {
+  private chain(sessionId: string, write: () => Promise<EventRecord[]>): Promise<EventRecord[]> {
     const previous = this.tails.get(sessionId) ?? Promise.resolve()
     const next = previous.catch(() => {}).then(async () => {
-      const event = await write()
-      for (const listener of this.listeners.get(sessionId) ?? []) {
-        try {
-          listener(event)
-        } catch {
-          // a broken subscriber must not fail the writer; it is dropped by its own transport
+      const events = await write()
+      for (const event of events) {
+        for (const listener of this.listeners.get(sessionId) ?? []) {
+          try {
+            listener(event)
+          } catch {
+            // a broken subscriber must not fail the writer; it is dropped by its own transport
+          }
         }
       }
-      return event
+      return events
     })
     this.tails.set(sessionId, next)
     void next.finally(() => {

@@ -81,6 +81,9 @@ export interface ResponseRecord {
   messages: LmcMessage[]
 }
 
+/** One entry of `Store.appendEntries`: a message (stored with its `message` event) or an event alone. */
+export type AppendEntry = { message: LmcMessage } | { type: string; data: unknown }
+
 export interface Page<T> {
   items: T[]
   nextCursor: string | null
@@ -118,6 +121,13 @@ export interface Store {
    * message_count) and returns the event.
    */
   appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord>
+  /**
+   * Stores messages and events in the order given, all in one transaction (one commit for a
+   * phase of a turn rather than one per entry): each message with its `message` event, each other
+   * entry as an event. Returns the events in the same order; throws 404 when the session is gone,
+   * storing nothing.
+   */
+  appendEntries(sessionId: string, entries: AppendEntry[]): Promise<EventRecord[]>
   /** Oldest first; `after` is a message id. */
   listMessages(sessionId: string, opts: { after?: string; limit: number }): Promise<{ messages: LmcMessage[]; hasMore: boolean }>
   /** Every message of the session, oldest first (the agent's context). */

@@ -194,6 +194,42 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     t.equal((await store.listEvents(session.id, { limit: 100 })).events.length, 7, 'the event log is kept')
   })
 
+  t.test('appendEntries stores a batch in order, in one transaction', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const first = await store.appendEvent(session.id, 'status', { phase: 'before' })
+    const sent = [message({ content: 'one' }), message({ content: 'two' })]
+    const events = await store.appendEntries(session.id, [
+      { message: sent[0]! },
+      { type: 'run_started', data: { model: 'm' } },
+      { message: sent[1]! },
+    ])
+    t.same(
+      events.map((e) => [e.id, e.type]),
+      [
+        [2, 'message'],
+        [3, 'run_started'],
+        [4, 'message'],
+      ],
+      'ids continue the one sequence, in the order given',
+    )
+    t.same(events[1]?.data, { model: 'm' })
+    t.strictSame(await store.allMessages(session.id), sent)
+    t.equal((await store.getSession(owner, session.id))?.messageCount, 2)
+    t.same((await store.listEvents(session.id, { limit: 10 })).events, [first, ...events])
+    t.same(await store.appendEntries(session.id, []), [], 'an empty batch stores nothing')
+
+    // the event after the message cannot be serialized: the message written before it must go too
+    const broken = store.appendEntries(session.id, [{ message: message({ content: 'lost' }) }, { type: 'bad', data: { n: 1n } }])
+    await t.rejects(broken, TypeError)
+    t.equal((await store.allMessages(session.id)).length, 2, 'a failed batch leaves no message behind')
+    t.equal((await store.getSession(owner, session.id))?.messageCount, 2, 'nor a count')
+    t.equal((await store.appendEvent(session.id, 'after', null)).id, 5, 'nor a gap in the event ids')
+
+    await t.rejects(store.appendEntries(randomUUID(), [{ message: message() }]), { statusCode: 404, code: 'session_not_found' })
+  })
+
   t.test('appending to a missing session throws and stores nothing', async (t) => {
     const store = await open(t)
     const missing = randomUUID()
