@@ -507,7 +507,8 @@ t.test('a kernel killed from outside is detected and restarted', async (t) => {
   }
   t.ok(drivers.length >= 1)
   for (const pid of drivers) process.kill(pid, 'SIGKILL')
-  await new Promise((r) => setTimeout(r, 300))
+  // causal, not timed: the next execution is sent once the manager has seen the exit
+  while (m.stats().live > 0) await new Promise((r) => setTimeout(r, 20))
   const after = await run(m, id, 'python', '"kept" in globals()')
   t.match(after.notices.join(' '), /stopped between executions .* and was restarted/)
   t.same(after.results, ['False'])
