@@ -4,11 +4,12 @@
 // nonce sentinel on fds 1 and 2 after each execution. Runs under plain node, without any
 // node_modules.
 import fs from 'node:fs'
+import { createRequire } from 'node:module'
 import net from 'node:net'
 import readline from 'node:readline'
-import repl from 'node:repl'
 import { PassThrough, Writable } from 'node:stream'
 import util from 'node:util'
+import vm from 'node:vm'
 
 // Node cannot dup a descriptor, but reopening a pipe through /proc gives a close-on-exec one; the
 // inherited 3 and 8 are then closed so that programs started by user code get neither channel.
@@ -50,6 +51,45 @@ const strayErrors = new WeakSet()
 const printUncaught = (value) =>
   process.stderr.write(`Uncaught ${isObject(value) && typeof value.stack === 'string' ? value.stack : util.inspect(value)}\n`)
 
+const interruptError = Object.assign(new Error('Execution interrupted'), { code: 'ERR_SCRIPT_EXECUTION_INTERRUPTED' })
+
+// SIGINT belongs to Node's SIGINT watchdog for the driver's whole life, so that no moment is left
+// where the signal's default action (termination) applies. Left to itself, the watchdog runs only
+// around the synchronous part of each cell, and when it stops Node installs an exit-on-signal
+// handler until a `process.on('SIGINT')` listener registers the event loop's again; re-registering
+// also drops a signal the loop had caught but not yet dispatched. Started once here and never
+// stopped, the watchdog makes the REPL's own start and stop nested ones: a signal during a
+// synchronous run stops that run (ERR_SCRIPT_EXECUTION_INTERRUPTED), and any other is kept as
+// pending, which `takeSigint` reads and clears. The watchdog is internal to Node (the REPL's
+// `breakEvalOnSigint` uses it), hence `--expose-internals`.
+const watchdog = (() => {
+  const emitWarning = process.emitWarning
+  // Requiring the module warns that it is internal; user code must not see that in its output.
+  process.emitWarning = () => {}
+  try {
+    return createRequire(import.meta.url)('internal/test/binding').internalBinding('contextify')
+  } finally {
+    process.emitWarning = emitWarning
+  }
+})()
+if (!watchdog.startSigintWatchdog()) throw new Error('cannot watch SIGINT')
+const takeSigint = () => {
+  watchdog.startSigintWatchdog()
+  return watchdog.stopSigintWatchdog()
+}
+const SIGINT_POLL_MS = 20
+// The REPL runs a cell's compiled script with vm between its own (nested) start and stop of the
+// watchdog, after compiling it, which takes a while. A signal that came during compilation is
+// pending, and vm's own watchdog would clear it unseen when the script ends: it is taken here,
+// just before the run, and stops the cell instead. The REPL keeps the method it finds when it is
+// loaded, hence this wrapper before the REPL is imported.
+const runInContext = vm.Script.prototype.runInContext
+vm.Script.prototype.runInContext = function (...args) {
+  if (settle && takeSigint()) throw interruptError
+  return Reflect.apply(runInContext, this, args)
+}
+const { default: repl } = await import('node:repl')
+
 const output = new PassThrough()
 output.resume()
 const server = repl.start({
@@ -75,15 +115,13 @@ server._domain.prependListener('error', (err) => {
 server.removeAllListeners('SIGINT')
 server.context.console = console
 
-const interruptError = Object.assign(new Error('Execution interrupted'), { code: 'ERR_SCRIPT_EXECUTION_INTERRUPTED' })
 // An interrupt outside a cell (as it starts, while its output is reported) is kept until the
 // execution it was meant for ends; a cell that starts with one pending stops at once.
-let interruptPending = false
 const onSigint = () => {
   if (settle) settle(interruptError)
-  else interruptPending = true
 }
-process.on('SIGINT', onSigint)
+// A SIGINT that came while the REPL ran a cell's synchronous part, after that part had finished.
+server.on('SIGINT', onSigint)
 // Code may close fds 1 and 2: what is written to them then goes nowhere, as in a terminal,
 // instead of raising errors that would be printed to them again.
 for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {})
@@ -102,19 +140,14 @@ function evaluate(code, file) {
   }
   const own = (error) => finish(error, undefined, true)
   settle = own
-  if (interruptPending) {
-    interruptPending = false
+  if (takeSigint()) {
     own(interruptError)
     return settled
   }
-  // The SIGINT watchdog of a synchronous evaluation restores the default disposition when it
-  // stops, which would drop a listener installed before it: reinstall it afterwards.
-  process.removeListener('SIGINT', onSigint)
-  try {
-    server.eval(code, server.context, file, (error, value) => finish(error, value, Boolean(error)))
-  } finally {
-    process.on('SIGINT', onSigint)
-  }
+  // While the cell awaits, an interrupt can only be seen by asking the watchdog.
+  const poll = setInterval(() => takeSigint() && onSigint(), SIGINT_POLL_MS)
+  settled.finally(() => clearInterval(poll))
+  server.eval(code, server.context, file, (error, value) => finish(error, value, Boolean(error)))
   return settled
 }
 
@@ -171,7 +204,7 @@ async function execute(code, file, nextLine) {
   await Promise.all([drained(process.stdout), drained(process.stderr)])
   fs.writeSync(OUT_FD, sentinel)
   fs.writeSync(ERR_FD, sentinel)
-  interruptPending = false
+  takeSigint()
   report({ type: 'done', nonce, exit_code: exitCode })
 }
 
