@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import type { LmcChunk, LmcMessage } from '../schemas/lmc.js'
 import type { EventBus } from './events.js'
-import type { ExecResult, ExecuteRequest, KernelOutput, Language } from './kernels/types.js'
+import type { BackgroundOutput, ExecResult, ExecuteRequest, KernelOutput, Language } from './kernels/types.js'
 import type { Metrics } from './metrics.js'
 import type { SecretsService } from './secrets.js'
 
@@ -90,6 +90,16 @@ export class ExecutionService {
       ...(result.error ? { error: { name: result.error.name, value: result.error.value } } : {}),
     })
     return result
+  }
+
+  /**
+   * Records in the session's event log, as a `kernel_output` event (`{language, output}`, the
+   * output masked like an execution's), what a kernel wrote while none of its executions ran:
+   * background jobs, and late errors of JavaScript cells that had ended.
+   */
+  async recordBackground(background: BackgroundOutput): Promise<void> {
+    const { redact } = await this.secrets.forTenant(background.tenantId)
+    await this.bus.append(background.sessionId, 'kernel_output', { language: background.language, output: masked(background.output, redact) })
   }
 }
 

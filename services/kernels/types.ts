@@ -19,6 +19,14 @@ export type KernelOutput =
   /** Something the server says about the kernel itself (restarted, state lost, output cut). */
   | { type: 'notice'; text: string }
 
+/** Output a kernel wrote while none of its executions was running (see KernelManager.onBackgroundOutput). */
+export interface BackgroundOutput {
+  sessionId: string
+  tenantId: string
+  language: Language
+  output: KernelOutput
+}
+
 export interface ExecError {
   name: string
   value: string
