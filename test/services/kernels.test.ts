@@ -315,10 +315,10 @@ t.test('JavaScript errors raised by what a cell started belong to that cell', as
   // A straggler: its cell has ended when it comes, so it is a background error, not the next cell's.
   const quiet = await run(m, id, 'javascript', 'setTimeout(() => { throw new Error("straggler") }, 300); "started"')
   t.same([quiet.result.exitCode, quiet.result.error, quiet.results], [0, undefined, ["'started'"]])
-  await new Promise<void>((resolve) => {
-    const poll = () => (background.some((b) => b.output.type === 'stream' && b.output.text.includes('straggler')) ? resolve() : setTimeout(poll, 20))
-    poll()
-  })
+  // Waits for the straggler, giving up after a minute so that a missing one fails the test.
+  for (let polls = 0; polls < 3000 && !background.some((b) => b.output.type === 'stream' && b.output.text.includes('straggler')); polls++) {
+    await new Promise((r) => setTimeout(r, 20))
+  }
   const label = background.map((b) => (b.output.type === 'stream' ? `${b.output.stream} ${b.output.text}` : '')).join('')
   t.match(label, /^stderr \[background error\] \(cell-\d+\) Uncaught Error: straggler\n {4}at Timeout\._onTimeout \(cell-\d+:1:\d+\)\n$/)
   t.same([background[0]?.sessionId, background[0]?.language], [id, 'javascript'])
