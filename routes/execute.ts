@@ -12,7 +12,7 @@ import type { ExecResult, Language } from '../services/kernels/types.js'
 
 const ExecuteBody = Type.Object(
   {
-    language: Type.String({ minLength: 1, maxLength: 32, description: 'python, shell or javascript (aliases: py, bash, sh, js, node)' }),
+    language: Type.String({ minLength: 1, maxLength: 32, description: 'python, shell or javascript (aliases: py, python3, bash, sh, zsh, js, node, nodejs)' }),
     code: Type.String({ maxLength: 1_000_000 }),
     timeout_ms: Type.Optional(Type.Integer({ minimum: 1, description: 'capped at EXEC_TIMEOUT_MS' })),
     stream: Type.Optional(Type.Boolean({ default: false })),

@@ -1,6 +1,6 @@
 import type { WorkspaceLimits } from '../workspaces.js'
 
-/** Languages a kernel can run. Aliases (py, bash, sh, js, node) are resolved by `resolveLanguage`. */
+/** Languages a kernel can run. Aliases (py, bash, zsh, js, nodejs…) are resolved by `resolveLanguage`. */
 export type Language = 'python' | 'shell' | 'javascript'
 
 export interface LanguageInfo {

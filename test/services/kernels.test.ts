@@ -138,6 +138,8 @@ t.test('languages and aliases', async (t) => {
     ['sh', 'shell'],
     ['js', 'javascript'],
     ['node', 'javascript'],
+    ['zsh', 'shell'],
+    [' NodeJS ', 'javascript'],
     ['ruby', undefined],
   ]
   for (const [alias, name] of aliases) t.equal(resolveLanguage(alias), name, alias)
