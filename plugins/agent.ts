@@ -36,6 +36,9 @@ export default fp(
     })
     const secrets = new SecretsService(app.store, new SecretBox(loadSecretsKey(config.SECRETS_KEY, join(config.DATA_DIR, 'secrets.key'))))
     const execution = new ExecutionService(app.kernels, bus, secrets, app.metrics)
+    app.kernels.onBackgroundOutput = (background) => {
+      execution.recordBackground(background).catch((err: unknown) => app.log.warn({ err, sessionId: background.sessionId }, 'background kernel output not recorded'))
+    }
     const languages = async () => (await app.kernels.languages()).filter((l) => l.available).map((l) => l.name)
     const chat = new ChatService({
       store: app.store,

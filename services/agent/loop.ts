@@ -9,6 +9,7 @@ import type {
 import type { CompletionUsage } from 'openai/resources/completions'
 import type { LmcChunk, LmcMessage } from '../../schemas/lmc.js'
 import { upstreamError, upstreamTimeout } from '../llm.js'
+import { OutputWriter } from '../output-writer.js'
 import type { ExecResult, KernelOutput, Language } from '../kernels/types.js'
 import { capForModel } from './cap.js'
 import { buildMessages, executeTool } from './context.js'
@@ -167,7 +168,9 @@ class Draft implements MessageDraft {
     if (!text || this.done) return
     this.raw += text
     this.pending += text
-    const cut = lastWhitespace(this.pending)
+    // Kernel output comes masked already, held back by the execution's stream masker where a
+    // value could be split: it goes out as written, as through POST /execute.
+    const cut = this.head.role === 'computer' ? this.pending.length - 1 : lastWhitespace(this.pending)
     if (cut === -1) return
     this.send(this.pending.slice(0, cut + 1))
     this.pending = this.pending.slice(cut + 1)
@@ -435,15 +438,15 @@ class Turn implements Writer {
   }
 
   private async runCode(language: Language, code: string): Promise<void> {
-    const sink = new OutputSink(this)
+    const writer = new OutputWriter(this)
     let result: ExecResult
     try {
-      result = await this.opts.execute(language, code, (output) => sink.push(output), this.opts.signal)
+      result = await this.opts.execute(language, code, (output) => writer.push(output), this.opts.signal)
     } catch (err) {
-      await sink.finish()
+      await writer.finish()
       throw err
     }
-    await sink.finish(result)
+    await writer.finish(result)
   }
 
   private async closeOpen(): Promise<void> {
@@ -483,75 +486,4 @@ class Turn implements Writer {
     }
     return { messages: [...this.messages], final, usage: { ...this.usage }, finishReason: this.finishReason, stopped }
   }
-}
-
-/**
- * Turns kernel output into console and image messages as it arrives. Kernel callbacks are
- * synchronous while persisting is not, so output is handled through one ordered chain.
- */
-class OutputSink {
-  private chain: Promise<void> = Promise.resolve()
-  private current: Draft | undefined
-  private stderr = ''
-  private noticed = false
-  private failure: unknown
-
-  constructor(private readonly turn: Turn) {}
-
-  push(output: KernelOutput): void {
-    this.chain = this.chain
-      .then(() => this.handle(output))
-      .catch((err: unknown) => {
-        this.failure ??= err
-      })
-  }
-
-  async finish(result?: ExecResult): Promise<void> {
-    await this.chain
-    await this.closeCurrent()
-    if (this.failure) throw this.failure
-    if (!result) return
-    if (result.error) {
-      const traceback = result.error.traceback.trim() || `${result.error.name}: ${result.error.value}`
-      if (!this.stderr.includes(traceback)) await this.turn.say(consoleHead('stderr'), traceback)
-    }
-    const note = this.noticed ? undefined : describe(result)
-    if (note) await this.turn.say(consoleHead('stderr'), note)
-  }
-
-  private async handle(output: KernelOutput): Promise<void> {
-    if (output.type === 'stream') {
-      if (this.current?.head.stream !== output.stream) {
-        await this.closeCurrent()
-        this.current = this.turn.open(consoleHead(output.stream))
-      }
-      this.current.append(output.text)
-      if (output.stream === 'stderr') this.stderr += output.text
-      return
-    }
-    await this.closeCurrent()
-    if (output.type === 'image') await this.turn.say({ role: 'computer', type: 'image', format: output.format }, output.data)
-    else if (output.type === 'result') await this.turn.say(consoleHead('stdout'), output.text)
-    else {
-      this.noticed = true
-      await this.turn.say(consoleHead('stderr'), output.text)
-    }
-  }
-
-  private async closeCurrent(): Promise<void> {
-    const current = this.current
-    this.current = undefined
-    await current?.end()
-  }
-}
-
-/** What the user and the model should know about how the run ended, when the kernel said nothing. */
-function describe(result: ExecResult): string | undefined {
-  const lost = result.stateLost ? ' The kernel was restarted: variables and imports are lost.' : ''
-  const notes: string[] = []
-  if (result.timedOut) notes.push(`Execution timed out after ${Math.round(result.durationMs / 1000)} s.${lost}`)
-  else if (result.interrupted) notes.push(`Execution was interrupted.${lost}`)
-  else if (lost) notes.push(lost.trim())
-  if (result.truncated) notes.push('The output went past the limit and was cut.')
-  return notes.length > 0 ? notes.join(' ') : undefined
 }

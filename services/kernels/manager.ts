@@ -6,7 +6,7 @@ import { workspaceUsage } from '../workspaces.js'
 import { Kernel, type KernelExit, type KernelLogger, PROTOCOL_VIOLATION, type RunOutcome } from './kernel.js'
 import { detectLanguages, LANGUAGES } from './languages.js'
 import { buildKernelCommand, chownWorkspace, SandboxRuntime, type SandboxEnforcement, UidAllocator } from './sandbox.js'
-import type { ExecResult, ExecuteRequest, KernelManagerOptions, KernelOutput, Language, LanguageInfo } from './types.js'
+import type { BackgroundOutput, ExecResult, ExecuteRequest, KernelManagerOptions, KernelOutput, Language, LanguageInfo } from './types.js'
 
 export { resolveLanguage } from './languages.js'
 
@@ -59,6 +59,13 @@ export class KernelManager {
   private languageInfo: Promise<LanguageInfo[]> | undefined
   private readonly reaper: NodeJS.Timeout | undefined
   private closing: Promise<void> | undefined
+  /**
+   * Receives what kernels write while none of their executions runs: output of background jobs,
+   * and errors raised by code of a cell that had already ended (JavaScript prints those to stderr
+   * prefixed `[background error] (cell-N) `). Unset, that output is shown with the session's
+   * next execution instead.
+   */
+  onBackgroundOutput: ((background: BackgroundOutput) => void) | undefined
 
   constructor(
     opts: KernelManagerOptions,
@@ -209,6 +216,7 @@ export class KernelManager {
       kernel = started
       this.kernels.set(key, started)
       started.onExit = (exit) => this.onKernelExit(key, started, req.language, exit)
+      started.onBackgroundOutput = (output) => this.onBackgroundOutput?.({ sessionId: req.sessionId, tenantId: req.tenantId, language: req.language, output })
       await started.ready
       return started
     } catch (err) {
