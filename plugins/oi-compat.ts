@@ -56,6 +56,7 @@ export default fp(
       chat: app.chat,
       runs: app.runs,
       sessions: app.sessions,
+      settings: app.settings,
       onError: (err) => app.log.error({ err }, 'Open Interpreter channel failed'),
     })
     app.decorate('oiCompat', service)

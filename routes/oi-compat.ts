@@ -8,28 +8,23 @@ import { CLOSE, TOO_SLOW_REASON } from '../plugins/websocket.js'
 import { CompletionBody } from '../schemas/chat.js'
 import { errors } from '../schemas/common.js'
 import type { LmcChunk, LmcInput } from '../schemas/lmc.js'
-import { OiSettingsBody, OiSettingName, OiStatus } from '../schemas/oi-compat.js'
+import { OiSettingsBody, OiStatus } from '../schemas/oi-compat.js'
 import { buildCompletion, clientFinishReason, type CompatMessage, CompletionChunks, completionId, fromChatMessages, renderContent } from '../services/agent/openai-compat.js'
 import type { ChatResult } from '../services/chat.js'
 import type { Principal } from '../services/auth.js'
-import { ApiError, invalidRequest, notFound, sessionBusy } from '../services/errors.js'
-import { COMPLETE, type OiChannel, type OiClient, type OiFrame, OiInput, oiMessages } from '../services/oi-compat.js'
+import { ApiError, invalidRequest } from '../services/errors.js'
+import { COMPLETE, type OiChannel, type OiClient, type OiFrame, OiInput } from '../services/oi-compat.js'
 
 /** Past this many unsent bytes a socket is dropped; reconnecting gets what it had not received. */
 const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
 /** Content one client message may hold, as the native API's LMC inputs. */
 const MAX_MESSAGE_CHARS = 1_000_000
 const AUTH_TIMEOUT_MS = 30_000
-/** What upstream's `llm` settings may change here; its URL and key are the operator's (GHSA-wpr7-5j9p-qch9). */
-const LLM_FIELDS = new Set(['model', 'temperature', 'max_tokens'])
-const REFUSED_LLM_FIELDS = new Set(['api_base', 'api_key', 'base_url', 'api_version', 'provider'])
 const INPUT_TYPES: Record<string, Set<string | undefined>> = {
   message: new Set([undefined, 'text']),
   file: new Set(['path']),
   image: new Set(['base64.png', 'base64.jpeg']),
 }
-
-const forbidden = (message: string, param: string) => new ApiError(403, 'permission_error', 'forbidden', message, param)
 
 /** `X-API-KEY` as Open Interpreter clients send it, or `Authorization: Bearer` as everywhere else. */
 function keyOf(request: FastifyRequest): string | undefined {
@@ -98,15 +93,7 @@ const oiCompat: FastifyPluginAsyncTypebox<{ ack: boolean }> = async (app, opts) 
     },
     async (request) => {
       const who = await authenticate(request)
-      const name = request.params.name
-      if (!OiSettingName.includes(name)) throw notFound(`Setting '${name}'`)
-      if (name === 'messages') {
-        const session = await app.oiCompat.session(who.tenantId)
-        return { messages: oiMessages(await app.store.allMessages(session.id)) }
-      }
-      const settings = await app.settings.get(who.tenantId)
-      if (name === 'llm') return { llm: { model: settings.model, temperature: settings.temperature, max_tokens: settings.max_tokens } }
-      return { [name]: settings[name as 'auto_run' | 'custom_instructions' | 'system_message'] }
+      return app.oiCompat.setting(who.tenantId, request.params.name)
     },
   )
 
@@ -126,40 +113,7 @@ const oiCompat: FastifyPluginAsyncTypebox<{ ack: boolean }> = async (app, opts) 
     },
     async (request) => {
       const who = await authenticate(request)
-      const body = request.body as Record<string, unknown>
-      for (const key of Object.keys(body)) {
-        if (key === 'auto_run' || key === 'computer')
-          throw forbidden(`${key} cannot be changed over the Open Interpreter protocol (advisory GHSA-wpr7-5j9p-qch9); auto_run is a tenant setting: PATCH /v1/settings`, key)
-        if (!['messages', 'custom_instructions', 'system_message', 'llm'].includes(key)) throw invalidRequest(`Unknown or unsupported setting '${key}'`, key, 'unsupported_setting')
-      }
-      const llm = (body.llm ?? {}) as Record<string, unknown>
-      for (const key of Object.keys(llm)) {
-        if (REFUSED_LLM_FIELDS.has(key)) throw forbidden(`llm.${key} is the server operator's and cannot be changed over HTTP`, `llm.${key}`)
-        if (!LLM_FIELDS.has(key)) throw invalidRequest(`Unknown or unsupported setting 'llm.${key}'`, `llm.${key}`, 'unsupported_setting')
-      }
-      const patch = {
-        ...(llm.model !== undefined ? { model: llm.model as string } : {}),
-        ...(llm.temperature !== undefined ? { temperature: llm.temperature as number } : {}),
-        ...(llm.max_tokens !== undefined ? { max_tokens: llm.max_tokens as number } : {}),
-        ...(typeof body.custom_instructions === 'string' ? { custom_instructions: body.custom_instructions } : {}),
-        ...(typeof body.system_message === 'string' ? { system_message: body.system_message } : {}),
-      }
-      if (Array.isArray(body.messages)) {
-        const session = await app.oiCompat.session(who.tenantId)
-        if (app.runs.get(session.id)) throw sessionBusy()
-        await app.store.clearMessages(session.id)
-        for (const m of body.messages as LmcInput[]) {
-          await app.bus.appendMessage(session.id, {
-            id: crypto.randomUUID(),
-            role: m.role,
-            type: m.type ?? 'message',
-            ...(m.format ? { format: m.format } : {}),
-            content: m.content,
-            created_at: new Date().toISOString(),
-          })
-        }
-      }
-      if (Object.keys(patch).length > 0) await app.settings.patch(who.tenantId, patch)
+      await app.oiCompat.applySettings(who.tenantId, request.body as Record<string, unknown>)
       return { status: 'success' as const }
     },
   )

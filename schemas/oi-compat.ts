@@ -2,9 +2,6 @@ import { Type } from '@sinclair/typebox'
 import { LmcInput } from './lmc.js'
 import { SettingsFields } from './settings.js'
 
-/** The settings `GET /settings/{name}` answers (Open Interpreter protocol). */
-export const OiSettingName = ['messages', 'auto_run', 'custom_instructions', 'system_message', 'llm']
-
 /**
  * `POST /settings` of the Open Interpreter protocol. Other names are accepted by the schema so
  * the route can answer each with the right status (403 for auto_run, computer and the upstream's

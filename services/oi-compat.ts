@@ -1,9 +1,11 @@
 import type { LmcChunk, LmcInput, LmcMessage } from '../schemas/lmc.js'
 import type { ChatRequest, ChatService } from './chat.js'
-import { ApiError } from './errors.js'
+import { randomUUID } from 'node:crypto'
+import { ApiError, invalidRequest, notFound, sessionBusy } from './errors.js'
 import type { EventBus } from './events.js'
 import type { RunRegistry } from './runs.js'
 import type { SessionService } from './sessions.js'
+import type { SettingsService } from './settings.js'
 import type { EventRecord, SessionRecord, Store } from './store/types.js'
 
 /**
@@ -376,8 +378,17 @@ export const DEFAULT_SESSION_MARK = 'open_interpreter'
 
 export interface OiCompatDeps extends Omit<OiChannelDeps, 'onError'> {
   sessions: SessionService
+  settings: SettingsService
   onError?: (err: unknown) => void
 }
+
+/** The names `GET /settings/{name}` answers. */
+export const OI_SETTINGS = ['messages', 'auto_run', 'custom_instructions', 'system_message', 'llm'] as const
+/** What upstream's `llm` settings may change here; its URL and key are the operator's (GHSA-wpr7-5j9p-qch9). */
+const LLM_FIELDS = new Set(['model', 'temperature', 'max_tokens'])
+const REFUSED_LLM_FIELDS = new Set(['api_base', 'api_key', 'base_url', 'api_version', 'provider'])
+const POSTABLE = new Set(['messages', 'custom_instructions', 'system_message', 'llm'])
+const forbidden = (message: string, param: string) => new ApiError(403, 'permission_error', 'forbidden', message, param)
 
 /**
  * The tenants' channels. The default session is the tenant's newest session whose metadata has
@@ -411,6 +422,57 @@ export class OiCompat {
   /** The tenant's default session, made when there is none. */
   async session(tenantId: string): Promise<SessionRecord> {
     return (await this.channel(tenantId)).session
+  }
+
+  /** `GET /settings/{name}`: `{name: value}`; 404 for other names. */
+  async setting(tenantId: string, name: string): Promise<Record<string, unknown>> {
+    if (!(OI_SETTINGS as readonly string[]).includes(name)) throw notFound(`Setting '${name}'`)
+    if (name === 'messages') return { messages: oiMessages(await this.deps.store.allMessages((await this.session(tenantId)).id)) }
+    const settings = await this.deps.settings.get(tenantId)
+    if (name === 'llm') return { llm: { model: settings.model, temperature: settings.temperature, max_tokens: settings.max_tokens } }
+    return { [name]: settings[name as 'auto_run' | 'custom_instructions' | 'system_message'] }
+  }
+
+  /**
+   * `POST /settings` (its body already checked against the schema for types): an allowlist.
+   * `auto_run`, `computer` and the upstream's URL or key: 403 (advisory GHSA-wpr7-5j9p-qch9);
+   * other names: 400. Every name is checked before anything is applied. `messages` replaces the
+   * default session's conversation (409 while it runs); the rest are the tenant's settings.
+   */
+  async applySettings(tenantId: string, body: Record<string, unknown>): Promise<void> {
+    for (const key of Object.keys(body)) {
+      if (key === 'auto_run' || key === 'computer')
+        throw forbidden(`${key} cannot be changed over the Open Interpreter protocol (advisory GHSA-wpr7-5j9p-qch9); auto_run is a tenant setting: PATCH /v1/settings`, key)
+      if (!POSTABLE.has(key)) throw invalidRequest(`Unknown or unsupported setting '${key}'`, key, 'unsupported_setting')
+    }
+    const llm = (body.llm ?? {}) as Record<string, unknown>
+    for (const key of Object.keys(llm)) {
+      if (REFUSED_LLM_FIELDS.has(key)) throw forbidden(`llm.${key} is the server operator's and cannot be changed over HTTP`, `llm.${key}`)
+      if (!LLM_FIELDS.has(key)) throw invalidRequest(`Unknown or unsupported setting 'llm.${key}'`, `llm.${key}`, 'unsupported_setting')
+    }
+    const patch = {
+      ...(llm.model !== undefined ? { model: llm.model as string } : {}),
+      ...(llm.temperature !== undefined ? { temperature: llm.temperature as number } : {}),
+      ...(llm.max_tokens !== undefined ? { max_tokens: llm.max_tokens as number } : {}),
+      ...(typeof body.custom_instructions === 'string' ? { custom_instructions: body.custom_instructions } : {}),
+      ...(typeof body.system_message === 'string' ? { system_message: body.system_message } : {}),
+    }
+    if (Array.isArray(body.messages)) {
+      const session = await this.session(tenantId)
+      if (this.deps.runs.get(session.id)) throw sessionBusy()
+      await this.deps.store.clearMessages(session.id)
+      for (const m of body.messages as LmcInput[]) {
+        await this.deps.bus.appendMessage(session.id, {
+          id: randomUUID(),
+          role: m.role,
+          type: m.type ?? 'message',
+          ...(m.format ? { format: m.format } : {}),
+          content: m.content,
+          created_at: new Date().toISOString(),
+        })
+      }
+    }
+    if (Object.keys(patch).length > 0) await this.deps.settings.patch(tenantId, patch)
   }
 
   /** Stops every channel's run and subscription (shutdown). */
