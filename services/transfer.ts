@@ -79,12 +79,15 @@ export class TransferService {
    * A new session of `tenantId` from an export (already validated against the schema): its
    * messages, then its other events in their order (ids are renumbered; message events are
    * made again by storing the messages), then `session_imported`. Messages get new ids. Files
-   * go through the workspace's own checks (paths that leave it, quota, file size). Anything
+   * go through the workspace's own checks (paths that leave it, quota, file size). Metadata is
+   * kept, with `source: "import"` and `imported_from` (the exported session's id). Anything
    * refused removes the half-made session.
    */
   async import(tenantId: string, document: SessionExport, files: ZipFiles | undefined): Promise<SessionRecord> {
     const source = document.session
-    const session = await this.deps.sessions.create(tenantId, { title: source.title, metadata: source.metadata, model: source.model })
+    // `source` says how a session was made (this server's marker, e.g. a protocol's default session): here, by an import
+    const metadata = { ...source.metadata, source: 'import', imported_from: source.id }
+    const session = await this.deps.sessions.create(tenantId, { title: source.title, metadata, model: source.model })
     try {
       for (const message of document.messages) await this.deps.bus.appendMessage(session.id, { ...message, id: randomUUID() })
       for (const event of document.events) if (event.type !== 'message') await this.deps.bus.append(session.id, event.type, event.data)

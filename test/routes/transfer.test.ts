@@ -46,6 +46,7 @@ async function roundTrip(t: Test, env: Record<string, string>) {
   t.equal(imported.statusCode, 201, imported.body)
   const copy = imported.json().session_id
   t.not(copy, id)
+  t.match(imported.json().metadata, { source: 'import', imported_from: id })
   const messages = (await app.inject({ url: `/v1/sessions/${copy}/messages?limit=100`, headers: auth(key) })).json().messages
   t.same(
     messages.map((m: { role: string; type: string; content: unknown }) => [m.role, m.type, m.content]),
