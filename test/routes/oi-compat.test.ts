@@ -1,8 +1,10 @@
 import { spawn, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
 import { existsSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import OpenAI from 'openai'
-import t from 'tap'
+import t, { type Test } from 'tap'
+import WebSocket from 'ws'
 import { startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
 import { ADMIN_KEY, auth, build } from '../helpers/build.js'
 
@@ -176,4 +178,115 @@ t.test('the compat listener serves only the protocol: the native API is not reac
   const native = await fetch(`http://127.0.0.1:${port}/v1/sessions`, { headers: auth() })
   t.equal(native.status, 404)
   t.equal(((await native.json()) as { error: { code: string } }).error.code, 'not_found')
+})
+
+/** A WebSocket client that queues what it receives. */
+async function socketTo(t: Test, url: string) {
+  const ws = new WebSocket(url)
+  const queue: unknown[] = []
+  const waiting: ((frame: unknown) => void)[] = []
+  ws.on('message', (data) => {
+    const frame = JSON.parse(String(data))
+    const next = waiting.shift()
+    if (next) next(frame)
+    else queue.push(frame)
+  })
+  await once(ws, 'open')
+  t.teardown(() => ws.close())
+  const next = () => (queue.length > 0 ? Promise.resolve(queue.shift()) : new Promise<unknown>((resolve) => waiting.push(resolve)))
+  return {
+    send: (frame: object) => ws.send(JSON.stringify(frame)),
+    say: (text: string, type = 'message') => {
+      for (const chunk of [{ start: true }, { content: text }, { end: true }]) ws.send(JSON.stringify({ role: 'user', type, ...chunk }))
+    },
+    next,
+    /** Frames up to and including the next complete. */
+    async untilComplete(): Promise<Record<string, unknown>[]> {
+      const frames: Record<string, unknown>[] = []
+      for (;;) {
+        const frame = (await next()) as Record<string, unknown>
+        frames.push(frame)
+        if (frame.role === 'server' && frame.content === 'complete') return frames
+      }
+    },
+    close: () => ws.close(),
+  }
+}
+
+const contentOf = (frames: Record<string, unknown>[]) => frames.map((f) => (f.role !== 'server' && typeof f.content === 'string' ? f.content : '')).join('')
+const completes = (frames: Record<string, unknown>[]) => frames.filter((f) => f.role === 'server' && f.content === 'complete').length
+
+t.test('on the /oi/ socket of the main port: a new message interrupts the answer, stop ends one without complete', async (t) => {
+  const upstream = await startFakeUpstream()
+  t.teardown(() => upstream.close())
+  const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none' })
+  const main = await app.listen({ host: '127.0.0.1', port: 0 })
+  const ws = await socketTo(t, `${main.replace('http', 'ws')}/oi/`)
+  ws.send({ auth: ADMIN_KEY })
+  t.same(await ws.next(), { auth: true })
+
+  const long = 'one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen'
+  // The first answer stops after two pieces and waits for its client, who interrupts it.
+  upstream.script(text(long, { pieces: 16, holdAfterChunks: 3 }), text('Second answer.'))
+  ws.say('first')
+  t.same(await ws.next(), { role: 'assistant', type: 'message', start: true })
+  t.match(await ws.next(), { role: 'assistant', type: 'message', content: /^one/ })
+  ws.say('second')
+  const rest = await ws.untilComplete()
+  t.equal(completes(rest), 1, 'the interrupted answer has no complete of its own')
+  t.match(contentOf(rest), /Second answer\.$/)
+  t.notMatch(contentOf(rest), /sixteen/, 'the first answer stopped')
+  t.match(JSON.stringify(upstream.requests[1]?.body.messages), /second/)
+
+  upstream.script(text(long, { pieces: 16, holdAfterChunks: 3 }), text('After the stop.'))
+  ws.say('third')
+  t.same(await ws.next(), { role: 'assistant', type: 'message', start: true })
+  await ws.next()
+  ws.say('stop', 'command')
+  ws.say('fourth')
+  const after = await ws.untilComplete()
+  t.equal(completes(after), 1, 'no complete after stop, one after the next answer')
+  t.match(contentOf(after), /After the stop\.$/)
+})
+
+t.test('a socket that connects gets the output no socket received (a turn run through the native API)', async (t) => {
+  const upstream = await startFakeUpstream()
+  t.teardown(() => upstream.close())
+  const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none' })
+  const main = await app.listen({ host: '127.0.0.1', port: 0 })
+  const first = await socketTo(t, `${main.replace('http', 'ws')}/oi/`)
+  first.send({ auth: ADMIN_KEY })
+  t.same(await first.next(), { auth: true })
+  first.close()
+
+  const sessionId = (await app.inject({ url: '/v1/sessions', headers: auth() })).json().sessions[0].session_id
+  upstream.script(toolCall({ language: 'python', code: 'print(6*7)' }), text('It is 42.'))
+  const turn = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id: sessionId, messages: [{ role: 'user', content: '6*7?' }] } })
+  t.equal(turn.statusCode, 200)
+
+  const second = await socketTo(t, `${main.replace('http', 'ws')}/oi/`)
+  second.send({ auth: ADMIN_KEY })
+  t.same(await second.next(), { auth: true })
+  t.same(await second.untilComplete(), [
+    { role: 'assistant', type: 'code', format: 'python', start: true },
+    { role: 'assistant', type: 'code', format: 'python', content: 'print(6*7)' },
+    { role: 'assistant', type: 'code', format: 'python', end: true },
+    { role: 'computer', type: 'console', start: true },
+    { role: 'computer', type: 'console', format: 'output', content: '42\n' },
+    { role: 'computer', type: 'console', format: 'active_line', content: null },
+    { role: 'computer', type: 'console', end: true },
+    { role: 'assistant', type: 'message', start: true },
+    { role: 'assistant', type: 'message', content: 'It is 42.' },
+    { role: 'assistant', type: 'message', end: true },
+    { role: 'server', type: 'status', content: 'complete' },
+  ])
+  // Received now: a third socket gets nothing old, and frames before auth are refused.
+  const third = await socketTo(t, `${main.replace('http', 'ws')}/oi/`)
+  third.say('hello')
+  t.same([await third.next(), await third.next(), await third.next()], [{ auth: false }, { auth: false }, { auth: false }])
+  third.send({ auth: ADMIN_KEY })
+  t.same(await third.next(), { auth: true })
+  third.send({ role: 'user', type: 'message', content: 'no start' })
+  t.same(await third.next(), { role: 'server', type: 'error', content: "Send a 'start' chunk first to create the message" })
+  t.same(await third.next(), { role: 'server', type: 'status', content: 'complete' })
 })
