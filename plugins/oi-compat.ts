@@ -39,7 +39,7 @@ export class CompatPorts {
     const url = req.url ?? '/'
     const port = req.socket.localPort
     if (port === undefined || !this.ports.has(port)) return url
-    return url === '/' || url.startsWith('/?') ? `${OI_COMPAT_PREFIX}${url.slice(1) ? `/${url.slice(1)}` : ''}` : `${OI_COMPAT_PREFIX}${url}`
+    return `${OI_COMPAT_PREFIX}${url}`
   }
 }
 
