@@ -15,6 +15,7 @@ import jsonPlugin from './plugins/json.js'
 import kernelsPlugin, { type SandboxProbe } from './plugins/kernels.js'
 import llmPlugin from './plugins/llm.js'
 import metricsPlugin from './plugins/metrics.js'
+import oiCompatPlugin, { CompatPorts, OI_COMPAT_PREFIX } from './plugins/oi-compat.js'
 import rateLimitPlugin from './plugins/rate-limit.js'
 import readinessPlugin from './plugins/readiness.js'
 import redisPlugin from './plugins/redis.js'
@@ -28,10 +29,14 @@ import executeRoutes from './routes/execute.js'
 import fileRoutes from './routes/files.js'
 import healthRoutes from './routes/health.js'
 import keyRoutes from './routes/keys.js'
+import mcpRoutes from './routes/mcp.js'
 import metricsRoutes from './routes/metrics.js'
+import oiCompatRoutes from './routes/oi-compat.js'
 import openaiRoutes from './routes/openai.js'
+import responseRoutes from './routes/responses.js'
 import sessionRoutes from './routes/sessions.js'
 import settingsRoutes from './routes/settings.js'
+import transferRoutes from './routes/transfer.js'
 import { ErrorResponse } from './schemas/common.js'
 import { LmcMessage } from './schemas/lmc.js'
 import { ReplicaAuth } from './services/cluster/replica-auth.js'
@@ -93,6 +98,9 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     genReqId: (req) => requestId(req.headers['x-request-id']),
     ajv: { customOptions: { removeAdditional: true, coerceTypes: 'array', useDefaults: true } },
   }
+  // Requests that came in on the Open Interpreter listener are routed under its prefix.
+  const compatPorts = new CompatPorts()
+  options.rewriteUrl = (req) => compatPorts.rewrite(req)
   // HTTPS and HTTP instances differ only in the server type; routes never touch it.
   const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
 
@@ -144,6 +152,7 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
   })
   await app.register(agentPlugin, { config })
   await app.register(websocketPlugin, { maxPayload: 1024 * 1024, pingIntervalMs: config.WS_PING_INTERVAL_MS })
+  await app.register(oiCompatPlugin, { ports: compatPorts })
 
   await app.register(healthRoutes, { model: config.LITELLM_MODEL })
   await app.register(async (api) => {
@@ -152,13 +161,18 @@ export async function buildApp(config: Config, opts: AppOptions = {}): Promise<F
     await api.register(sessionRoutes)
     await api.register(chatRoutes)
     await api.register(openaiRoutes)
+    await api.register(responseRoutes)
     await api.register(executeRoutes)
     await api.register(fileRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
     await api.register(eventLog)
     await api.register(keyRoutes)
     await api.register(settingsRoutes)
+    await api.register(transferRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
+    await api.register(mcpRoutes, { maxFileBytes: config.FILE_MAX_BYTES })
   })
   await app.register(eventSocket)
+  // Its own key handling (X-API-KEY or bearer; the socket's first frame), as Open Interpreter's server.
+  await app.register(oiCompatRoutes, { prefix: OI_COMPAT_PREFIX, ack: config.OI_COMPAT_ACK })
 
   return app
 }

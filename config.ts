@@ -73,6 +73,8 @@ export const ConfigSchema = Type.Object({
   // At most 2^32 MiB, so the quota in bytes stays an exact integer.
   WORKSPACE_MAX_MB: Int(1024, 0, 2 ** 32),
   WORKSPACE_MAX_FILES: Int(10_000),
+  OI_COMPAT_PORT: Type.Optional(Type.Integer({ minimum: 0, maximum: 65535, description: 'second listener speaking the Open Interpreter protocol at its root' })),
+  OI_COMPAT_ACK: Type.Boolean({ default: false }),
   SECRETS_KEY: Type.Optional(Type.String({ pattern: '^[0-9a-fA-F]{64}$', description: '32 bytes as hex' })),
 })
 
@@ -168,6 +170,8 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     throw new ConfigError('Invalid configuration: TLS_CERT_FILE and TLS_KEY_FILE must be set together')
   if (parsed.REQUEST_TIMEOUT_MS > 0 && parsed.HEADERS_TIMEOUT_MS > parsed.REQUEST_TIMEOUT_MS)
     throw new ConfigError('Invalid configuration: HEADERS_TIMEOUT_MS must not exceed REQUEST_TIMEOUT_MS')
+  if (parsed.OI_COMPAT_PORT !== undefined && parsed.OI_COMPAT_PORT !== 0 && parsed.OI_COMPAT_PORT === parsed.PORT)
+    throw new ConfigError('Invalid configuration: OI_COMPAT_PORT must differ from PORT')
   if (parsed.REPLICA_URL) {
     // Replicas share sessions only through Redis (leases, wake-ups) and PostgreSQL (the log), and
     // must read each other's encrypted secrets.

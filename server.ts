@@ -4,10 +4,10 @@ import { buildApp } from './app.js'
 import { type Config, ConfigError, loadConfig } from './config.js'
 import { loadAdminKey } from './services/crypto.js'
 import type { SandboxStatus } from './plugins/kernels.js'
-import { createLogger } from './services/logger.js'
+import { createLogger, flushLogs } from './services/logger.js'
 import { VERSION } from './services/version.js'
 
-function banner(config: Config, url: string, sandbox: SandboxStatus): string {
+function banner(config: Config, url: string, sandbox: SandboxStatus, compatPort: number | undefined): string {
   const storage = config.DATABASE_URL ? 'PostgreSQL (DATABASE_URL)' : `SQLite in ${config.DATA_DIR}`
   const lines = [
     `oi-server ${VERSION} listening on ${url}`,
@@ -17,6 +17,7 @@ function banner(config: Config, url: string, sandbox: SandboxStatus): string {
     `  model:     ${config.LITELLM_MODEL}${config.LLM_BASE_URL ? ` via ${config.LLM_BASE_URL}` : '  (no LLM_BASE_URL: set it to enable /v1/chat)'}`,
     `  rate limit: ${config.REDIS_URL ? 'Redis' : 'in memory'}`,
     ...(config.REPLICA_URL ? [`  replica:   reached at ${config.REPLICA_URL}; session leases in Redis, ${config.LEASE_TTL_MS} ms`] : []),
+    `  Open Interpreter protocol: ${url}/oi${compatPort === undefined ? '' : ` and the root of port ${compatPort} (OI_COMPAT_PORT)`}`,
   ]
   const generated = config.generatedApiKey
   if (generated) {
@@ -67,11 +68,14 @@ export async function start(overrides: { host?: string; port?: number } = {}): P
       logger.info({ sessions: drained.handedOver, ms: drained.ms }, 'sessions handed over')
     }
     await app.close()
+    // the destinations buffer lines: the last ones, the shutdown's included, are written now
+    await flushLogs(logger)
   })
 
   const address = await app.listen({ host: config.HOST, port: config.PORT })
+  const compatPort = config.OI_COMPAT_PORT === undefined ? undefined : await app.listenOiCompat({ host: config.HOST, port: config.OI_COMPAT_PORT })
   // the probe logs its one line (with the fix) when the sandbox cannot work
   const sandbox = await app.sandboxStatus()
   // stderr: stdout carries only the JSON log lines, so a pipe into a log collector stays parsable
-  process.stderr.write(banner(config, address.replace('[::1]', 'localhost'), sandbox))
+  process.stderr.write(banner(config, address.replace('[::1]', 'localhost'), sandbox, compatPort))
 }

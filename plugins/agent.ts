@@ -6,6 +6,7 @@ import { ChatService } from '../services/chat.js'
 import { loadSecretsKey, SecretBox } from '../services/crypto.js'
 import { EventBus } from '../services/events.js'
 import { ExecutionService } from '../services/execution.js'
+import { ResponsesService } from '../services/responses.js'
 import { RunRegistry } from '../services/runs.js'
 import { SecretsService } from '../services/secrets.js'
 import { SettingsService } from '../services/settings.js'
@@ -18,10 +19,11 @@ declare module 'fastify' {
     secrets: SecretsService
     execution: ExecutionService
     chat: ChatService
+    responses: ResponsesService
   }
 }
 
-/** The agent and what it stands on: event log, runs, tenant settings and secrets, executions. */
+/** The agent and what it stands on: event log, runs, tenant settings and secrets, executions; the Responses API over it. */
 export default fp(
   async function agent(app: FastifyInstance, { config }: { config: Config }) {
     const cluster = app.cluster
@@ -35,6 +37,9 @@ export default fp(
     })
     const secrets = new SecretsService(app.store, new SecretBox(loadSecretsKey(config.SECRETS_KEY, join(config.DATA_DIR, 'secrets.key'))))
     const execution = new ExecutionService(cluster ? cluster.runner(app.kernels) : app.kernels, bus, secrets, app.metrics)
+    app.kernels.onBackgroundOutput = (background) => {
+      execution.recordBackground(background).catch((err: unknown) => app.log.warn({ err, sessionId: background.sessionId }, 'background kernel output not recorded'))
+    }
     const languages = async () => (await app.kernels.languages()).filter((l) => l.available).map((l) => l.name)
     const chat = new ChatService({
       store: app.store,
@@ -55,8 +60,9 @@ export default fp(
     app.decorate('secrets', secrets)
     app.decorate('execution', execution)
     app.decorate('chat', chat)
+    app.decorate('responses', new ResponsesService({ store: app.store, chat, sessions: app.sessions, settings, runs }))
     // running turns end (and their streams close) before the kernels and the store go away
     app.addHook('preClose', async () => runs.stopAll())
   },
-  { name: 'agent', dependencies: ['store', 'kernels', 'llm', 'metrics', 'cluster'] },
+  { name: 'agent', dependencies: ['store', 'sessions', 'kernels', 'llm', 'metrics', 'cluster'] },
 )

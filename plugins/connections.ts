@@ -91,12 +91,13 @@ export default fp(
     }
 
     const lingering = new Set<Socket>()
-    app.addHook('onSend', async (request, reply, payload) => {
+    // a callback hook: an async one costs a promise and a microtask on every response
+    app.addHook('onSend', (request, reply, payload, done) => {
       if (bodyPending(request)) {
         reply.header('connection', 'close')
         lingerAfterAnswer(request, opts.drainBytes, lingering)
       }
-      return payload
+      done(null, payload)
     })
     // before the server stops listening, which would otherwise wait for these to drain
     app.addHook('preClose', async () => {

@@ -8,19 +8,31 @@ declare module 'fastify' {
   }
 }
 
-/** Records every response; GET /metrics (routes/metrics.ts) serves the registry behind auth. */
+/**
+ * Records every response; GET /metrics (routes/metrics.ts) serves the registry behind auth.
+ * prom-client finds a series by hashing its label object on every call; the series of each
+ * (method, route, status) are looked up once and kept (routes are templates, so they are few).
+ */
 export default fp(
   async function metrics(app: FastifyInstance) {
     const metrics = createMetrics()
     app.decorate('metrics', metrics)
-    app.addHook('onResponse', async (request, reply) => {
-      const labels = {
-        method: request.method,
-        route: request.routeOptions.url ?? 'unmatched',
-        status: String(reply.statusCode),
+    const series = new Map<string, { requests: ReturnType<Metrics['httpRequests']['labels']>; duration: ReturnType<Metrics['httpDuration']['labels']> }>()
+    app.addHook('onResponse', (request, reply, done) => {
+      const route = request.routeOptions.url ?? 'unmatched'
+      const status = String(reply.statusCode)
+      const key = `${request.method} ${status} ${route}`
+      let found = series.get(key)
+      if (!found) {
+        found = {
+          requests: metrics.httpRequests.labels(request.method, route, status),
+          duration: metrics.httpDuration.labels(request.method, route, status),
+        }
+        series.set(key, found)
       }
-      metrics.httpRequests.inc(labels)
-      metrics.httpDuration.observe(labels, reply.elapsedTime / 1000)
+      found.requests.inc()
+      found.duration.observe(reply.elapsedTime / 1000)
+      done()
     })
   },
   { name: 'metrics' },

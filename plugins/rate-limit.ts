@@ -6,8 +6,11 @@ import { MemoryRateStore, type RateStore, RedisRateStore } from '../services/rat
 
 declare module 'fastify' {
   interface FastifyContextConfig {
-    /** Apply the per-session limit (SESSION_RATE_LIMIT_PER_MINUTE) to this route. */
-    sessionRateLimit?: boolean
+    /**
+     * Apply the per-session limit (SESSION_RATE_LIMIT_PER_MINUTE) to this route: `true` finds the
+     * session where most routes name it; a function finds it for a route that names it otherwise.
+     */
+    sessionRateLimit?: boolean | ((request: FastifyRequest) => Promise<string | undefined>)
   }
   interface FastifyInstance {
     /** The per-IP limit as a hook, for handlers outside the routes (not found, 405); null when it is off. */
@@ -101,9 +104,10 @@ export default fp(
       keyGenerator: (request) => `session:${canonical.get(request)}`,
     })
     app.addHook('onRoute', (route) => {
-      if (!route.config?.sessionRateLimit) return
+      const sessionOf = route.config?.sessionRateLimit
+      if (!sessionOf) return
       const hook = async (request: FastifyRequest) => {
-        const named = namedSession(request)
+        const named = sessionOf === true ? namedSession(request) : request.principal && (await sessionOf(request))
         if (!named || !request.principal) return
         const session = await app.store.getSession(request.principal.tenantId, named)
         if (!session) return

@@ -57,7 +57,12 @@ export default fp(
           license: { name: 'MIT', identifier: 'MIT' },
         },
         servers: [{ url: '/', description: 'The server that serves this document' }],
-        components: { securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer', description: AUTH_DESCRIPTION } } },
+        components: {
+          securitySchemes: {
+            bearerAuth: { type: 'http', scheme: 'bearer', description: AUTH_DESCRIPTION },
+            oiApiKey: { type: 'apiKey', in: 'header', name: 'X-API-KEY', description: 'The same key, as Open Interpreter clients send it (routes under /oi only)' },
+          },
+        },
         security: [{ bearerAuth: [] }],
         tags: [
           { name: 'health', description: 'Liveness and readiness' },
@@ -70,6 +75,8 @@ export default fp(
           { name: 'keys', description: 'Managed API keys (admin)' },
           { name: 'settings', description: 'Per-tenant settings and secrets' },
           { name: 'metrics', description: 'Prometheus metrics' },
+          { name: 'open-interpreter', description: "Open Interpreter's --server protocol, under /oi (and at the root of OI_COMPAT_PORT)" },
+          { name: 'mcp', description: 'Model Context Protocol server (Streamable HTTP)' },
         ],
       },
       transform: ({ schema, url }) => {

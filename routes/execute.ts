@@ -6,13 +6,13 @@ import { Ack } from '../schemas/chat.js'
 import { protectedErrors, SessionIdParams } from '../schemas/common.js'
 import { ErrorEvent, jsonOrEventStream, LmcChunk, sseEvent } from '../schemas/streams.js'
 import { ApiError, invalidRequest } from '../services/errors.js'
-import { OutputMessages } from '../services/execution.js'
+import { MessageCollector, OutputWriter } from '../services/output-writer.js'
 import { resolveLanguage } from '../services/kernels/manager.js'
 import type { ExecResult, Language } from '../services/kernels/types.js'
 
 const ExecuteBody = Type.Object(
   {
-    language: Type.String({ minLength: 1, maxLength: 32, description: 'python, shell or javascript (aliases: py, bash, sh, js, node)' }),
+    language: Type.String({ minLength: 1, maxLength: 32, description: 'python, shell or javascript (aliases: py, python3, bash, sh, zsh, js, node, nodejs)' }),
     code: Type.String({ maxLength: 1_000_000 }),
     timeout_ms: Type.Optional(Type.Integer({ minimum: 1, description: 'capped at EXEC_TIMEOUT_MS' })),
     stream: Type.Optional(Type.Boolean({ default: false })),
@@ -109,19 +109,21 @@ const execute: FastifyPluginAsyncTypebox = async (app) => {
       const base = { tenantId, sessionId: session.id, language, code: request.body.code, timeoutMs: request.body.timeout_ms }
 
       if (!request.body.stream) {
-        const outputs = new OutputMessages()
-        const result = await app.execution.run({ ...base, signal: disconnectSignal(reply), onOutput: (o) => outputs.push(o) })
-        return { outputs: outputs.finish(result), ...summary(result) }
+        const messages = new MessageCollector()
+        const writer = new OutputWriter(messages)
+        const result = await app.execution.run({ ...base, signal: disconnectSignal(reply), onOutput: (o) => writer.push(o) })
+        await writer.finish(result)
+        return { outputs: messages.messages, ...summary(result) }
       }
 
       const controller = new AbortController()
       return streamRun(request, reply, {
         start: (send) => {
-          const outputs = new OutputMessages((chunk) => send(chunk, 'message'))
+          const writer = new OutputWriter(new MessageCollector((chunk) => send(chunk, 'message')))
           return app.execution
-            .run({ ...base, signal: controller.signal, onOutput: (o) => outputs.push(o) })
-            .then((result) => {
-              outputs.finish(result)
+            .run({ ...base, signal: controller.signal, onOutput: (o) => writer.push(o) })
+            .then(async (result) => {
+              await writer.finish(result)
               return result
             })
         },

@@ -139,7 +139,7 @@ const openai: FastifyPluginAsyncTypebox = async (app) => {
         tags: ['openai'],
         summary: 'OpenAI-compatible chat completions, with the agent running code',
         description:
-          'Bind to a session with `session_id` in the body, the `X-Session-Id` header or `metadata.session_id`; a request without one whose last assistant message is an answer this server gave continues that answer\'s session; otherwise a new session is made. The response carries `X-Session-Id` and `session_id`.',
+          'Bind to a session with `session_id` in the body, the `X-Session-Id` header or `metadata.session_id`; a request without one whose last assistant message is an answer this server gave continues that answer\'s session; otherwise a new session is made. The response carries `X-Session-Id` and `session_id`. The client\'s function `tools` are offered beside the server\'s code tool: a call to one is returned as `tool_calls` with `finish_reason: "tool_calls"`, and the next request with a `tool` message per call resumes the same turn.',
         body: CompletionBody,
         response: { 200: jsonOrEventStream('The completion', ChatCompletion, CompletionStreamEvent), ...protectedErrors(400, 404, 409, 422, 502, 503, 504) },
       },

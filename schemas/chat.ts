@@ -83,9 +83,14 @@ const CompletionPassThrough = {
 
 /** The client's tools; checked field by field in services/agent/openai-compat.ts so a 400 names the exact `param`. */
 const CompletionTools = {
-  tools: nullable(Type.Array(Type.Unknown(), { maxItems: 128 })),
-  tool_choice: nullable(Type.Unknown()),
-  parallel_tool_calls: nullable(Type.Boolean()),
+  tools: nullable(
+    Type.Array(Type.Unknown(), {
+      maxItems: 128,
+      description: "Function tools offered to the model beside the server's `execute` tool; a call to one is returned as `tool_calls` and the turn waits for its result",
+    }),
+  ),
+  tool_choice: nullable(Type.Unknown({ description: '"none", "auto", "required" or {"type":"function","function":{"name"}}; sent upstream' })),
+  parallel_tool_calls: nullable(Type.Boolean({ description: 'Sent upstream when there are tools' })),
 }
 
 /** OpenAI Chat Completions request: the fields used; anything else is accepted and ignored. */

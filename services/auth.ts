@@ -18,7 +18,16 @@ export interface RevocationChannel {
 export interface KeyResolverOptions {
   flushEveryMs?: number
   channel?: RevocationChannel
+  /**
+   * How long a managed key found in the store is trusted without asking the store again (ms);
+   * default 5000, 0 asks every time. A revocation here or through the channel drops it at once;
+   * this bounds only a revocation on a replica that cannot tell this one (no Redis).
+   */
+  cacheMs?: number
 }
+
+/** Managed keys remembered at most; the longest unused go first. */
+const MAX_CACHED_KEYS = 10_000
 
 /** The longest delay setTimeout holds (about 24.8 days); a later expiry re-arms the timer. */
 const MAX_TIMER_MS = 2 ** 31 - 1
@@ -59,6 +68,10 @@ export function newApiKey(name: string, expiresAt: string | null): { key: string
  * Connections that outlive a request (WebSockets) `watch` their key: a revocation here or on
  * another replica (through the channel), or the key's expiry, ends every watch of that key at
  * once. One timer per watched key with an expiry, none per connection, no polling.
+ *
+ * Managed keys found in the store are remembered by digest for `cacheMs`, so a client that sends
+ * the same key on every request costs no query; a key that ends (revoked, expired) is forgotten
+ * the moment it ends, and its expiry is checked on every use.
  */
 export class KeyResolver {
   private readonly adminDigests: Buffer[]
@@ -69,6 +82,9 @@ export class KeyResolver {
   private readonly watches = new Map<string, KeyWatch>()
   /** Counts ended keys, so a watch can tell whether one ended while it was being set up. */
   private endings = 0
+  private readonly cacheMs: number
+  /** Digest (hex) → the key's record and when it was read; insertion order is use order. */
+  private readonly cache = new Map<string, { record: ApiKeyRecord; readAt: number }>()
 
   constructor(
     adminKeys: string[],
@@ -78,6 +94,7 @@ export class KeyResolver {
     this.adminDigests = adminKeys.map(sha256)
     this.flushEveryMs = opts.flushEveryMs ?? 30_000
     this.channel = opts.channel
+    this.cacheMs = opts.cacheMs ?? 5000
   }
 
   async resolve(key: string): Promise<Principal | undefined> {
@@ -86,12 +103,31 @@ export class KeyResolver {
     for (const candidate of this.adminDigests) admin = timingSafeEqual(candidate, digest) || admin
     if (admin) return { tenantId: ADMIN_TENANT, admin: true, keyId: null, expiresAt: null }
     if (!key.startsWith(MANAGED_PREFIX)) return undefined
-    const record = await this.store.findApiKeyByHash(digest.toString('hex'))
+    const record = await this.lookup(digest.toString('hex'))
     if (!record) return undefined
     const now = new Date().toISOString()
     if (record.expiresAt && record.expiresAt <= now) return undefined
     this.markUsed(record.id, now)
     return { tenantId: `key:${record.id}`, admin: false, keyId: record.id, expiresAt: record.expiresAt }
+  }
+
+  private async lookup(hash: string): Promise<ApiKeyRecord | undefined> {
+    const cached = this.cache.get(hash)
+    if (cached) {
+      this.cache.delete(hash)
+      if (Date.now() - cached.readAt < this.cacheMs) {
+        this.cache.set(hash, cached)
+        return cached.record
+      }
+    }
+    const before = this.endings
+    const record = await this.store.findApiKeyByHash(hash)
+    // A key that ended while it was being read may be this one: it is not remembered.
+    if (record && this.cacheMs > 0 && this.endings === before) {
+      this.cache.set(hash, { record, readAt: Date.now() })
+      if (this.cache.size > MAX_CACHED_KEYS) this.cache.delete(this.cache.keys().next().value!)
+    }
+    return record
   }
 
   /** Deletes a managed key and ends its watches, here and (through the channel) elsewhere. */
@@ -106,6 +142,7 @@ export class KeyResolver {
   /** A key stopped working (revoked here or on another replica, or expired): its watches end. */
   ended(keyId: string): void {
     this.endings++
+    for (const [hash, { record }] of this.cache) if (record.id === keyId) this.cache.delete(hash)
     const watch = this.watches.get(keyId)
     if (!watch) return
     this.watches.delete(keyId)

@@ -26,6 +26,13 @@ export interface ChatRequest {
   systemMessage?: string
   /** The client's function tools; a call to one suspends the turn until its results come back. */
   tools?: ClientTools
+  /**
+   * The conversation this turn continues, instead of the session's whole log (the Responses
+   * API's `previous_response_id` chain, which may branch within one session).
+   */
+  history?: LmcMessage[]
+  /** Offer the server's code tool; false runs a plain model turn in the session. Default true. */
+  codeTool?: boolean
   emit?: (chunk: LmcChunk) => void
   /**
    * Called once the upstream first answered and the user's messages are stored: from here on
@@ -57,6 +64,8 @@ export type Pending =
 
 export interface ChatResult extends TurnResult {
   model: string
+  /** The request's messages as stored at the start of the turn (before `messages`). */
+  inputs: LmcMessage[]
   /** Set when the turn is suspended, waiting for its client. */
   pending?: Pending
 }
@@ -264,13 +273,14 @@ export class ChatService {
     req.signal?.addEventListener('abort', cancel, { once: true })
     let started: Promise<void> | undefined
     try {
-      const plan = this.plan(req, await store.getSuspendedTurn(req.sessionId))
+      // a session made for this turn has nothing suspended and no history to read
+      const plan = this.plan(req, req.newSession ? undefined : await store.getSuspendedTurn(req.sessionId))
       const { params, resume } = plan
       const [settings, secrets, languages, stored] = await Promise.all([
         req.settings && req.config === params.config ? req.settings : this.deps.settings.effective(req.tenantId, params.config),
         this.deps.secrets.forTenant(req.tenantId),
-        this.deps.languages(),
-        store.allMessages(req.sessionId),
+        req.codeTool === false ? [] : this.deps.languages(),
+        req.history ?? (req.newSession ? [] : store.allMessages(req.sessionId)),
       ])
       const inputs = plan.inputs.map(
         (input) =>
@@ -290,11 +300,14 @@ export class ChatService {
             if (!(await store.claimSuspendedTurn(req.sessionId, plan.claim.id))) {
               throw new ApiError(409, 'conflict_error', 'session_busy', 'The suspended turn of this session was taken over by another request')
             }
-            // A turn left waiting for an answer that never came is over.
-            if (!resume) await bus.append(req.sessionId, 'run_finished', { usage: { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }, stopped: true })
           }
-          for (const message of inputs) await bus.appendMessage(req.sessionId, message)
-          await bus.append(req.sessionId, 'run_started', { model: settings.model, ...(resume ? { resumed: true } : {}) })
+          // one commit for the phase: the end of an abandoned turn, the user's messages and run_started
+          await bus.appendAll(req.sessionId, [
+            // A turn left waiting for an answer that never came is over.
+            ...(plan.claim && !resume ? [{ type: 'run_finished', data: { usage: { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 }, stopped: true } }] : []),
+            ...inputs.map((message) => ({ message })),
+            { type: 'run_started', data: { model: settings.model, ...(resume ? { resumed: true } : {}) } },
+          ])
           req.onStart?.()
         })()
         return started
@@ -337,11 +350,11 @@ export class ChatService {
         metrics.runs.inc({ outcome: 'suspended' })
         if (pending.type === 'confirmation') await bus.append(req.sessionId, 'awaiting_confirmation', { message_id: pending.message_id })
         await bus.append(req.sessionId, 'run_suspended', { usage: result.usage, pending })
-        return { ...result, model: settings.model, pending }
+        return { ...result, model: settings.model, inputs, pending }
       }
       metrics.runs.inc({ outcome: result.stopped ? 'stopped' : 'finished' })
       await bus.append(req.sessionId, 'run_finished', { usage: result.usage, stopped: result.stopped })
-      return { ...result, model: settings.model }
+      return { ...result, model: settings.model, inputs }
     } catch (err) {
       metrics.runs.inc({ outcome: 'failed' })
       if (!started) {

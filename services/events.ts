@@ -1,5 +1,5 @@
 import type { LmcMessage } from '../schemas/lmc.js'
-import type { EventRecord, Store } from './store/types.js'
+import type { AppendEntry, EventRecord, Store } from './store/types.js'
 
 export type EventListener = (event: EventRecord) => void
 
@@ -58,13 +58,21 @@ export class EventBus {
     this.fence = opts.fence ?? (() => undefined)
   }
 
-  append(sessionId: string, type: string, data: unknown): Promise<EventRecord> {
-    return this.chain(sessionId, async () => this.store.appendEvent(sessionId, type, data, await this.fence(sessionId)))
+  async append(sessionId: string, type: string, data: unknown): Promise<EventRecord> {
+    return (await this.chain(sessionId, async () => [await this.store.appendEvent(sessionId, type, data, await this.fence(sessionId))]))[0]!
   }
 
   /** Stores an LMC message together with its `message` event. */
-  appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord> {
-    return this.chain(sessionId, async () => this.store.appendMessage(sessionId, message, await this.fence(sessionId)))
+  async appendMessage(sessionId: string, message: LmcMessage): Promise<EventRecord> {
+    return (await this.chain(sessionId, async () => [await this.store.appendMessage(sessionId, message, await this.fence(sessionId))]))[0]!
+  }
+
+  /**
+   * Stores messages and events in one transaction (`Store.appendEntries`): one commit for a phase
+   * of a turn. Subscribers see the events once all of them are stored, in order.
+   */
+  appendAll(sessionId: string, entries: AppendEntry[]): Promise<EventRecord[]> {
+    return this.chain(sessionId, async () => this.store.appendEntries(sessionId, entries, await this.fence(sessionId)))
   }
 
   /** Live events of a session from now on; returns the unsubscribe function. */
@@ -138,23 +146,24 @@ export class EventBus {
     }
   }
 
-  private chain(sessionId: string, write: () => Promise<EventRecord>): Promise<EventRecord> {
+  private chain(sessionId: string, write: () => Promise<EventRecord[]>): Promise<EventRecord[]> {
     const previous = this.tails.get(sessionId) ?? Promise.resolve()
     const next = previous.catch(() => {}).then(async () => {
-      const event = await write()
+      const events = await write()
       if (!this.relay) {
-        this.deliver(sessionId, undefined, event)
-        return event
+        for (const event of events) this.deliver(sessionId, undefined, event)
+        return events
       }
-      this.relay.publish(sessionId, event.id)
+      const last = events.at(-1)
+      if (last) this.relay.publish(sessionId, last.id)
       const feed = this.feeds.get(sessionId)
-      if (feed) {
+      if (feed && events.length > 0) {
         this.enqueue(feed, async () => {
-          if (event.id > feed.delivered + 1) await this.readFrom(sessionId, feed, event.id - 1)
-          this.deliver(sessionId, feed, event)
+          if (events[0]!.id > feed.delivered + 1) await this.readFrom(sessionId, feed, events[0]!.id - 1)
+          for (const event of events) this.deliver(sessionId, feed, event)
         })
       }
-      return event
+      return events
     })
     this.tails.set(sessionId, next)
     void next.finally(() => {

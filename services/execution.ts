@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto'
-import type { LmcChunk, LmcMessage } from '../schemas/lmc.js'
 import type { EventBus } from './events.js'
-import type { ExecResult, ExecuteRequest, KernelOutput, Language } from './kernels/types.js'
+import type { BackgroundOutput, ExecResult, ExecuteRequest, KernelOutput, Language } from './kernels/types.js'
 import type { Metrics } from './metrics.js'
 import type { SecretsService } from './secrets.js'
 
@@ -91,64 +90,14 @@ export class ExecutionService {
     })
     return result
   }
-}
 
-/**
- * Kernel output as LMC messages for POST /execute: consecutive output of one stream is one
- * console message; images, trailing values and notices are messages of their own. With `emit`,
- * each message is also streamed as start / content / end chunks as it is produced.
- */
-export class OutputMessages {
-  readonly messages: LmcMessage[] = []
-  private open: LmcMessage | undefined
-
-  constructor(private readonly emit: (chunk: LmcChunk) => void = () => {}) {}
-
-  push(output: KernelOutput): void {
-    if (output.type === 'stream') {
-      if (this.open?.stream !== output.stream) {
-        this.close()
-        this.open = this.begin({ role: 'computer', type: 'console', format: 'output', stream: output.stream, content: '' })
-      }
-      this.open.content = `${this.open.content as string}${output.text}`
-      this.emit({ ...this.head(this.open), content: output.text })
-      return
-    }
-    this.close()
-    if (output.type === 'image') this.whole({ role: 'computer', type: 'image', format: output.format, content: output.data })
-    else if (output.type === 'result') this.whole({ role: 'computer', type: 'console', format: 'output', stream: 'stdout', content: output.text })
-    else this.whole({ role: 'computer', type: 'console', format: 'output', stream: 'stderr', content: output.text })
-  }
-
-  /** Closes the open message and adds the traceback of an error the kernel reported. */
-  finish(result: ExecResult): LmcMessage[] {
-    this.close()
-    if (result.error?.traceback) {
-      const shown = this.messages.some((m) => m.stream === 'stderr' && (m.content as string).includes(result.error!.traceback))
-      if (!shown) this.whole({ role: 'computer', type: 'console', format: 'output', stream: 'stderr', content: result.error.traceback })
-    }
-    return this.messages
-  }
-
-  private begin(fields: Omit<LmcMessage, 'id' | 'created_at'>): LmcMessage {
-    const message = { id: randomUUID(), ...fields, created_at: new Date().toISOString() } as LmcMessage
-    this.messages.push(message)
-    this.emit({ ...this.head(message), start: true })
-    return message
-  }
-
-  private whole(fields: Omit<LmcMessage, 'id' | 'created_at'>): void {
-    const message = this.begin(fields)
-    this.emit({ ...this.head(message), content: message.content })
-    this.emit({ ...this.head(message), end: true })
-  }
-
-  private close(): void {
-    if (this.open) this.emit({ ...this.head(this.open), end: true })
-    this.open = undefined
-  }
-
-  private head(m: LmcMessage): LmcChunk {
-    return { id: m.id, role: m.role, type: m.type, ...(m.format ? { format: m.format } : {}), ...(m.stream ? { stream: m.stream } : {}), created_at: m.created_at }
+  /**
+   * Records in the session's event log, as a `kernel_output` event (`{language, output}`, the
+   * output masked like an execution's), what a kernel wrote while none of its executions ran:
+   * background jobs, and late errors of JavaScript cells that had ended.
+   */
+  async recordBackground(background: BackgroundOutput): Promise<void> {
+    const { redact } = await this.secrets.forTenant(background.tenantId)
+    await this.bus.append(background.sessionId, 'kernel_output', { language: background.language, output: masked(background.output, redact) })
   }
 }

@@ -24,7 +24,7 @@ const reused = () =>
     'Idempotency-Key',
   ).final()
 const inProgress = () =>
-  new ApiError(409, 'conflict_error', 'idempotency_in_progress', 'A request with this Idempotency-Key is still running; retry later to get its result')
+  new ApiError(409, 'conflict_error', 'idempotency_in_progress', 'The same request (this Idempotency-Key, or the attempt an SDK is retrying) is still running; retry later to get its result')
 
 /** What `begin` decided: run the request and `finish` (or `abandon`) the claim, or replay. */
 export type IdempotencyOutcome =
@@ -87,6 +87,15 @@ export class IdempotencyKeys implements IdempotencyStore {
         if (this.entries.get(id) === claim) this.entries.delete(id)
       },
     }
+  }
+
+  /**
+   * Starts a run under `key` whatever was recorded before (an SDK's first attempt: the same
+   * request again on purpose runs again, and its retries then find this one).
+   */
+  claim(tenantId: string, key: string, fingerprint: string): Extract<IdempotencyOutcome, { kind: 'run' }> {
+    this.entries.delete(`${tenantId}\n${key}`)
+    return this.begin(tenantId, key, fingerprint) as Extract<IdempotencyOutcome, { kind: 'run' }>
   }
 
   private prune(now: number): void {

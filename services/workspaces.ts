@@ -705,11 +705,14 @@ export class Workspaces {
    * The whole workspace as a zip, produced while it is read: one file is open at a time and the
    * walk waits for the zip to take it, so a slow client holds nothing more. Left out, and counted
    * in the zip's comment: symlinks, FIFOs, sockets and devices, names a zip cannot hold as they are
-   * (not UTF-8, with a backslash), files larger than `maxFileBytes`.
+   * (not UTF-8, with a backslash), files larger than `maxFileBytes`. `prefix` puts the workspace
+   * under a folder of the zip and `extra` adds files beside it (a session export).
    */
-  archive(sessionId: string): Readable {
+  archive(sessionId: string, opts: { prefix?: string; extra?: { path: string; data: Buffer }[] } = {}): Readable {
     const workspace = this.dir(sessionId)
+    const prefix = opts.prefix ?? ''
     const zip = new yazl.ZipFile()
+    for (const { path, data } of opts.extra ?? []) zip.addBuffer(data, path)
     const output = zip.outputStream as PassThrough
     zip.on('error', (err: Error) => output.destroy(err))
     let reading: Readable | undefined
@@ -737,7 +740,7 @@ export class Workspaces {
             continue
           }
           const parent = at.length === 0 ? '' : `${dirPaths.get(at.at(-1)!)}/`
-          const path = `${parent}${lossy(name)}`
+          const path = `${parent}${at.length === 0 ? prefix : ''}${lossy(name)}`
           if (Buffer.byteLength(path) > 0xfffe) {
             omitted.add('long', at, name)
             event.skip = true

@@ -229,13 +229,12 @@ t.test('OpenAPI 3.1 document is valid, with bearer security, tags and summaries'
 })
 
 t.test('LOG_DIR writes server_out.log and server_err.log', async (t) => {
-  const { createLogger } = await import('../services/logger.js')
+  const { createLogger, flushLogs } = await import('../services/logger.js')
   const dir = tempDir(t)
   const logger = createLogger({ level: 'info', logDir: dir, pretty: false })
   logger.info({ req: { headers: { authorization: 'Bearer abc' } } }, 'hello')
   logger.error('bad thing')
-  logger.flush()
-  await new Promise((r) => setTimeout(r, 200))
+  await flushLogs(logger)
   t.ok(existsSync(join(dir, 'server_out.log')))
   const out = readFileSync(join(dir, 'server_out.log'), 'utf8')
   const err = readFileSync(join(dir, 'server_err.log'), 'utf8')

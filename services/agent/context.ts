@@ -6,6 +6,7 @@ export const EXECUTE_TOOL = 'execute'
 const WORKSPACE_DIR = '/workspace'
 
 export interface ContextOptions {
+  /** What code may run in; empty when the turn runs no code at all. */
   languages: Language[]
   /** Offer the `execute` tool; without it code travels as fenced blocks in the text. */
   tools: boolean
@@ -76,10 +77,10 @@ const NO_RESULT = 'The client returned no result for this tool call.'
  * is unknown is shown as user text.
  */
 export function buildMessages(history: LmcMessage[], opts: ContextOptions): ChatCompletionMessageParam[] {
-  const system = [opts.systemMessage ?? defaultSystemMessage(opts.languages, opts.tools), opts.customInstructions]
-    .filter((part) => part?.trim())
-    .join('\n\n')
-  const messages: ChatCompletionMessageParam[] = [{ role: 'system', content: opts.redact(system) }]
+  // Without languages no code can run, and the default prompt, which is all about code, would mislead.
+  const defaultSystem = opts.languages.length > 0 ? defaultSystemMessage(opts.languages, opts.tools) : undefined
+  const system = [opts.systemMessage ?? defaultSystem, opts.customInstructions].filter((part) => part?.trim()).join('\n\n')
+  const messages: ChatCompletionMessageParam[] = system ? [{ role: 'system', content: opts.redact(system) }] : []
   const blocks = toBlocks(history)
   const results = new Map<string, string>()
   for (const block of blocks) if (block.kind === 'result' && !results.has(block.id)) results.set(block.id, block.content)

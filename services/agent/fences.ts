@@ -1,22 +1,9 @@
+import { resolveLanguage } from '../kernels/languages.js'
 import type { Language } from '../kernels/types.js'
-
-const TAGS: Record<string, Language> = {
-  python: 'python',
-  python3: 'python',
-  py: 'python',
-  shell: 'shell',
-  sh: 'shell',
-  bash: 'shell',
-  zsh: 'shell',
-  javascript: 'javascript',
-  js: 'javascript',
-  node: 'javascript',
-  nodejs: 'javascript',
-}
 
 /** The language a model means by a fence tag or a `language` argument (`py`, `bash`, `js`…). */
 export function languageFromTag(tag: string | undefined): Language | undefined {
-  return tag ? TAGS[tag.trim().toLowerCase()] : undefined
+  return tag ? resolveLanguage(tag) : undefined
 }
 
 export type FenceEvent =

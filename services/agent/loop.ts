@@ -1,6 +1,5 @@
 import { randomUUID } from 'node:crypto'
 import type OpenAI from 'openai'
-import { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai'
 import type {
   ChatCompletionChunk,
   ChatCompletionCreateParamsStreaming,
@@ -9,7 +8,8 @@ import type {
 } from 'openai/resources/chat/completions'
 import type { CompletionUsage } from 'openai/resources/completions'
 import type { LmcChunk, LmcMessage } from '../../schemas/lmc.js'
-import { ApiError } from '../errors.js'
+import { upstreamError, upstreamTimeout } from '../llm.js'
+import { OutputWriter } from '../output-writer.js'
 import type { ExecResult, KernelOutput, Language } from '../kernels/types.js'
 import { capForModel } from './cap.js'
 import { buildMessages, executeTool } from './context.js'
@@ -37,7 +37,7 @@ export interface TurnOptions {
   customInstructions?: string
   /** Stored history, already including this turn's user messages. */
   history: LmcMessage[]
-  /** What the `execute` tool (or a fenced block) may ask for. */
+  /** What the `execute` tool (or a fenced block) may ask for; empty: the turn runs no code and offers no tool. */
   languages: Language[]
   /** LLM_TOOLS: offer the `execute` tool; when false, fenced code blocks in the reply are run. */
   tools: boolean
@@ -129,64 +129,6 @@ export async function runTurn(opts: TurnOptions): Promise<TurnResult> {
   return new Turn(opts).run()
 }
 
-/**
- * The upstream failure as the API reports it, keeping its meaning: what the client got wrong
- * stays a 4xx with the upstream's `code` and `param`, a rate limit stays a 429 with its wait, and
- * what only the operator can fix (the upstream refused our key) is a 502 not worth retrying.
- * Upstream messages can quote the key that was refused, so it is masked along with anything the
- * redactor knows.
- */
-export function upstreamError(err: unknown, apiKey: string | null, redact: (text: string) => string = (t) => t): ApiError {
-  if (err instanceof ApiError) return err
-  const clean = (message: string) => {
-    let text = apiKey ? message.replaceAll(apiKey, '***') : message
-    text = text.replace(/\b(sk|pk|rk)-[\w*-]{4,}/g, '$1-***').replace(/Bearer\s+\S+/gi, 'Bearer ***')
-    return redact(text)
-  }
-  if (err instanceof APIConnectionTimeoutError) return upstreamTimeout()
-  if (err instanceof APIConnectionError) {
-    return new ApiError(502, 'upstream_error', 'llm_error', clean(`Could not reach the model: ${err.message}`))
-  }
-  if (!(err instanceof APIError)) return brokenStream()
-  const detail = (err.error as { message?: unknown } | undefined)?.message
-  const said = clean(typeof detail === 'string' && detail ? detail : err.message)
-  const code = typeof err.code === 'string' && err.code ? err.code : undefined
-  const param = typeof err.param === 'string' && err.param ? err.param : null
-  const status = err.status ?? 0
-  if (status === 404 && (code === 'model_not_found' || /model/i.test(said))) {
-    return new ApiError(404, 'invalid_request_error', 'model_not_found', `The model provider does not know this model: ${said}`, 'model')
-  }
-  if (status === 400 || status === 422) return new ApiError(400, 'invalid_request_error', code ?? 'upstream_invalid_request', said, param)
-  if (status === 429) {
-    const wait = retryAfterMs(err.headers)
-    const limited = new ApiError(429, 'rate_limit_error', code ?? 'upstream_rate_limited', `The model provider is rate limiting: ${said}`, null, {
-      ...(wait !== undefined ? { retry_after: Math.max(1, Math.ceil(wait / 1000)), retry_after_ms: wait } : {}),
-    })
-    // An exhausted quota does not come back by waiting.
-    return code === 'insufficient_quota' ? limited.final() : limited
-  }
-  const prefix = status ? `The model provider answered ${status}` : 'The model provider reported an error'
-  if (status === 401 || status === 403) return new ApiError(502, 'upstream_error', 'llm_auth_failed', `${prefix}: ${said}`).final()
-  if (status === 503) return new ApiError(503, 'unavailable_error', 'llm_unavailable', `${prefix}: ${said}`)
-  return new ApiError(502, 'upstream_error', 'llm_error', `${prefix}: ${said}`)
-}
-
-/** The upstream's `retry-after-ms` or `retry-after` (seconds or an HTTP date), in milliseconds. */
-function retryAfterMs(headers: Headers | undefined): number | undefined {
-  const ms = Number.parseFloat(headers?.get('retry-after-ms') ?? '')
-  if (Number.isFinite(ms) && ms >= 0) return Math.ceil(ms)
-  const value = headers?.get('retry-after')
-  if (!value) return undefined
-  const seconds = Number.parseFloat(value)
-  if (Number.isFinite(seconds) && seconds >= 0) return Math.ceil(seconds * 1000)
-  const at = Date.parse(value)
-  return Number.isFinite(at) ? Math.max(0, at - Date.now()) : undefined
-}
-
-const upstreamTimeout = () => new ApiError(504, 'upstream_error', 'llm_timeout', 'The model did not answer in time')
-const brokenStream = () =>
-  new ApiError(502, 'upstream_error', 'llm_error', 'The connection to the model broke before the answer was complete')
-
 interface Io {
   emit: (chunk: LmcChunk) => void
   persist: (message: LmcMessage) => Promise<void>
@@ -226,7 +168,9 @@ class Draft implements MessageDraft {
     if (!text || this.done) return
     this.raw += text
     this.pending += text
-    const cut = lastWhitespace(this.pending)
+    // Kernel output comes masked already, held back by the execution's stream masker where a
+    // value could be split: it goes out as written, as through POST /execute.
+    const cut = this.head.role === 'computer' ? this.pending.length - 1 : lastWhitespace(this.pending)
     if (cut === -1) return
     this.send(this.pending.slice(0, cut + 1))
     this.pending = this.pending.slice(cut + 1)
@@ -354,6 +298,14 @@ class Turn implements Writer {
     }
   }
 
+  /**
+   * The `execute` tool is offered: tool calling is on and there is something to run code in.
+   * Replies are still read as tool calls whenever tool calling is on, for the client's tools.
+   */
+  private get tools(): boolean {
+    return this.opts.tools && this.opts.languages.length > 0
+  }
+
   open(head: Head): Draft {
     return new Draft(this.io, head)
   }
@@ -451,7 +403,7 @@ class Turn implements Writer {
       model: opts.model,
       messages: buildMessages([...opts.history, ...this.messages], {
         languages: opts.languages,
-        tools: opts.tools,
+        tools: this.tools,
         systemMessage: opts.systemMessage,
         customInstructions: opts.customInstructions,
         maxOutputChars: opts.maxOutputChars,
@@ -470,7 +422,7 @@ class Turn implements Writer {
   /** `execute` (unless code travels in fences) and the client's tools, with the client's choice fields. */
   private toolFields(): Partial<ChatCompletionCreateParamsStreaming> {
     const { clientTools } = this.opts
-    const tools = [...(this.opts.tools ? [executeTool(this.opts.languages)] : []), ...(clientTools?.tools ?? [])]
+    const tools = [...(this.tools ? [executeTool(this.opts.languages)] : []), ...(clientTools?.tools ?? [])]
     if (tools.length === 0) return {}
     return {
       tools,
@@ -486,15 +438,15 @@ class Turn implements Writer {
   }
 
   private async runCode(language: Language, code: string): Promise<void> {
-    const sink = new OutputSink(this)
+    const writer = new OutputWriter(this)
     let result: ExecResult
     try {
-      result = await this.opts.execute(language, code, (output) => sink.push(output), this.opts.signal)
+      result = await this.opts.execute(language, code, (output) => writer.push(output), this.opts.signal)
     } catch (err) {
-      await sink.finish()
+      await writer.finish()
       throw err
     }
-    await sink.finish(result)
+    await writer.finish(result)
   }
 
   private async closeOpen(): Promise<void> {
@@ -534,75 +486,4 @@ class Turn implements Writer {
     }
     return { messages: [...this.messages], final, usage: { ...this.usage }, finishReason: this.finishReason, stopped }
   }
-}
-
-/**
- * Turns kernel output into console and image messages as it arrives. Kernel callbacks are
- * synchronous while persisting is not, so output is handled through one ordered chain.
- */
-class OutputSink {
-  private chain: Promise<void> = Promise.resolve()
-  private current: Draft | undefined
-  private stderr = ''
-  private noticed = false
-  private failure: unknown
-
-  constructor(private readonly turn: Turn) {}
-
-  push(output: KernelOutput): void {
-    this.chain = this.chain
-      .then(() => this.handle(output))
-      .catch((err: unknown) => {
-        this.failure ??= err
-      })
-  }
-
-  async finish(result?: ExecResult): Promise<void> {
-    await this.chain
-    await this.closeCurrent()
-    if (this.failure) throw this.failure
-    if (!result) return
-    if (result.error) {
-      const traceback = result.error.traceback.trim() || `${result.error.name}: ${result.error.value}`
-      if (!this.stderr.includes(traceback)) await this.turn.say(consoleHead('stderr'), traceback)
-    }
-    const note = this.noticed ? undefined : describe(result)
-    if (note) await this.turn.say(consoleHead('stderr'), note)
-  }
-
-  private async handle(output: KernelOutput): Promise<void> {
-    if (output.type === 'stream') {
-      if (this.current?.head.stream !== output.stream) {
-        await this.closeCurrent()
-        this.current = this.turn.open(consoleHead(output.stream))
-      }
-      this.current.append(output.text)
-      if (output.stream === 'stderr') this.stderr += output.text
-      return
-    }
-    await this.closeCurrent()
-    if (output.type === 'image') await this.turn.say({ role: 'computer', type: 'image', format: output.format }, output.data)
-    else if (output.type === 'result') await this.turn.say(consoleHead('stdout'), output.text)
-    else {
-      this.noticed = true
-      await this.turn.say(consoleHead('stderr'), output.text)
-    }
-  }
-
-  private async closeCurrent(): Promise<void> {
-    const current = this.current
-    this.current = undefined
-    await current?.end()
-  }
-}
-
-/** What the user and the model should know about how the run ended, when the kernel said nothing. */
-function describe(result: ExecResult): string | undefined {
-  const lost = result.stateLost ? ' The kernel was restarted: variables and imports are lost.' : ''
-  const notes: string[] = []
-  if (result.timedOut) notes.push(`Execution timed out after ${Math.round(result.durationMs / 1000)} s.${lost}`)
-  else if (result.interrupted) notes.push(`Execution was interrupted.${lost}`)
-  else if (lost) notes.push(lost.trim())
-  if (result.truncated) notes.push('The output went past the limit and was cut.')
-  return notes.length > 0 ? notes.join(' ') : undefined
 }

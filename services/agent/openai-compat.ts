@@ -54,6 +54,8 @@ const DATA_IMAGE = /^data:image\/(png|jpe?g);base64,(.*)$/s
 export function fromChatMessages(messages: CompatMessage[], clientTools: ReadonlySet<string> = new Set()): CompatConversation {
   const inputs: LmcInput[] = []
   const system: string[] = []
+  // Results of the server's own `execute` calls are that code's output, not a client tool result.
+  const codeCalls = new Set<string>()
   messages.forEach((message, i) => {
     const at = `messages[${i}]`
     if (typeof message?.type === 'string' && LMC_TYPES.has(message.type) && LMC_ROLES.has(message.role)) {
@@ -69,11 +71,15 @@ export function fromChatMessages(messages: CompatMessage[], clientTools: Readonl
         inputs.push(...userInputs(message.content, `${at}.content`))
         return
       case 'assistant':
-        inputs.push(...assistantInputs(message, at, clientTools))
+        inputs.push(...assistantInputs(message, at, clientTools, codeCalls))
         return
       case 'tool':
         if (typeof message.tool_call_id !== 'string' || !message.tool_call_id) {
           throw invalidRequest('A tool message needs the tool_call_id it answers', `${at}.tool_call_id`, 'invalid_message')
+        }
+        if (codeCalls.has(message.tool_call_id)) {
+          inputs.push({ role: 'computer', type: 'console', format: 'output', content: textOf(message.content, `${at}.content`) })
+          return
         }
         inputs.push({ role: 'computer', type: 'tool_result', content: { tool_call_id: message.tool_call_id, content: textOf(message.content, `${at}.content`) } })
         return
@@ -147,7 +153,7 @@ function userInputs(content: unknown, at: string): LmcInput[] {
   return inputs
 }
 
-function assistantInputs(message: CompatMessage, at: string, clientTools: ReadonlySet<string>): LmcInput[] {
+function assistantInputs(message: CompatMessage, at: string, clientTools: ReadonlySet<string>, codeCalls: Set<string>): LmcInput[] {
   const inputs: LmcInput[] = []
   const text = textOf(message.content, `${at}.content`)
   if (text) inputs.push({ role: 'assistant', type: 'message', format: 'text', content: text })
@@ -168,6 +174,7 @@ function assistantInputs(message: CompatMessage, at: string, clientTools: Readon
       args = undefined
     }
     if (args && typeof args.code === 'string') {
+      if (typeof call?.id === 'string') codeCalls.add(call.id)
       const language = languageFromTag(typeof args.language === 'string' ? args.language : name) ?? 'python'
       inputs.push({ role: 'assistant', type: 'code', format: language, content: args.code })
     } else {

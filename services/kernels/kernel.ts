@@ -51,7 +51,7 @@ interface ActiveRun {
 export const PROTOCOL_VIOLATION = 'protocol violation'
 // Reports of one execution: a value, an error, the images of its figures. Far more is a flood.
 const MAX_REPORTS_PER_EXECUTION = 10_000
-// Output written between executions (by background jobs) is shown with the next one, up to this.
+// Output written between executions (by background jobs), up to this much until the next one.
 const IDLE_OUTPUT_BYTES = 64 * 1024
 const START_TIMEOUT_MS = 30_000
 // After the process exits, how long to wait for its pipes to drain when a leftover grandchild
@@ -66,6 +66,12 @@ export class Kernel {
   lastUsed = Date.now()
   killReason: string | undefined
   onExit: ((exit: KernelExit) => void) | undefined
+  /**
+   * Output written while no execution is running (background jobs, timers of earlier cells):
+   * handed over as it comes, up to IDLE_OUTPUT_BYTES between two executions, then one notice.
+   * Without a listener it is held and shown with the next execution.
+   */
+  onBackgroundOutput: ((output: KernelOutput) => void) | undefined
 
   private readonly proc: ChildProcess
   private readonly pid: number | undefined
@@ -73,6 +79,7 @@ export class Kernel {
   private active: ActiveRun | undefined
   private idleOutput: { stream: StreamName; bytes: Buffer }[] = []
   private idleBytes = 0
+  private idleCut = false
   private readonly decoders = { stdout: new StringDecoder('utf8'), stderr: new StringDecoder('utf8') }
   private readonly scanners: Record<StreamName, SentinelScanner>
   private exit: { code: number | null; signal: NodeJS.Signals | null } | undefined
@@ -170,6 +177,7 @@ export class Kernel {
       for (const { stream, bytes } of this.idleOutput) this.deliver(stream, bytes)
       this.idleOutput = []
       this.idleBytes = 0
+      this.idleCut = false
       const marker = sentinel(nonce)
       this.scanners.stdout.expect(marker)
       this.scanners.stderr.expect(marker)
@@ -291,9 +299,18 @@ export class Kernel {
       if (text) run.onOutput({ type: 'stream', stream, text })
       return
     }
-    if (this.idleBytes + bytes.length > IDLE_OUTPUT_BYTES) return
+    if (this.idleBytes + bytes.length > IDLE_OUTPUT_BYTES) {
+      if (!this.idleCut && this.onBackgroundOutput) this.onBackgroundOutput({ type: 'notice', text: `Output written between executions passed ${IDLE_OUTPUT_BYTES} bytes; the rest until the next execution was dropped.` })
+      this.idleCut = true
+      return
+    }
     this.idleBytes += bytes.length
-    this.idleOutput.push({ stream, bytes: Buffer.from(bytes) })
+    if (!this.onBackgroundOutput) {
+      this.idleOutput.push({ stream, bytes: Buffer.from(bytes) })
+      return
+    }
+    const text = this.decoders[stream].write(bytes)
+    if (text) this.onBackgroundOutput({ type: 'stream', stream, text })
   }
 
   private sentinelSeen(stream: StreamName): void {

@@ -1,14 +1,18 @@
 import { execFile } from 'node:child_process'
 import type { KernelManagerOptions, Language, LanguageInfo } from './types.js'
 
+// The one table of names for the kernels' languages: POST /execute, the agent's tool calls and
+// fenced code, and GET /v1/languages all use it. Aliases are the names models and clients write
+// (fence tags, Open Interpreter's language names).
 const ALIASES: Record<Language, string[]> = {
   python: ['py', 'python3'],
-  shell: ['bash', 'sh'],
-  javascript: ['js', 'node'],
+  shell: ['bash', 'sh', 'zsh'],
+  javascript: ['js', 'node', 'nodejs'],
 }
 
 export const LANGUAGES = Object.keys(ALIASES) as Language[]
 
+/** The language a name means, case and surrounding blanks aside; undefined for any other name. */
 export function resolveLanguage(name: string): Language | undefined {
   const wanted = name.trim().toLowerCase()
   return LANGUAGES.find((language) => language === wanted || ALIASES[language].includes(wanted))

@@ -6,7 +6,7 @@ import { workspaceUsage } from '../workspaces.js'
 import { Kernel, type KernelExit, type KernelLogger, PROTOCOL_VIOLATION, type RunOutcome } from './kernel.js'
 import { detectLanguages, LANGUAGES } from './languages.js'
 import { buildKernelCommand, chownWorkspace, SandboxRuntime, type SandboxEnforcement, UidAllocator } from './sandbox.js'
-import type { ExecResult, ExecuteRequest, KernelManagerOptions, KernelOutput, Language, LanguageInfo } from './types.js'
+import type { BackgroundOutput, ExecResult, ExecuteRequest, KernelManagerOptions, KernelOutput, Language, LanguageInfo } from './types.js'
 
 export { resolveLanguage } from './languages.js'
 
@@ -59,6 +59,13 @@ export class KernelManager {
   private languageInfo: Promise<LanguageInfo[]> | undefined
   private readonly reaper: NodeJS.Timeout | undefined
   private closing: Promise<void> | undefined
+  /**
+   * Receives what kernels write while none of their executions runs: output of background jobs,
+   * and errors raised by code of a cell that had already ended (JavaScript prints those to stderr
+   * prefixed `[background error] (cell-N) `). Unset, that output is shown with the session's
+   * next execution instead.
+   */
+  onBackgroundOutput: ((background: BackgroundOutput) => void) | undefined
 
   constructor(
     opts: KernelManagerOptions,
@@ -175,7 +182,10 @@ export class KernelManager {
       result.interrupted = true
     } else {
       const key = keyOf(req.sessionId, req.language)
-      await this.runOn(key, await this.kernelFor(key, req, emit, result), req, emit, result)
+      const kernel = await this.kernelFor(key, req, emit, result)
+      // An abort while the kernel started came before runOn listens for one: the code must not run.
+      if (req.signal?.aborted) result.interrupted = true
+      else await this.runOn(key, kernel, req, emit, result)
     }
     result.durationMs = Math.round(performance.now() - started)
     return result
@@ -224,6 +234,7 @@ export class KernelManager {
       kernel = started
       this.kernels.set(key, started)
       started.onExit = (exit) => this.onKernelExit(key, started, req.language, exit)
+      started.onBackgroundOutput = (output) => this.onBackgroundOutput?.({ sessionId: req.sessionId, tenantId: req.tenantId, language: req.language, output })
       await started.ready
       return started
     } catch (err) {

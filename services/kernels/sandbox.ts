@@ -346,7 +346,8 @@ function interpreterArgs(opts: SandboxOptions, layout: HostLayout, language: Lan
     case 'shell':
       return [bin, '--noprofile', '--norc', driver]
     case 'javascript':
-      return [bin, `--max-old-space-size=${opts.memoryMb}`, driver]
+      // The driver keeps Node's SIGINT watchdog running, which only an internal binding can do.
+      return [bin, '--expose-internals', `--max-old-space-size=${opts.memoryMb}`, driver]
   }
 }
 

@@ -1,6 +1,6 @@
 import type { WorkspaceLimits } from '../workspaces.js'
 
-/** Languages a kernel can run. Aliases (py, bash, sh, js, node) are resolved by `resolveLanguage`. */
+/** Languages a kernel can run. Aliases (py, bash, zsh, js, nodejs…) are resolved by `resolveLanguage`. */
 export type Language = 'python' | 'shell' | 'javascript'
 
 export interface LanguageInfo {
@@ -18,6 +18,14 @@ export type KernelOutput =
   | { type: 'result'; text: string }
   /** Something the server says about the kernel itself (restarted, state lost, output cut). */
   | { type: 'notice'; text: string }
+
+/** Output a kernel wrote while none of its executions was running (see KernelManager.onBackgroundOutput). */
+export interface BackgroundOutput {
+  sessionId: string
+  tenantId: string
+  language: Language
+  output: KernelOutput
+}
 
 export interface ExecError {
   name: string

@@ -4,6 +4,7 @@ import Sqlite from 'better-sqlite3'
 import { PostgresDialect, SqliteDialect, type SqliteDatabase } from 'kysely'
 import pg from 'pg'
 import { KyselyStore } from './kysely-store.js'
+import { PostgresRunner, SqliteRunner } from './statements.js'
 import type { Store } from './types.js'
 
 export type { Store } from './types.js'
@@ -35,7 +36,7 @@ export function createSqliteStore(file: string): Store {
   database.pragma('synchronous = NORMAL')
   database.pragma('busy_timeout = 5000')
   database.pragma('foreign_keys = ON')
-  return new KyselyStore('sqlite', new SqliteDialect({ database: withStatementCache(database, STATEMENT_CACHE_SIZE) }))
+  return new KyselyStore('sqlite', new SqliteDialect({ database: withStatementCache(database, STATEMENT_CACHE_SIZE) }), new SqliteRunner(database))
 }
 
 /**
@@ -75,5 +76,5 @@ export function createPostgresStore(url: string): Store {
   // An idle client that loses its server emits here; without a listener that kills the process.
   // The pool discards the client and the next query reports the outage where it can be handled.
   pool.on('error', () => {})
-  return new KyselyStore('postgres', new PostgresDialect({ pool }))
+  return new KyselyStore('postgres', new PostgresDialect({ pool }), new PostgresRunner(pool))
 }

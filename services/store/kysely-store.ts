@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto'
-import { type Dialect, Kysely, type Selectable, type Transaction, sql } from 'kysely'
+import { type Dialect, Kysely, type Selectable, sql } from 'kysely'
 import type { LmcMessage } from '../../schemas/lmc.js'
-import { type ApiError, invalidRequest, sessionMoved, sessionNotFound } from '../errors.js'
+import { invalidRequest, sessionMoved, sessionNotFound } from '../errors.js'
 import { type Engine, migrate } from './migrations.js'
-import type { ApiKeyRecord, EventRecord, Page, SecretRecord, SessionRecord, Store, SuspendedTurnRecord } from './types.js'
+import { compile, type Plan, type Runner, type Statement } from './statements.js'
+import type { ApiKeyRecord, AppendEntry, EventRecord, Page, ResponseRecord, SecretRecord, SessionRecord, Store, SuspendedTurnRecord } from './types.js'
 
 interface SessionsTable {
   id: string
@@ -75,6 +76,25 @@ interface SuspendedTurnsTable {
   created_at: string
 }
 
+interface ResponsesTable {
+  id: string
+  tenant_id: string
+  session_id: string
+  previous_response_id: string | null
+  status: string
+  created_at: string
+  response: string
+  input: string
+  messages: string
+}
+
+interface ResponseItemsTable {
+  tenant_id: string
+  id: string
+  response_id: string
+  item: string
+}
+
 export interface Database {
   suspended_turns: SuspendedTurnsTable
   sessions: SessionsTable
@@ -83,6 +103,8 @@ export interface Database {
   api_keys: ApiKeysTable
   settings: SettingsTable
   secrets: SecretsTable
+  responses: ResponsesTable
+  response_items: ResponseItemsTable
 }
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
@@ -95,6 +117,19 @@ const ISO_TIMESTAMP = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/
 function uuidOrUndefined(id: string): string | undefined {
   return UUID.test(id) ? id.toLowerCase() : undefined
 }
+
+const RESPONSE_ID = /^resp_[0-9a-f]{48}$/
+
+/** Response ids are ours (`resp_` + 48 hex digits); anything else names no row. */
+function responseIdOrUndefined(id: string): string | undefined {
+  return RESPONSE_ID.test(id) ? id : undefined
+}
+
+/** Output item ids as the server makes them (`msg_…`, `ci_…`, `fc_…`): nothing else names a stored item. */
+const ITEM_ID = /^[a-z]{2,4}_[0-9a-f]{32,48}$/
+
+/** A chain of `previous_response_id` links is walked at most this deep. */
+const MAX_RESPONSE_CHAIN = 10_000
 
 /** `toISOString()` is fixed-width, so text order is time order on both engines. */
 const now = () => new Date().toISOString()
@@ -147,6 +182,20 @@ function decodeCursor(cursor: string): { createdAt: string; id: string } {
     throw invalidRequest('Invalid cursor', 'cursor')
   }
   return { createdAt: parsed[0], id: parsed[1] }
+}
+
+function toResponse(row: Selectable<ResponsesTable>): ResponseRecord {
+  return {
+    id: row.id,
+    tenantId: row.tenant_id,
+    sessionId: row.session_id,
+    previousResponseId: row.previous_response_id,
+    status: row.status,
+    createdAt: row.created_at,
+    response: JSON.parse(row.response) as Record<string, unknown>,
+    input: JSON.parse(row.input) as Record<string, unknown>[],
+    messages: JSON.parse(row.messages) as LmcMessage[],
+  }
 }
 
 function toSession(row: Selectable<SessionsTable>): SessionRecord {
@@ -211,12 +260,21 @@ function toApiKey(row: Selectable<ApiKeysTable>): ApiKeyRecord {
  */
 export class KyselyStore implements Store {
   readonly #db: Kysely<Database>
+  readonly #runner: Runner
+  readonly #sql: ReturnType<typeof statements>
 
+  /**
+   * `runner` runs the compiled statements of the hot path (statements.ts) on the same database
+   * as `dialect`; everything else goes through Kysely's builder.
+   */
   constructor(
     readonly engine: Engine,
     dialect: Dialect,
+    runner: Runner,
   ) {
     this.#db = new Kysely<Database>({ dialect })
+    this.#runner = runner
+    this.#sql = statements(this.#db)
   }
 
   async migrate(): Promise<void> {
@@ -251,20 +309,15 @@ export class KyselyStore implements Store {
       event_seq: 0,
       owner_fence: 0,
     }
-    await this.#db.insertInto('sessions').values(row).execute()
+    await this.#runner.run(this.#sql.insertSession, row)
     return toSession(row)
   }
 
   async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
     const sessionId = uuidOrUndefined(id)
     if (!sessionId) return undefined
-    const row = await this.#db
-      .selectFrom('sessions')
-      .selectAll()
-      .where('id', '=', sessionId)
-      .where('tenant_id', '=', tenantId)
-      .executeTakeFirst()
-    return row && toSession(row)
+    const [row] = await this.#runner.run(this.#sql.getSession, { id: sessionId, tenant_id: tenantId })
+    return row && toSession(row as Selectable<SessionsTable>)
   }
 
   async listSessions(tenantId: string, opts: { limit: number; cursor?: string }): Promise<Page<SessionRecord>> {
@@ -312,21 +365,18 @@ export class KyselyStore implements Store {
   async deleteSession(tenantId: string, id: string): Promise<boolean> {
     const sessionId = uuidOrUndefined(id)
     if (!sessionId) return false
-    return this.#db.transaction().execute(async (trx) => {
+    const q = this.#sql
+    return this.#runner.transaction(function* (): Plan<boolean> {
       // A no-op update takes the row lock first (SQLite has no SELECT … FOR UPDATE): an append
       // racing with the delete either commits before it or finds no session, never leaves orphans.
-      const locked = await trx
-        .updateTable('sessions')
-        .set((eb) => ({ updated_at: eb.ref('updated_at') }))
-        .where('id', '=', sessionId)
-        .where('tenant_id', '=', tenantId)
-        .returning('id')
-        .executeTakeFirst()
+      const [locked] = yield { statement: q.lockSession, values: { id: sessionId, tenant_id: tenantId } }
       if (!locked) return false
-      await trx.deleteFrom('messages').where('session_id', '=', sessionId).execute()
-      await trx.deleteFrom('events').where('session_id', '=', sessionId).execute()
-      await trx.deleteFrom('suspended_turns').where('session_id', '=', sessionId).execute()
-      await trx.deleteFrom('sessions').where('id', '=', sessionId).execute()
+      yield { statement: q.deleteMessages, values: { session_id: sessionId } }
+      yield { statement: q.deleteEvents, values: { session_id: sessionId } }
+      yield { statement: q.deleteSuspendedTurns, values: { session_id: sessionId } }
+      yield { statement: q.deleteSessionResponseItems, values: { session_id: sessionId } }
+      yield { statement: q.deleteSessionResponses, values: { session_id: sessionId } }
+      yield { statement: q.deleteSession, values: { id: sessionId } }
       return true
     })
   }
@@ -343,42 +393,63 @@ export class KyselyStore implements Store {
   }
 
   async appendMessage(sessionId: string, message: LmcMessage, fence?: number): Promise<EventRecord> {
+    return (await this.appendEntries(sessionId, [{ message }], fence))[0]!
+  }
+
+  async appendEntries(sessionId: string, entries: AppendEntry[], fence?: number): Promise<EventRecord[]> {
     const id = uuidOrUndefined(sessionId)
     if (!id) throw sessionNotFound()
-    return this.#db.transaction().execute(async (trx) => {
+    if (entries.length === 0) return []
+    const q = this.#sql
+    const messages = entries.filter((e) => 'message' in e).length
+    return this.#runner.transaction(function* (): Plan<EventRecord[]> {
       const at = now()
       // The increment is the lock: on PostgreSQL it holds the session row until commit, SQLite
       // has a single writer, so concurrent replicas cannot hand out the same sequence number.
-      const seqs = await trx
-        .updateTable('sessions')
-        .set((eb) => ({
-          message_seq: eb('message_seq', '+', 1),
-          event_seq: eb('event_seq', '+', 1),
-          message_count: eb('message_count', '+', 1),
-          updated_at: at,
-          ...(fence === undefined ? {} : { owner_fence: fence }),
-        }))
-        .where('id', '=', id)
-        .$if(fence !== undefined, (qb) => qb.where('owner_fence', '<=', fence!))
-        .returning(['message_seq', 'event_seq'])
-        .executeTakeFirst()
-      if (!seqs) throw await this.#missingOrFenced(trx, id)
-      await trx
-        .insertInto('messages')
-        .values({
-          session_id: id,
-          seq: seqs.message_seq,
-          id: message.id,
-          role: message.role,
-          type: message.type,
-          format: message.format ?? null,
-          stream: message.stream ?? null,
-          recipient: message.recipient ?? null,
-          ...encodeContent(message.content),
-          created_at: message.created_at,
-        })
-        .execute()
-      return this.#insertEvent(trx, { session_id: id, id: seqs.event_seq, type: 'message', data: message, at })
+      // With a fence, the bump is also the check: a newer owner's fence leaves no row to bump.
+      const [seqs] =
+        fence === undefined
+          ? yield { statement: q.bumpSession, values: { id, messages, events: entries.length, at } }
+          : yield { statement: q.bumpSessionFenced, values: { id, messages, events: entries.length, at, fence } }
+      if (!seqs) {
+        if (fence === undefined) throw sessionNotFound()
+        const [exists] = yield { statement: q.sessionExists, values: { id } }
+        throw exists ? sessionMoved() : sessionNotFound()
+      }
+      let messageSeq = Number(seqs.message_seq) - messages
+      let eventSeq = Number(seqs.event_seq) - entries.length
+      const events: EventRecord[] = []
+      for (const entry of entries) {
+        let type: string
+        let data: unknown
+        if ('message' in entry) {
+          const message = entry.message
+          yield {
+            statement: q.insertMessage,
+            values: {
+              session_id: id,
+              seq: ++messageSeq,
+              id: message.id,
+              role: message.role,
+              type: message.type,
+              format: message.format ?? null,
+              stream: message.stream ?? null,
+              recipient: message.recipient ?? null,
+              ...encodeContent(message.content),
+              created_at: message.created_at,
+            },
+          }
+          type = 'message'
+          data = message
+        } else {
+          type = entry.type
+          data = entry.data
+        }
+        const row = { session_id: id, id: ++eventSeq, type, data: JSON.stringify(data ?? null), created_at: at }
+        yield { statement: q.insertEvent, values: row }
+        events.push(toEvent(row))
+      }
+      return events
     })
   }
 
@@ -419,67 +490,30 @@ export class KyselyStore implements Store {
   async allMessages(sessionId: string): Promise<LmcMessage[]> {
     const id = uuidOrUndefined(sessionId)
     if (!id) return []
-    const rows = await this.#db.selectFrom('messages').selectAll().where('session_id', '=', id).orderBy('seq').execute()
-    return rows.map(toMessage)
+    const rows = await this.#runner.run(this.#sql.allMessages, { session_id: id })
+    return (rows as Selectable<MessagesTable>[]).map(toMessage)
   }
 
   async clearMessages(sessionId: string): Promise<void> {
     const id = uuidOrUndefined(sessionId)
     if (!id) return
-    await this.#db.transaction().execute(async (trx) => {
-      const session = await trx
-        .updateTable('sessions')
-        .set({ message_count: 0, updated_at: now() })
-        .where('id', '=', id)
-        .returning('id')
-        .executeTakeFirst()
-      if (session) await trx.deleteFrom('messages').where('session_id', '=', id).execute()
+    const q = this.#sql
+    await this.#runner.transaction(function* (): Plan<void> {
+      const [session] = yield { statement: q.clearSession, values: { id, at: now() } }
+      if (session) yield { statement: q.deleteMessages, values: { session_id: id } }
     })
   }
 
   async appendEvent(sessionId: string, type: string, data: unknown, fence?: number): Promise<EventRecord> {
-    const id = uuidOrUndefined(sessionId)
-    if (!id) throw sessionNotFound()
-    return this.#db.transaction().execute(async (trx) => {
-      const at = now()
-      // Any event is activity: a session used only through /execute must not be swept as idle.
-      const seq = await trx
-        .updateTable('sessions')
-        .set((eb) => ({ event_seq: eb('event_seq', '+', 1), updated_at: at, ...(fence === undefined ? {} : { owner_fence: fence }) }))
-        .where('id', '=', id)
-        .$if(fence !== undefined, (qb) => qb.where('owner_fence', '<=', fence!))
-        .returning('event_seq')
-        .executeTakeFirst()
-      if (!seq) throw await this.#missingOrFenced(trx, id)
-      return this.#insertEvent(trx, { session_id: id, id: seq.event_seq, type, data, at })
-    })
+    // Any event is activity (appendEntries bumps updated_at): a session used only through
+    // /execute must not be swept as idle.
+    return (await this.appendEntries(sessionId, [{ type, data }], fence))[0]!
   }
 
   async fenceSession(sessionId: string, fence: number): Promise<void> {
     const id = uuidOrUndefined(sessionId)
     if (!id) return
     await this.#db.updateTable('sessions').set({ owner_fence: fence }).where('id', '=', id).where('owner_fence', '<', fence).execute()
-  }
-
-  /** Why a fenced update matched no row: the session is gone, or a newer owner holds it. */
-  async #missingOrFenced(trx: Transaction<Database>, id: string): Promise<ApiError> {
-    const row = await trx.selectFrom('sessions').select('owner_fence').where('id', '=', id).executeTakeFirst()
-    return row ? sessionMoved() : sessionNotFound()
-  }
-
-  async #insertEvent(
-    trx: Transaction<Database>,
-    event: { session_id: string; id: number; type: string; data: unknown; at: string },
-  ): Promise<EventRecord> {
-    const row = {
-      session_id: event.session_id,
-      id: event.id,
-      type: event.type,
-      data: JSON.stringify(event.data ?? null),
-      created_at: event.at,
-    }
-    await trx.insertInto('events').values(row).execute()
-    return toEvent(row)
   }
 
   async listEvents(
@@ -507,20 +541,12 @@ export class KyselyStore implements Store {
     const sessionId = uuidOrUndefined(turn.sessionId)
     if (!sessionId) throw sessionNotFound()
     const row = { session_id: sessionId, id: turn.id, reason: turn.reason, state: JSON.stringify(turn.state ?? null), created_at: now() }
-    return this.#db.transaction().execute(async (trx) => {
+    const q = this.#sql
+    return this.#runner.transaction(function* (): Plan<SuspendedTurnRecord> {
       // Taking the session row first orders this after a concurrent delete, as appends do.
-      const session = await trx
-        .updateTable('sessions')
-        .set({ updated_at: row.created_at })
-        .where('id', '=', sessionId)
-        .returning('id')
-        .executeTakeFirst()
+      const [session] = yield { statement: q.touchSession, values: { id: sessionId, at: row.created_at } }
       if (!session) throw sessionNotFound()
-      await trx
-        .insertInto('suspended_turns')
-        .values(row)
-        .onConflict((oc) => oc.column('session_id').doUpdateSet({ id: row.id, reason: row.reason, state: row.state, created_at: row.created_at }))
-        .execute()
+      yield { statement: q.putSuspendedTurn, values: row }
       return toSuspendedTurn(row)
     })
   }
@@ -528,15 +554,14 @@ export class KyselyStore implements Store {
   async getSuspendedTurn(sessionId: string): Promise<SuspendedTurnRecord | undefined> {
     const id = uuidOrUndefined(sessionId)
     if (!id) return undefined
-    const row = await this.#db.selectFrom('suspended_turns').selectAll().where('session_id', '=', id).executeTakeFirst()
-    return row && toSuspendedTurn(row)
+    const [row] = await this.#runner.run(this.#sql.getSuspendedTurn, { session_id: id })
+    return row && toSuspendedTurn(row as Selectable<SuspendedTurnsTable>)
   }
 
   async claimSuspendedTurn(sessionId: string, id: string): Promise<boolean> {
     const session = uuidOrUndefined(sessionId)
     if (!session) return false
-    const result = await this.#db.deleteFrom('suspended_turns').where('session_id', '=', session).where('id', '=', id).executeTakeFirst()
-    return result.numDeletedRows > 0n
+    return (await this.#runner.run(this.#sql.claimSuspendedTurn, { session_id: session, id })).length > 0
   }
 
   async createApiKey(key: ApiKeyRecord): Promise<void> {
@@ -555,8 +580,8 @@ export class KyselyStore implements Store {
   }
 
   async findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined> {
-    const row = await this.#db.selectFrom('api_keys').selectAll().where('hash', '=', hash).executeTakeFirst()
-    return row && toApiKey(row)
+    const [row] = await this.#runner.run(this.#sql.findApiKey, { hash })
+    return row && toApiKey(row as Selectable<ApiKeysTable>)
   }
 
   async listApiKeys(): Promise<ApiKeyRecord[]> {
@@ -576,22 +601,111 @@ export class KyselyStore implements Store {
       if (seen === undefined || at > seen) latest.set(id, at)
     }
     if (latest.size === 0) return
-    await this.#db.transaction().execute(async (trx) => {
-      for (const [id, at] of latest) {
-        // Replicas flush independently; an older batch must not move last_used_at backwards.
-        await trx
-          .updateTable('api_keys')
-          .set({ last_used_at: at })
-          .where('id', '=', id)
-          .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', at)]))
-          .execute()
-      }
+    const q = this.#sql
+    await this.#runner.transaction(function* (): Plan<void> {
+      // Replicas flush independently; an older batch must not move last_used_at backwards.
+      for (const [id, at] of latest) yield { statement: q.markKeyUsed, values: { id, at } }
     })
   }
 
+  async createResponse(record: ResponseRecord): Promise<void> {
+    await this.#db
+      .insertInto('responses')
+      .values({
+        id: record.id,
+        tenant_id: record.tenantId,
+        session_id: record.sessionId,
+        previous_response_id: record.previousResponseId,
+        status: record.status,
+        created_at: record.createdAt,
+        response: JSON.stringify(record.response),
+        input: JSON.stringify(record.input),
+        messages: JSON.stringify(record.messages),
+      })
+      .execute()
+  }
+
+  async getResponse(tenantId: string, id: string): Promise<ResponseRecord | undefined> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return undefined
+    const row = await this.#db
+      .selectFrom('responses')
+      .selectAll()
+      .where('id', '=', responseId)
+      .where('tenant_id', '=', tenantId)
+      .executeTakeFirst()
+    return row && toResponse(row)
+  }
+
+  async updateResponse(
+    tenantId: string,
+    id: string,
+    patch: Pick<ResponseRecord, 'status' | 'response' | 'messages'>,
+  ): Promise<boolean> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return false
+    const output = Array.isArray(patch.response.output) ? (patch.response.output as Record<string, unknown>[]) : []
+    const items = output
+      .filter((item) => typeof item?.id === 'string' && item.id)
+      .map((item) => ({ tenant_id: tenantId, id: item.id as string, response_id: responseId, item: JSON.stringify(item) }))
+    return this.#db.transaction().execute(async (trx) => {
+      const result = await trx
+        .updateTable('responses')
+        .set({ status: patch.status, response: JSON.stringify(patch.response), messages: JSON.stringify(patch.messages) })
+        .where('id', '=', responseId)
+        .where('tenant_id', '=', tenantId)
+        .executeTakeFirst()
+      if (Number(result.numUpdatedRows) === 0) return false
+      if (items.length > 0) {
+        await trx
+          .insertInto('response_items')
+          .values(items)
+          .onConflict((oc) => oc.columns(['tenant_id', 'id']).doUpdateSet((eb) => ({ response_id: eb.ref('excluded.response_id'), item: eb.ref('excluded.item') })))
+          .execute()
+      }
+      return true
+    })
+  }
+
+  async getResponseItems(tenantId: string, ids: string[]): Promise<Map<string, Record<string, unknown>>> {
+    const found = new Map<string, Record<string, unknown>>()
+    const wanted = ids.filter((id) => ITEM_ID.test(id))
+    if (wanted.length === 0) return found
+    const rows = await this.#db.selectFrom('response_items').select(['id', 'item']).where('tenant_id', '=', tenantId).where('id', 'in', wanted).execute()
+    for (const row of rows) found.set(row.id, JSON.parse(row.item) as Record<string, unknown>)
+    return found
+  }
+
+  async deleteResponse(tenantId: string, id: string): Promise<boolean> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return false
+    return this.#db.transaction().execute(async (trx) => {
+      await trx.deleteFrom('response_items').where('response_id', '=', responseId).where('tenant_id', '=', tenantId).execute()
+      const result = await trx.deleteFrom('responses').where('id', '=', responseId).where('tenant_id', '=', tenantId).executeTakeFirst()
+      return Number(result.numDeletedRows) > 0
+    })
+  }
+
+  async responseContext(tenantId: string, id: string): Promise<LmcMessage[] | undefined> {
+    const responseId = responseIdOrUndefined(id)
+    if (!responseId) return undefined
+    // One round trip for the whole chain, however long, on both engines.
+    const { rows } = await sql<{ messages: string }>`
+      with recursive chain(id, previous_response_id, messages, depth) as (
+        select id, previous_response_id, messages, 0 from responses where id = ${responseId} and tenant_id = ${tenantId}
+        union all
+        select r.id, r.previous_response_id, r.messages, chain.depth + 1
+        from responses r join chain on r.id = chain.previous_response_id
+        where r.tenant_id = ${tenantId} and chain.depth < ${MAX_RESPONSE_CHAIN}
+      )
+      select messages from chain order by depth desc`.execute(this.#db)
+    if (rows.length === 0) return undefined
+    return rows.flatMap((row) => JSON.parse(row.messages) as LmcMessage[])
+  }
+
   async getSettings(tenantId: string): Promise<Record<string, unknown>> {
-    const row = await this.#db.selectFrom('settings').select('data').where('tenant_id', '=', tenantId).executeTakeFirst()
-    return row ? (JSON.parse(row.data) as Record<string, unknown>) : {}
+    const [row] = await this.#runner.run(this.#sql.getSettings, { tenant_id: tenantId })
+    return row ? (JSON.parse(row.data as string) as Record<string, unknown>) : {}
   }
 
   async putSettings(tenantId: string, settings: Record<string, unknown>): Promise<void> {
@@ -635,4 +749,129 @@ export class KyselyStore implements Store {
       .executeTakeFirst()
     return result.numDeletedRows > 0n
   }
+}
+
+/**
+ * The statements of the hot path and of every transaction, compiled once per store for its
+ * engine (see statements.ts). Names are unique: PostgreSQL prepares each once per connection.
+ */
+function statements(db: Kysely<Database>) {
+  return {
+    insertSession: compile('oi_insert_session', (p) =>
+      db.insertInto('sessions').values({
+        id: p('id'),
+        tenant_id: p('tenant_id'),
+        title: p('title'),
+        metadata: p('metadata'),
+        model: p('model'),
+        created_at: p('created_at'),
+        updated_at: p('updated_at'),
+        message_count: p('message_count'),
+        message_seq: p('message_seq'),
+        event_seq: p('event_seq'),
+        owner_fence: p('owner_fence'),
+      }),
+    ),
+    getSession: compile('oi_get_session', (p) =>
+      db.selectFrom('sessions').selectAll().where('id', '=', p('id')).where('tenant_id', '=', p('tenant_id')),
+    ),
+    lockSession: compile('oi_lock_session', (p) =>
+      db
+        .updateTable('sessions')
+        .set((eb) => ({ updated_at: eb.ref('updated_at') }))
+        .where('id', '=', p('id'))
+        .where('tenant_id', '=', p('tenant_id'))
+        .returning('id'),
+    ),
+    deleteSession: compile('oi_delete_session', (p) => db.deleteFrom('sessions').where('id', '=', p('id'))),
+    deleteMessages: compile('oi_delete_messages', (p) => db.deleteFrom('messages').where('session_id', '=', p('session_id'))),
+    deleteEvents: compile('oi_delete_events', (p) => db.deleteFrom('events').where('session_id', '=', p('session_id'))),
+    deleteSuspendedTurns: compile('oi_delete_suspended_turns', (p) => db.deleteFrom('suspended_turns').where('session_id', '=', p('session_id'))),
+    deleteSessionResponseItems: compile('oi_delete_session_response_items', (p) =>
+      db.deleteFrom('response_items').where('response_id', 'in', (eb) => eb.selectFrom('responses').select('id').where('session_id', '=', p('session_id'))),
+    ),
+    deleteSessionResponses: compile('oi_delete_session_responses', (p) => db.deleteFrom('responses').where('session_id', '=', p('session_id'))),
+    touchSession: compile('oi_touch_session', (p) => db.updateTable('sessions').set({ updated_at: p('at') }).where('id', '=', p('id')).returning('id')),
+    putSuspendedTurn: compile('oi_put_suspended_turn', (p) =>
+      db
+        .insertInto('suspended_turns')
+        .values({ session_id: p('session_id'), id: p('id'), reason: p('reason'), state: p('state'), created_at: p('created_at') })
+        .onConflict((oc) => oc.column('session_id').doUpdateSet({ id: p('id'), reason: p('reason'), state: p('state'), created_at: p('created_at') })),
+    ),
+    getSuspendedTurn: compile('oi_get_suspended_turn', (p) => db.selectFrom('suspended_turns').selectAll().where('session_id', '=', p('session_id'))),
+    // RETURNING tells whether a row went, the same way on both engines
+    claimSuspendedTurn: compile('oi_claim_suspended_turn', (p) =>
+      db.deleteFrom('suspended_turns').where('session_id', '=', p('session_id')).where('id', '=', p('id')).returning('id'),
+    ),
+    clearSession: compile('oi_clear_session', (p) =>
+      db
+        .updateTable('sessions')
+        .set({ message_count: sql<number>`0`, updated_at: p('at') })
+        .where('id', '=', p('id'))
+        .returning('id'),
+    ),
+    bumpSessionFenced: compile('oi_bump_session_fenced', (p) =>
+      db
+        .updateTable('sessions')
+        .set((eb) => ({
+          message_seq: eb('message_seq', '+', p('messages')),
+          event_seq: eb('event_seq', '+', p('events')),
+          message_count: eb('message_count', '+', p('messages')),
+          updated_at: p('at'),
+          owner_fence: p('fence'),
+        }))
+        .where('id', '=', p('id'))
+        .where('owner_fence', '<=', p('fence'))
+        .returning(['message_seq', 'event_seq']),
+    ),
+    sessionExists: compile('oi_session_exists', (p) => db.selectFrom('sessions').select('id').where('id', '=', p('id'))),
+    bumpSession: compile('oi_bump_session', (p) =>
+      db
+        .updateTable('sessions')
+        .set((eb) => ({
+          message_seq: eb('message_seq', '+', p('messages')),
+          event_seq: eb('event_seq', '+', p('events')),
+          message_count: eb('message_count', '+', p('messages')),
+          updated_at: p('at'),
+        }))
+        .where('id', '=', p('id'))
+        .returning(['message_seq', 'event_seq']),
+    ),
+    insertMessage: compile('oi_insert_message', (p) =>
+      db.insertInto('messages').values({
+        session_id: p('session_id'),
+        seq: p('seq'),
+        id: p('id'),
+        role: p('role'),
+        type: p('type'),
+        format: p('format'),
+        stream: p('stream'),
+        recipient: p('recipient'),
+        content: p('content'),
+        content_json: p('content_json'),
+        created_at: p('created_at'),
+      }),
+    ),
+    insertEvent: compile('oi_insert_event', (p) =>
+      db.insertInto('events').values({
+        session_id: p('session_id'),
+        id: p('id'),
+        type: p('type'),
+        data: p('data'),
+        created_at: p('created_at'),
+      }),
+    ),
+    allMessages: compile('oi_all_messages', (p) =>
+      db.selectFrom('messages').selectAll().where('session_id', '=', p('session_id')).orderBy('seq'),
+    ),
+    findApiKey: compile('oi_find_api_key', (p) => db.selectFrom('api_keys').selectAll().where('hash', '=', p('hash'))),
+    markKeyUsed: compile('oi_mark_key_used', (p) =>
+      db
+        .updateTable('api_keys')
+        .set({ last_used_at: p('at') })
+        .where('id', '=', p('id'))
+        .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', p('at'))])),
+    ),
+    getSettings: compile('oi_get_settings', (p) => db.selectFrom('settings').select('data').where('tenant_id', '=', p('tenant_id'))),
+  } satisfies Record<string, Statement>
 }

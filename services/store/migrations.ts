@@ -103,8 +103,34 @@ function migrations(engine: Engine): Record<string, Migration> {
           .execute()
       },
     },
+    '003_responses': {
+      async up(db) {
+        await db.schema
+          .createTable('responses')
+          .addColumn('id', text, (col) => col.primaryKey())
+          .addColumn('tenant_id', text, (col) => col.notNull())
+          .addColumn('session_id', text, (col) => col.notNull().references('sessions.id'))
+          .addColumn('previous_response_id', text)
+          .addColumn('status', text, (col) => col.notNull())
+          .addColumn('created_at', text, (col) => col.notNull())
+          .addColumn('response', text, (col) => col.notNull())
+          .addColumn('input', text, (col) => col.notNull())
+          .addColumn('messages', text, (col) => col.notNull())
+          .execute()
+        await db.schema.createIndex('responses_session_idx').on('responses').column('session_id').execute()
+        await db.schema
+          .createTable('response_items')
+          .addColumn('tenant_id', text, (col) => col.notNull())
+          .addColumn('id', text, (col) => col.notNull())
+          .addColumn('response_id', text, (col) => col.notNull().references('responses.id'))
+          .addColumn('item', text, (col) => col.notNull())
+          .addPrimaryKeyConstraint('response_items_pk', ['tenant_id', 'id'])
+          .execute()
+        await db.schema.createIndex('response_items_response_idx').on('response_items').column('response_id').execute()
+      },
+    },
     // Lease fencing between replicas (services/cluster/leases.ts).
-    '003_owner_fence': {
+    '004_owner_fence': {
       async up(db) {
         await db.schema.alterTable('sessions').addColumn('owner_fence', 'integer', (col) => col.notNull().defaultTo(0)).execute()
       },

@@ -58,6 +58,32 @@ export interface SuspendedTurnRecord {
   createdAt: string
 }
 
+/**
+ * One stored answer of the Responses API (`POST /v1/responses`): the Response object as served,
+ * the input items it was asked with, and the LMC messages of its turn, which are the context of
+ * any response that names it as `previous_response_id`.
+ */
+export interface ResponseRecord {
+  /** `resp_` followed by 48 hex digits. */
+  id: string
+  tenantId: string
+  /** The session the turn ran in (the code interpreter's container). */
+  sessionId: string
+  previousResponseId: string | null
+  /** The Response's `status`: `queued`, `in_progress`, `completed`, `incomplete`, `failed` or `cancelled`. */
+  status: string
+  createdAt: string
+  /** The Response object (OpenAI's wire format), as GET /v1/responses/{id} serves it. */
+  response: Record<string, unknown>
+  /** The request's input items with their ids, oldest first. */
+  input: Record<string, unknown>[]
+  /** This turn's LMC messages: the input the agent stored, then what it produced. */
+  messages: LmcMessage[]
+}
+
+/** One entry of `Store.appendEntries`: a message (stored with its `message` event) or an event alone. */
+export type AppendEntry = { message: LmcMessage } | { type: string; data: unknown }
+
 export interface Page<T> {
   items: T[]
   nextCursor: string | null
@@ -95,6 +121,13 @@ export interface Store {
    * message_count) and returns the event.
    */
   appendMessage(sessionId: string, message: LmcMessage, fence?: number): Promise<EventRecord>
+  /**
+   * Stores messages and events in the order given, all in one transaction (one commit for a
+   * phase of a turn rather than one per entry): each message with its `message` event, each other
+   * entry as an event. Returns the events in the same order; throws 404 when the session is gone,
+   * storing nothing.
+   */
+  appendEntries(sessionId: string, entries: AppendEntry[], fence?: number): Promise<EventRecord[]>
   /** Oldest first; `after` is a message id. */
   listMessages(sessionId: string, opts: { after?: string; limit: number }): Promise<{ messages: LmcMessage[]; hasMore: boolean }>
   /** Every message of the session, oldest first (the agent's context). */
@@ -133,6 +166,27 @@ export interface Store {
   listApiKeys(): Promise<ApiKeyRecord[]>
   deleteApiKey(id: string): Promise<boolean>
   markApiKeysUsed(used: { id: string; at: string }[]): Promise<void>
+
+  createResponse(record: ResponseRecord): Promise<void>
+  getResponse(tenantId: string, id: string): Promise<ResponseRecord | undefined>
+  /**
+   * Replaces status, Response object and messages of a stored response; false when there is none.
+   * The Response's output items with an `id` become findable with `getResponseItems`.
+   */
+  updateResponse(
+    tenantId: string,
+    id: string,
+    patch: Pick<ResponseRecord, 'status' | 'response' | 'messages'>,
+  ): Promise<boolean>
+  deleteResponse(tenantId: string, id: string): Promise<boolean>
+  /** Output items of the tenant's stored responses by item id (an `item_reference`); unknown ids are left out. */
+  getResponseItems(tenantId: string, ids: string[]): Promise<Map<string, Record<string, unknown>>>
+  /**
+   * The LMC messages of a response and of every response before it through
+   * `previous_response_id`, oldest first; undefined when the tenant has no such response. The
+   * walk stops at a link that was deleted.
+   */
+  responseContext(tenantId: string, id: string): Promise<LmcMessage[] | undefined>
 
   getSettings(tenantId: string): Promise<Record<string, unknown>>
   putSettings(tenantId: string, settings: Record<string, unknown>): Promise<void>

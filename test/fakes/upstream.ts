@@ -28,6 +28,11 @@ export interface Delivery {
   usageEveryChunk?: boolean
   /** End the stream by closing it cleanly, without `data: [DONE]`. */
   noDone?: boolean
+  /** How many deltas the text is cut into (default 4). */
+  pieces?: number
+  /** After this many chunks, hold the rest until `resume` settles or the client goes away (a model mid-answer, without timing). */
+  holdAfterChunks?: number
+  resume?: Promise<unknown>
 }
 
 export interface ScriptedCall {
@@ -256,7 +261,7 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
 
     const events: object[] = [chunk({ role: 'assistant', content: '' })]
     const leadText = step.kind === 'text' ? step.text : (step.text ?? '')
-    for (const piece of split(leadText, 4)) events.push(chunk({ content: piece }))
+    for (const piece of split(leadText, step.pieces ?? 4)) events.push(chunk({ content: piece }))
     let chars = leadText.length
     if (step.kind === 'tool') {
       step.calls.forEach((call, index) => {
@@ -285,7 +290,7 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
     const done = step.noDone ? '' : 'data: [DONE]\n\n'
 
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
-    if (!step.chunkMs && step.breakAfterChunks === undefined) {
+    if (!step.chunkMs && step.breakAfterChunks === undefined && step.holdAfterChunks === undefined) {
       res.end(`${events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('')}${done}`)
       return
     }
@@ -295,7 +300,13 @@ export async function startFakeUpstream(options: FakeUpstreamOptions = {}): Prom
         res.socket?.destroy()
         return
       }
-      if (i > 0) await sleep(step.chunkMs, closed)
+      if (i > 0 && i === step.holdAfterChunks) {
+        await new Promise<void>((resolve) => {
+          closed.addEventListener('abort', () => resolve(), { once: true })
+          void Promise.resolve(step.resume).finally(() => step.resume && resolve())
+        })
+      }
+      if (i > 0 && step.chunkMs) await sleep(step.chunkMs, closed)
       if (closed.aborted) return
       // Wait for the flush so a later socket destroy cannot swallow chunks already "sent".
       await new Promise<void>((resolve) => res.write(`data: ${JSON.stringify(events[i])}\n\n`, () => resolve()))

@@ -88,6 +88,10 @@ t.test('JSON result shape for every language and alias', sandboxed, async (t) =>
     ['javascript', 'console.log("hello")'],
     ['js', 'console.log("hello")'],
     ['node', 'console.log("hello")'],
+    // The agent has always taken these from models; /execute takes them from the same table.
+    ['zsh', 'echo hello'],
+    ['nodejs', 'console.log("hello")'],
+    ['Python3', 'print("hello")'],
   ]
   for (const [language, code] of cases) {
     const { res, body } = await exec(language!, code!)

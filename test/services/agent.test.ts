@@ -7,7 +7,8 @@ import { FenceSplitter, languageFromTag } from '../../services/agent/fences.js'
 import { type Executor, runTurn, type TurnOptions } from '../../services/agent/loop.js'
 import { PartialJsonStrings } from '../../services/agent/partial-json.js'
 import { ApiError } from '../../services/errors.js'
-import type { ExecResult } from '../../services/kernels/types.js'
+import type { ExecResult, KernelOutput } from '../../services/kernels/types.js'
+import { MessageCollector, OutputWriter } from '../../services/output-writer.js'
 import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
 
 const UPSTREAM_KEY = 'sk-test-upstream-key-0123456789'
@@ -372,6 +373,53 @@ t.test('kernel output: streams, images, results, tracebacks and notices', async 
   )
   const tool = upstream.requests[1].body.messages.find((m: { role: string }) => m.role === 'tool')
   t.equal(tool.content, 'step 1\nstep 2\nwarning: slow\n[image output]\n<Figure>\nTraceback (most recent call last):\nValueError: bad')
+})
+
+t.test('kernel output streams as written, as through /execute: dots without a newline are three chunks', async (t) => {
+  upstream.script(toolCall({ language: 'python', code: 'dots()' }), text('done'))
+  const chunksBefore: number[] = []
+  const { opts, chunks } = setup()
+  opts.execute = async (_language, _code, onOutput) => {
+    for (let i = 0; i < 3; i++) {
+      onOutput({ type: 'stream', stream: 'stdout', text: '.' })
+      // The writer's chain runs on microtasks: one turn lets it hand the piece on.
+      await new Promise((r) => setImmediate(r))
+      chunksBefore.push(chunks.filter((c) => c.type === 'console' && c.content === '.').length)
+    }
+    return ok()
+  }
+  const result = await runTurn(opts)
+  t.same(chunksBefore, [1, 2, 3], 'each dot went out before the next was written')
+  const console = result.messages.find((m) => m.type === 'console')!
+  t.equal(console.content, '...')
+})
+
+t.test('/execute and the agent write the same messages for the same output', async (t) => {
+  const outputs: KernelOutput[] = [
+    { type: 'stream', stream: 'stdout', text: 'a' },
+    { type: 'stream', stream: 'stderr', text: 'b\n' },
+    { type: 'stream', stream: 'stdout', text: 'c' },
+    { type: 'result', text: '42' },
+  ]
+  const end = ok({ exitCode: 130, interrupted: true, error: { name: 'KeyboardInterrupt', value: 'Interrupted', traceback: '' } })
+  upstream.script(toolCall({ language: 'python', code: 'x()' }), text('ok'))
+  const { opts } = setup({
+    execute: async (_language, _code, onOutput) => {
+      for (const output of outputs) onOutput(output)
+      return end
+    },
+  })
+  const agent = (await runTurn(opts)).messages.filter((m) => m.role === 'computer')
+  const collector = new MessageCollector()
+  const writer = new OutputWriter(collector)
+  for (const output of outputs) writer.push(output)
+  await writer.finish(end)
+  const shape = (messages: LmcMessage[]) => messages.map((m) => [m.type, m.stream ?? null, m.content])
+  t.same(shape(agent), shape(collector.messages))
+  t.same(shape(collector.messages).slice(-2), [
+    ['console', 'stderr', 'KeyboardInterrupt: Interrupted'],
+    ['console', 'stderr', 'Execution was interrupted.'],
+  ], 'the same end-of-run notes')
 })
 
 t.test('a timed-out run says the state was lost', async (t) => {

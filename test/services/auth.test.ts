@@ -119,3 +119,68 @@ t.test('admin keys and unknown keys', async (t) => {
   t.equal(await keys.watch('oik_unknown', () => t.fail('never called')), undefined)
   t.equal(await keys.watch('nope', () => t.fail('never called')), undefined)
 })
+
+t.test('a managed key is read from the store once while cached, and a revocation drops it at once', async (t) => {
+  const store = createSqliteStore(':memory:')
+  await store.migrate()
+  let lookups = 0
+  const counted = new Proxy(store, {
+    get(target, name, receiver) {
+      if (name === 'findApiKeyByHash') return (hash: string) => (lookups++, target.findApiKeyByHash(hash))
+      const value = Reflect.get(target, name, receiver)
+      return typeof value === 'function' ? value.bind(target) : value
+    },
+  })
+  const keys = new KeyResolver(['admin-key'], counted, { cacheMs: 60_000 })
+  const other = new KeyResolver(['admin-key'], counted, { cacheMs: 60_000 })
+  t.teardown(async () => {
+    await keys.flush()
+    await other.flush()
+    await store.close()
+  })
+  const make = async () => {
+    const { key, record } = newApiKey('k', null)
+    await store.createApiKey(record)
+    return { key, id: record.id }
+  }
+  const a = await make()
+  for (let i = 0; i < 5; i++) t.match(await keys.resolve(a.key), { keyId: a.id })
+  t.equal(lookups, 1, 'five requests, one query')
+  t.equal(await keys.resolve('oik_unknown'), undefined)
+  t.equal(await keys.resolve('oik_unknown'), undefined)
+  t.equal(lookups, 3, 'an unknown key is not remembered: a key made on another replica works at once')
+
+  t.equal(await keys.revoke(a.id), true)
+  t.equal(await keys.resolve(a.key), undefined, 'revoked here: refused on the next request')
+
+  // another replica revokes: this one hears it through the channel (plugins/auth.ts calls ended)
+  const b = await make()
+  t.ok(await other.resolve(b.key))
+  t.ok(await keys.revoke(b.id))
+  t.ok(await other.resolve(b.key), 'not told yet: still cached (bounded by cacheMs)')
+  other.ended(b.id)
+  t.equal(await other.resolve(b.key), undefined, 'told: refused at once')
+
+  // a revocation that lands while the key is being read must not leave it cached
+  const c = await make()
+  const racing = new KeyResolver(['admin-key'], new Proxy(counted, {
+    get(target, name, receiver) {
+      if (name === 'findApiKeyByHash')
+        return async (hash: string) => {
+          const found = await target.findApiKeyByHash(hash)
+          await racing.revoke(c.id)
+          return found
+        }
+      return Reflect.get(target, name, receiver)
+    },
+  }), { cacheMs: 60_000 })
+  t.ok(await racing.resolve(c.key), 'the request that raced the revocation gets through, as before')
+  t.equal(await keys.resolve(c.key), undefined)
+  t.equal(await racing.resolve(c.key), undefined, 'and the key is not remembered')
+
+  const expiring = newApiKey('soon', new Date(Date.now() + 200).toISOString())
+  await store.createApiKey(expiring.record)
+  t.ok(await keys.resolve(expiring.key))
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  t.equal(await keys.resolve(expiring.key), undefined, 'a cached key still expires on time')
+})

@@ -66,3 +66,16 @@ t.test('in Redis, Redis unreachable: 503 cluster_unavailable, never an unguarded
   t.teardown(() => redis.disconnect())
   await t.rejects(new RedisIdempotencyKeys(redis).begin('tenant', 'k', 'x'), { statusCode: 503, code: 'cluster_unavailable' })
 })
+
+t.test('claim: a first attempt always runs, and its retries then find it', async (t) => {
+  const keys = new IdempotencyKeys()
+  const first = keys.claim('tenant', 'fp', 'fp')
+  first.finish({ status: 200, headers: {}, body: Buffer.from('one') })
+  t.match(keys.begin('tenant', 'fp', 'fp'), { kind: 'replay', response: { body: Buffer.from('one') } }, 'a retry replays')
+  const again = keys.claim('tenant', 'fp', 'fp')
+  t.equal(again.kind, 'run', 'the same request as a new first attempt runs again')
+  t.throws(() => keys.begin('tenant', 'fp', 'fp'), { statusCode: 409, code: 'idempotency_in_progress' }, 'its retry waits for it')
+  first.finish({ status: 200, headers: {}, body: Buffer.from('stale') })
+  again.finish({ status: 200, headers: {}, body: Buffer.from('two') })
+  t.match(keys.begin('tenant', 'fp', 'fp'), { kind: 'replay', response: { body: Buffer.from('two') } }, 'the replaced attempt cannot overwrite the new one')
+})

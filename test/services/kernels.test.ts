@@ -138,6 +138,8 @@ t.test('languages and aliases', async (t) => {
     ['sh', 'shell'],
     ['js', 'javascript'],
     ['node', 'javascript'],
+    ['zsh', 'shell'],
+    [' NodeJS ', 'javascript'],
     ['ruby', undefined],
   ]
   for (const [alias, name] of aliases) t.equal(resolveLanguage(alias), name, alias)
@@ -289,6 +291,43 @@ t.test('errors come back with tracebacks trimmed to the user code', async (t) =>
   t.same((await run(m, id, 'javascript', '6 * 7')).results, ['42'])
 })
 
+t.test('JavaScript errors raised by what a cell started belong to that cell', async (t) => {
+  const m = manager()
+  const background: { sessionId: string; language: Language; output: KernelOutput }[] = []
+  m.onBackgroundOutput = ({ sessionId, language, output }) => background.push({ sessionId, language, output })
+  const id = newSession()
+  for (const [code, name, value, frame] of [
+    ['Promise.reject(new Error("un-awaited"))', 'Error', 'un-awaited', /at cell-\d+:1:16/],
+    ['async function load() { throw new TypeError("async") }\nload()\n"returned"', 'TypeError', 'async', /at load \(cell-\d+:1:/],
+    ['setTimeout(() => { throw new RangeError("timer") }, 0)\n1', 'RangeError', 'timer', /at Timeout\._onTimeout \(cell-\d+:1:/],
+    ['await new Promise((r) => setTimeout(r, 20_000)); "never"', undefined, undefined, undefined],
+  ] as const) {
+    // The last cell waits long: a rejection made while it runs ends it.
+    const code2 = name === undefined ? `setTimeout(() => Promise.reject(new Error("while running")), 50)\n${code}` : code
+    const r = await run(m, id, 'javascript', code2)
+    t.equal(r.result.exitCode, 1, code2)
+    t.equal(r.result.error?.name, name ?? 'Error')
+    t.equal(r.result.error?.value, value ?? 'while running')
+    if (frame) t.match(r.result.error?.traceback, frame, 'the user\'s frame')
+    t.notMatch(r.result.error?.traceback ?? '', /node:internal|node_driver|node:repl|node:domain/, 'no frame of the driver or of Node')
+    t.same(r.results, [], 'no value once the cell failed')
+  }
+  t.same(background, [], 'nothing was left for later')
+
+  // A straggler: its cell has ended when it comes, so it is a background error, not the next cell's.
+  const quiet = await run(m, id, 'javascript', 'setTimeout(() => { throw new Error("straggler") }, 300); "started"')
+  t.same([quiet.result.exitCode, quiet.result.error, quiet.results], [0, undefined, ["'started'"]])
+  // Waits for the straggler, giving up after a minute so that a missing one fails the test.
+  for (let polls = 0; polls < 3000 && !background.some((b) => b.output.type === 'stream' && b.output.text.includes('straggler')); polls++) {
+    await new Promise((r) => setTimeout(r, 20))
+  }
+  const label = background.map((b) => (b.output.type === 'stream' ? `${b.output.stream} ${b.output.text}` : '')).join('')
+  t.match(label, /^stderr \[background error\] \(cell-\d+\) Uncaught Error: straggler\n {4}at Timeout\._onTimeout \(cell-\d+:1:\d+\)\n$/)
+  t.same([background[0]?.sessionId, background[0]?.language], [id, 'javascript'])
+  const next = await run(m, id, 'javascript', '"next"')
+  t.same([next.result.exitCode, next.stderr, next.results], [0, '', ["'next'"]], 'the next cell starts clean')
+})
+
 t.test('shell syntax errors fail fast and exit restarts the shell', async (t) => {
   const m = manager()
   const id = newSession()
@@ -350,10 +389,14 @@ t.test('redirecting or closing stdout and stderr neither hangs nor gets the end 
 t.test('an interrupt is never lost, even as the cell starts', async (t) => {
   const m = manager({ execTimeoutMs: 10_000 })
   const id = newSession()
-  // Python only for now: the shell still loses about 2 interrupts in 100 under load (the kernel is
-  // then killed after the grace period), and JavaScript's REPL dies of an interrupt during its cell
-  // set-up. Both are open in issue 11; single interrupts are covered by 'interrupt and abort'.
-  for (const [language, setup, code, check] of [['python', 'kept = "yes"', 'import time\ntime.sleep(60)', 'kept']] as const) {
+  // Not the shell: bash drops a SIGINT that reaches it while it waits for a child that did not die
+  // of it, which happens to about 1 in 100 of these (the child between fork and exec still has
+  // bash's handler). Open in issue 11; single interrupts are covered by 'interrupt and abort'.
+  for (const [language, setup, code, check] of [
+    ['python', 'kept = "yes"', 'import time\ntime.sleep(60)', 'kept'],
+    ['javascript', 'var kept = "yes"', 'await new Promise((r) => setTimeout(r, 60_000))', 'kept'],
+    ['javascript', 'var kept = "yes"', 'while (true) {}', 'kept'],
+  ] as const) {
     await run(m, id, language, setup)
     const outcomes = new Map<string, number>()
     for (let i = 0; i < 100; i++) {
@@ -365,7 +408,7 @@ t.test('an interrupt is never lost, even as the cell starts', async (t) => {
     }
     t.same(Object.fromEntries(outcomes), { 'interrupted=true timedOut=false stateLost=false error=KeyboardInterrupt': 100 }, language)
     const after = await run(m, id, language, check)
-    t.same([...after.results, after.stdout], ["'yes'", ''], `${language}: the kernel kept its state`)
+    t.same(after.results, ["'yes'"], `${language}: the kernel kept its state`)
   }
 })
 
@@ -402,6 +445,18 @@ t.test('figures and images come back as PNG', async (t) => {
   const pil = await run(m, id, 'python', 'from PIL import Image\nImage.new("RGB", (8, 8), "red")')
   t.equal(pil.images.length, 1)
   t.same(pil.results, [])
+})
+
+t.test('an execution aborted while its kernel starts does not run', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const controller = new AbortController()
+  const running = run(m, id, 'python', 'open("ran.txt", "w").write("ran")\nimport time\ntime.sleep(30)', { signal: controller.signal })
+  // The kernel of a new session takes several turns of the event loop to start.
+  setImmediate(() => controller.abort())
+  const { result } = await running
+  t.equal(result.interrupted, true)
+  t.notOk(existsSync(join(workspacesDir, id, 'ran.txt')), 'the code never ran')
 })
 
 t.test('timeouts interrupt first and kill only when needed', async (t) => {
@@ -495,7 +550,8 @@ t.test('a kernel killed from outside is detected and restarted', async (t) => {
   }
   t.ok(drivers.length >= 1)
   for (const pid of drivers) process.kill(pid, 'SIGKILL')
-  await new Promise((r) => setTimeout(r, 300))
+  // causal, not timed: the next execution is sent once the manager has seen the exit
+  while (m.stats().live > 0) await new Promise((r) => setTimeout(r, 20))
   const after = await run(m, id, 'python', '"kept" in globals()')
   t.match(after.notices.join(' '), /stopped between executions .* and was restarted/)
   t.equal(after.result.stateLost, true, 'the execution after the notice reports the state lost')

@@ -2,6 +2,7 @@ import t from 'tap'
 import type { LmcChunk, LmcMessage } from '../../schemas/lmc.js'
 import {
   buildCompletion,
+  clientToolsOf,
   CompletionChunks,
   completionId,
   fromChatMessages,
@@ -197,4 +198,74 @@ t.test('CompletionChunks: fences open at the code start and close at its end', a
     chunks.finish().map((c) => c.choices[0].delta.content),
     ['\n```', undefined],
   )
+})
+
+t.test("fromChatMessages: the client's tool calls and results become tool_call and tool_result; execute results stay console output", async (t) => {
+  const { inputs } = fromChatMessages(
+    [
+      { role: 'user', content: 'go' },
+      {
+        role: 'assistant',
+        content: null,
+        tool_calls: [
+          { id: 'call_x', type: 'function', function: { name: 'execute', arguments: '{"language":"python","code":"1"}' } },
+          { id: 'call_w', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } },
+          { id: 'call_p', type: 'function', function: { name: 'python', arguments: '{"code":"2"}' } },
+        ],
+      },
+      { role: 'tool', tool_call_id: 'call_x', content: '1' },
+      { role: 'tool', tool_call_id: 'call_w', content: [{ type: 'text', text: 'sunny' }] },
+      { role: 'tool', tool_call_id: 'call_p', content: 'two' },
+    ],
+    new Set(['get_weather', 'python']),
+  )
+  t.same(inputs.slice(1), [
+    { role: 'assistant', type: 'code', format: 'python', content: '1' },
+    { role: 'assistant', type: 'tool_call', content: { id: 'call_w', name: 'get_weather', arguments: '{"city":"Paris"}' } },
+    { role: 'assistant', type: 'tool_call', content: { id: 'call_p', name: 'python', arguments: '{"code":"2"}' } },
+    { role: 'computer', type: 'console', format: 'output', content: '1' },
+    { role: 'computer', type: 'tool_result', content: { tool_call_id: 'call_w', content: 'sunny' } },
+    { role: 'computer', type: 'tool_result', content: { tool_call_id: 'call_p', content: 'two' } },
+  ], 'a client tool named like a language stays the client\'s')
+})
+
+const refusal = (fn: () => unknown) => {
+  try {
+    fn()
+  } catch (err) {
+    return err
+  }
+  return undefined
+}
+
+t.test('clientToolsOf: function tools pass as given, choice and parallel kept; nothing when there are none', async (t) => {
+  t.equal(clientToolsOf({}), undefined)
+  t.equal(clientToolsOf({ tools: [], tool_choice: null }), undefined)
+  const tool = { type: 'function', function: { name: 'f', description: 'd', parameters: { type: 'object' }, strict: true, extra: 1 } }
+  t.same(clientToolsOf({ tools: [tool], tool_choice: { type: 'function', function: { name: 'f' } }, parallel_tool_calls: false }), {
+    tools: [{ type: 'function', function: { name: 'f', description: 'd', parameters: { type: 'object' }, strict: true } }],
+    toolChoice: { type: 'function', function: { name: 'f' } },
+    parallelToolCalls: false,
+  })
+  t.same(clientToolsOf({ tool_choice: 'required' }), { tools: [], toolChoice: 'required' }, 'forcing the server tool needs no client tool')
+  t.match(refusal(() => clientToolsOf({ tools: 'f' })), { statusCode: 400, param: 'tools' })
+  t.match(refusal(() => clientToolsOf({ tools: [null] })), { statusCode: 400, param: 'tools[0].type' })
+  t.match(refusal(() => clientToolsOf({ tools: [{ type: 'function', function: { name: 'x'.repeat(65) } }] })), { param: 'tools[0].function.name' })
+  t.match(refusal(() => clientToolsOf({ tools: [{ type: 'function', function: { name: 'f', description: 3 } }] })), { param: 'tools[0].function.description' })
+  t.match(refusal(() => clientToolsOf({ function_call: 'auto' })), { code: 'unsupported_parameter', param: 'function_call' })
+})
+
+t.test('CompletionChunks.toolCalls: a head delta per call, then argument fragments that never split a surrogate pair', async (t) => {
+  const chunks = new CompletionChunks({ id: 'chatcmpl-1', created: 1, model: 'm' })
+  const args = `{"s":"${'a'.repeat(30)}🌤️${'b'.repeat(40)}"}`
+  const out = chunks.toolCalls([
+    { id: 'call_1', name: 'f', arguments: args },
+    { id: 'call_2', name: 'g', arguments: '{}' },
+  ])
+  const deltas = out.map((c) => c.choices[0]!.delta.tool_calls![0]!)
+  t.same(deltas[0], { index: 0, id: 'call_1', type: 'function', function: { name: 'f', arguments: '' } })
+  const fragments = deltas.filter((d) => d.index === 0 && !d.id).map((d) => d.function!.arguments!)
+  t.equal(fragments.join(''), args)
+  for (const fragment of fragments) t.notMatch(fragment, /[\uD800-\uDBFF]$|^[\uDC00-\uDFFF]/, 'no lone surrogate at an edge')
+  t.match(deltas.find((d) => d.index === 1 && d.id), { id: 'call_2', function: { name: 'g' } })
 })

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto'
+import { randomBytes, randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { Test } from 'tap'
 import type { LmcMessage } from '../../schemas/lmc.js'
@@ -18,6 +18,7 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
 
   const tenant = () => `tenant-${randomUUID()}`
   const iso = () => new Date().toISOString()
+  const responseId = () => `resp_${randomBytes(24).toString('hex')}`
   const message = (fields: Partial<LmcMessage> = {}): LmcMessage => ({
     id: randomUUID(),
     role: 'user',
@@ -209,6 +210,42 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
     t.same((await store.allMessages(session.id)).map((m) => m.content), ['new owner'])
     t.equal((await store.getSession(owner, session.id))?.messageCount, 1)
     await t.rejects(store.appendEvent(randomUUID(), 'status', {}, 1), { statusCode: 404, code: 'session_not_found' }, 'a missing session is still 404')
+  })
+
+  t.test('appendEntries stores a batch in order, in one transaction', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const first = await store.appendEvent(session.id, 'status', { phase: 'before' })
+    const sent = [message({ content: 'one' }), message({ content: 'two' })]
+    const events = await store.appendEntries(session.id, [
+      { message: sent[0]! },
+      { type: 'run_started', data: { model: 'm' } },
+      { message: sent[1]! },
+    ])
+    t.same(
+      events.map((e) => [e.id, e.type]),
+      [
+        [2, 'message'],
+        [3, 'run_started'],
+        [4, 'message'],
+      ],
+      'ids continue the one sequence, in the order given',
+    )
+    t.same(events[1]?.data, { model: 'm' })
+    t.strictSame(await store.allMessages(session.id), sent)
+    t.equal((await store.getSession(owner, session.id))?.messageCount, 2)
+    t.same((await store.listEvents(session.id, { limit: 10 })).events, [first, ...events])
+    t.same(await store.appendEntries(session.id, []), [], 'an empty batch stores nothing')
+
+    // the event after the message cannot be serialized: the message written before it must go too
+    const broken = store.appendEntries(session.id, [{ message: message({ content: 'lost' }) }, { type: 'bad', data: { n: 1n } }])
+    await t.rejects(broken, TypeError)
+    t.equal((await store.allMessages(session.id)).length, 2, 'a failed batch leaves no message behind')
+    t.equal((await store.getSession(owner, session.id))?.messageCount, 2, 'nor a count')
+    t.equal((await store.appendEvent(session.id, 'after', null)).id, 5, 'nor a gap in the event ids')
+
+    await t.rejects(store.appendEntries(randomUUID(), [{ message: message() }]), { statusCode: 404, code: 'session_not_found' })
   })
 
   t.test('appending to a missing session throws and stores nothing', async (t) => {
@@ -453,5 +490,88 @@ export function storeContract(t: Test, makeStore: () => Promise<Store>): void {
       (await store.listSecrets(one)).map((s) => s.name),
       ['ZED'],
     )
+  })
+
+  t.test('responses: create, get, update, delete, per tenant', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const intruder = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const id = responseId()
+    const user = message({ content: 'hi' })
+    const record = {
+      id,
+      tenantId: owner,
+      sessionId: session.id,
+      previousResponseId: null,
+      status: 'in_progress',
+      createdAt: iso(),
+      response: { id, object: 'response', status: 'in_progress', output: [] },
+      input: [{ id: 'msg_1', type: 'message', role: 'user', content: [{ type: 'input_text', text: 'hi' }] }],
+      messages: [user],
+    }
+    await store.createResponse(record)
+    t.same(await store.getResponse(owner, id), record)
+    t.equal(await store.getResponse(intruder, id), undefined, 'another tenant cannot see it')
+    t.equal(await store.updateResponse(intruder, id, { status: 'completed', response: {}, messages: [] }), false)
+    t.equal(await store.deleteResponse(intruder, id), false)
+
+    const answer = message({ role: 'assistant', content: 'hello' })
+    t.equal(await store.updateResponse(owner, id, { status: 'completed', response: { id, status: 'completed' }, messages: [user, answer] }), true)
+    t.match(await store.getResponse(owner, id), { status: 'completed', response: { status: 'completed' }, messages: [user, answer], input: record.input })
+
+    const output = [
+      { id: `msg_${'a'.repeat(32)}`, type: 'message', role: 'assistant', content: [{ type: 'output_text', text: 'hello' }] },
+      { id: `fc_${'b'.repeat(32)}`, type: 'function_call', call_id: 'call_1', name: 'f', arguments: '{}' },
+    ]
+    t.equal(await store.updateResponse(owner, id, { status: 'completed', response: { id, status: 'completed', output }, messages: [user, answer] }), true)
+    const items = await store.getResponseItems(owner, [output[0]!.id, output[1]!.id, `msg_${'c'.repeat(32)}`, 'msg_\u0000', 'x'])
+    t.same([...items.keys()].sort(), [output[1]!.id, output[0]!.id].sort(), 'output items are found by id; unknown ids are left out')
+    t.same(items.get(output[0]!.id), output[0])
+    t.equal((await store.getResponseItems(intruder, [output[0]!.id])).size, 0, 'not by another tenant')
+
+    for (const bad of ['nope', `${id}0`, id.toUpperCase(), 'resp_\u0000', '']) {
+      t.equal(await store.getResponse(owner, bad), undefined, `get ${JSON.stringify(bad)}`)
+      t.equal(await store.deleteResponse(owner, bad), false, `delete ${JSON.stringify(bad)}`)
+      t.equal(await store.responseContext(owner, bad), undefined, `context ${JSON.stringify(bad)}`)
+    }
+    t.equal(await store.deleteResponse(owner, id), true)
+    t.equal(await store.getResponse(owner, id), undefined)
+    t.equal((await store.getResponseItems(owner, [output[0]!.id])).size, 0, 'its items go with it')
+    t.equal(await store.deleteResponse(owner, id), false)
+  })
+
+  t.test('responseContext walks previous_response_id oldest first, within the tenant', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const make = async (previous: string | null, text: string) => {
+      const id = responseId()
+      const messages = [message({ content: text }), message({ role: 'assistant', content: `re: ${text}` })]
+      await store.createResponse({ id, tenantId: owner, sessionId: session.id, previousResponseId: previous, status: 'completed', createdAt: iso(), response: {}, input: [], messages })
+      return { id, messages }
+    }
+    const first = await make(null, 'one')
+    const second = await make(first.id, 'two')
+    const branch = await make(first.id, 'branch')
+    const third = await make(second.id, 'three')
+    t.same(await store.responseContext(owner, third.id), [...first.messages, ...second.messages, ...third.messages])
+    t.same(await store.responseContext(owner, branch.id), [...first.messages, ...branch.messages], 'a branch sees only its own ancestors')
+    t.equal(await store.responseContext(tenant(), third.id), undefined, 'another tenant has no such response')
+    await store.deleteResponse(owner, second.id)
+    t.same(await store.responseContext(owner, third.id), third.messages, 'the walk stops at a deleted link')
+  })
+
+  t.test('deleteSession removes its responses', async (t) => {
+    const store = await open(t)
+    const owner = tenant()
+    const session = await store.createSession({ tenantId: owner, model: 'm' })
+    const id = responseId()
+    await store.createResponse({ id, tenantId: owner, sessionId: session.id, previousResponseId: null, status: 'in_progress', createdAt: iso(), response: {}, input: [], messages: [] })
+    const item = { id: `ci_${'d'.repeat(32)}`, type: 'code_interpreter_call' }
+    await store.updateResponse(owner, id, { status: 'completed', response: { output: [item] }, messages: [] })
+    t.equal(await store.deleteSession(owner, session.id), true)
+    t.equal(await store.getResponse(owner, id), undefined)
+    t.equal((await store.getResponseItems(owner, [item.id])).size, 0)
   })
 }

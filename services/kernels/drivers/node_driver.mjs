@@ -4,11 +4,13 @@
 // nonce sentinel on fds 1 and 2 after each execution. Runs under plain node, without any
 // node_modules.
 import fs from 'node:fs'
+import { AsyncLocalStorage } from 'node:async_hooks'
+import { createRequire } from 'node:module'
 import net from 'node:net'
 import readline from 'node:readline'
-import repl from 'node:repl'
 import { PassThrough, Writable } from 'node:stream'
 import util from 'node:util'
+import vm from 'node:vm'
 
 // Node cannot dup a descriptor, but reopening a pipe through /proc gives a close-on-exec one; the
 // inherited 3 and 8 are then closed so that programs started by user code get neither channel.
@@ -45,10 +47,82 @@ function describeError(err) {
 
 // The cell being evaluated, if any: its errors and interrupts settle it.
 let settle = null
-// Errors thrown later by callbacks of earlier cells (timers, events) belong to no cell.
+// Errors thrown by callbacks (timers, events) that the REPL's domain caught: they are not the
+// evaluated code's own throw.
 const strayErrors = new WeakSet()
-const printUncaught = (value) =>
-  process.stderr.write(`Uncaught ${isObject(value) && typeof value.stack === 'string' ? value.stack : util.inspect(value)}\n`)
+// Which cell started the code that is running: promises, timers and callbacks carry the cell
+// they were made in, whenever they run.
+const cellOrigin = new AsyncLocalStorage()
+// The cell whose code is running, and the one whose code has settled but whose execution has not
+// ended yet (see LATE_ERROR_GRACE).
+let running = null
+let settling = null
+// Printed before an error that came after its cell had ended.
+const BACKGROUND_PREFIX = '[background error] '
+const uncaughtText = (value) => {
+  const { name, value: message, traceback } = describeError(value)
+  return `Uncaught ${traceback || `${name}: ${message}`}`
+}
+
+// An uncaught exception or unhandled rejection raised by what a cell started (a callback, an
+// un-awaited promise) belongs to that cell: while its code runs it ends the cell, as it would end
+// a program; during the cell's grace turn it fails the cell (a second one is printed). Once the
+// cell has ended, or for code no cell started, it is printed to stderr as a background error.
+function onAsyncError(error) {
+  const origin = cellOrigin.getStore()
+  if (origin !== undefined && origin === running) return settle(error)
+  if (origin !== undefined && origin === settling?.cell) {
+    if (settling.failed) return process.stderr.write(`${uncaughtText(error)}\n`)
+    Object.assign(settling, { failed: true, error, value: undefined })
+    return
+  }
+  process.stderr.write(`${BACKGROUND_PREFIX}${origin ? `(${origin.file}) ` : ''}${uncaughtText(error)}\n`)
+}
+
+// A cell ends once its code has settled and the event loop has gone round once more: promises
+// it left rejected without a handler, 0 ms timers and immediates it set have run by then, and
+// their errors are its own. A cell that left nothing pending pays one loop turn for it.
+const LATE_ERROR_GRACE = () =>
+  new Promise((resolve) => setTimeout(() => setImmediate(resolve), 0))
+
+const interruptError = Object.assign(new Error('Execution interrupted'), { code: 'ERR_SCRIPT_EXECUTION_INTERRUPTED' })
+
+// SIGINT belongs to Node's SIGINT watchdog for the driver's whole life, so that no moment is left
+// where the signal's default action (termination) applies. Left to itself, the watchdog runs only
+// around the synchronous part of each cell, and when it stops Node installs an exit-on-signal
+// handler until a `process.on('SIGINT')` listener registers the event loop's again; re-registering
+// also drops a signal the loop had caught but not yet dispatched. Started once here and never
+// stopped, the watchdog makes the REPL's own start and stop nested ones: a signal during a
+// synchronous run stops that run (ERR_SCRIPT_EXECUTION_INTERRUPTED), and any other is kept as
+// pending, which `takeSigint` reads and clears. The watchdog is internal to Node (the REPL's
+// `breakEvalOnSigint` uses it), hence `--expose-internals`.
+const watchdog = (() => {
+  const emitWarning = process.emitWarning
+  // Requiring the module warns that it is internal; user code must not see that in its output.
+  process.emitWarning = () => {}
+  try {
+    return createRequire(import.meta.url)('internal/test/binding').internalBinding('contextify')
+  } finally {
+    process.emitWarning = emitWarning
+  }
+})()
+if (!watchdog.startSigintWatchdog()) throw new Error('cannot watch SIGINT')
+const takeSigint = () => {
+  watchdog.startSigintWatchdog()
+  return watchdog.stopSigintWatchdog()
+}
+const SIGINT_POLL_MS = 20
+// The REPL runs a cell's compiled script with vm between its own (nested) start and stop of the
+// watchdog, after compiling it, which takes a while. A signal that came during compilation is
+// pending, and vm's own watchdog would clear it unseen when the script ends: it is taken here,
+// just before the run, and stops the cell instead. The REPL keeps the method it finds when it is
+// loaded, hence this wrapper before the REPL is imported.
+const runInContext = vm.Script.prototype.runInContext
+vm.Script.prototype.runInContext = function (...args) {
+  if (settle && takeSigint()) throw interruptError
+  return Reflect.apply(runInContext, this, args)
+}
+const { default: repl } = await import('node:repl')
 
 const output = new PassThrough()
 output.resume()
@@ -63,34 +137,36 @@ const server = repl.start({
   // The REPL hands errors thrown by evaluated code to its writer instead of the eval callback.
   writer: (value) => {
     if (settle && !(isObject(value) && strayErrors.has(value))) settle(value)
-    else printUncaught(value)
+    else onAsyncError(value)
     return util.inspect(value)
   },
 })
 // The REPL's own handler erases the mark the domain puts on errors it caught as uncaught.
 server._domain.prependListener('error', (err) => {
-  if (isObject(err) && err.domainThrown) strayErrors.add(err)
+  if (!isObject(err)) return
+  if (err.domainThrown) strayErrors.add(err)
+  // Formatted now, with every frame: the REPL's handler would cut the stack at its own frames,
+  // which drops the user's frames of a callback. The driver's and Node's are left out later.
+  void err.stack
 })
 // Left in place, the REPL would close itself on a second SIGINT.
 server.removeAllListeners('SIGINT')
 server.context.console = console
 
-const interruptError = Object.assign(new Error('Execution interrupted'), { code: 'ERR_SCRIPT_EXECUTION_INTERRUPTED' })
 // An interrupt outside a cell (as it starts, while its output is reported) is kept until the
 // execution it was meant for ends; a cell that starts with one pending stops at once.
-let interruptPending = false
 const onSigint = () => {
   if (settle) settle(interruptError)
-  else interruptPending = true
 }
-process.on('SIGINT', onSigint)
+// A SIGINT that came while the REPL ran a cell's synchronous part, after that part had finished.
+server.on('SIGINT', onSigint)
 // Code may close fds 1 and 2: what is written to them then goes nowhere, as in a terminal,
 // instead of raising errors that would be printed to them again.
 for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {})
-process.on('uncaughtException', printUncaught)
-process.on('unhandledRejection', (reason) => process.stderr.write(`Unhandled promise rejection: ${util.inspect(reason)}\n`))
+process.on('uncaughtException', onAsyncError)
+process.on('unhandledRejection', onAsyncError)
 
-function evaluate(code, file) {
+function evaluate(code, cell) {
   let resolve
   const settled = new Promise((r) => {
     resolve = r
@@ -98,23 +174,20 @@ function evaluate(code, file) {
   const finish = (error, value, failed) => {
     if (settle !== own) return
     settle = null
+    running = null
     resolve({ error, value, failed })
   }
   const own = (error) => finish(error, undefined, true)
   settle = own
-  if (interruptPending) {
-    interruptPending = false
+  running = cell
+  if (takeSigint()) {
     own(interruptError)
     return settled
   }
-  // The SIGINT watchdog of a synchronous evaluation restores the default disposition when it
-  // stops, which would drop a listener installed before it: reinstall it afterwards.
-  process.removeListener('SIGINT', onSigint)
-  try {
-    server.eval(code, server.context, file, (error, value) => finish(error, value, Boolean(error)))
-  } finally {
-    process.on('SIGINT', onSigint)
-  }
+  // While the cell awaits, an interrupt can only be seen by asking the watchdog.
+  const poll = setInterval(() => takeSigint() && onSigint(), SIGINT_POLL_MS)
+  settled.finally(() => clearInterval(poll))
+  cellOrigin.run(cell, () => server.eval(code, server.context, cell.file, (error, value) => finish(error, value, Boolean(error))))
   return settled
 }
 
@@ -157,7 +230,12 @@ function rewriteModuleSyntax(code) {
 }
 
 async function execute(code, file, nextLine) {
-  const { error, value, failed } = await evaluate(rewriteModuleSyntax(code), file)
+  const cell = { file }
+  const outcome = { cell, ...(await evaluate(rewriteModuleSyntax(code), cell)) }
+  settling = outcome
+  await LATE_ERROR_GRACE()
+  settling = null
+  const { error, value, failed } = outcome
   let exitCode = 0
   if (failed) {
     const described = describeError(error)
@@ -171,7 +249,7 @@ async function execute(code, file, nextLine) {
   await Promise.all([drained(process.stdout), drained(process.stderr)])
   fs.writeSync(OUT_FD, sentinel)
   fs.writeSync(ERR_FD, sentinel)
-  interruptPending = false
+  takeSigint()
   report({ type: 'done', nonce, exit_code: exitCode })
 }
 

@@ -34,12 +34,23 @@ while :; do
   ((__oi_status > 128)) && continue
   ((__oi_status == 0)) || exit 0
 
-  if __oi_code=$(command base64 -d <<<"$__oi_payload"); then
+  # Decoded through a process substitution, not `$(...)`: bash drops a SIGINT that lands while
+  # it waits for a command substitution whose process did not die of it, and a read is cut
+  # short instead (status > 128, the trap runs).
+  IFS= builtin read -r -d '' __oi_code < <(command base64 -d <<<"$__oi_payload")
+  __oi_status=$?
+  # Waiting for the decoder also resets bash's waiting state, which a trap that returned while
+  # bash waited for a child (an interrupted `sleep`) leaves set: without it, the next busy loop
+  # would not run the INT trap. A trapped SIGINT cuts `wait` short; it is never dropped.
+  builtin wait $! 2>/dev/null
+  __oi_waited=$?
+  ((__oi_waited > 128)) && __oi_status=$__oi_waited
+  if ((__oi_status <= 128)); then
     __oi_cell "$__oi_code" 3>&- 8<&- {__oi_out}>&- {__oi_err}>&-
     __oi_status=$?
     __oi_in_cell=0
   else
-    __oi_status=2
+    __oi_status=130
   fi
 
   until IFS= builtin read -r -u 8 __oi_nonce; do
