@@ -1,5 +1,4 @@
 import { type Static, type TSchema, Type } from '@sinclair/typebox'
-import { ErrorResponse } from './common.js'
 
 /**
  * OpenAI's Responses API on the wire (API reference "Responses", openai-node
@@ -119,7 +118,19 @@ export const ResponseStreamEvent = Type.Union(
       },
       { description: 'One Responses stream event; `response.created` first, `response.completed`, `response.incomplete` or `response.failed` last' },
     ),
-    Type.Object({ event: Type.Literal('error'), data: Type.Ref(ErrorResponse) }, { description: 'A failure outside any response' }),
+    Type.Object(
+      {
+        event: Type.Literal('error'),
+        data: Type.Object({
+          type: Type.Literal('error'),
+          sequence_number: Type.Integer(),
+          code: Type.String(),
+          message: Type.String(),
+          param: Type.Union([Type.String(), Type.Null()]),
+        }),
+      },
+      { description: 'A fault of the server outside the response (a failed turn ends with response.failed instead); the stream ends' },
+    ),
   ],
   { title: 'Responses stream event' },
 )

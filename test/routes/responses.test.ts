@@ -19,6 +19,9 @@ async function setup(t: Tap, env: Record<string, string> = {}) {
 
 const CODE_INTERPRETER = { type: 'code_interpreter', container: { type: 'auto' } } as const
 
+/** `ai` pins @ai-sdk/provider-utils 4.0.65 and @ai-sdk/openai 4.0.66: the same tool, typed by two copies. */
+type AiTool = NonNullable<Parameters<typeof import('ai').generateText>[0]['tools']>[string]
+
 /** The error a promise rejects with (tap's rejects() compares fields, not classes). */
 const failure = (p: Promise<unknown>) => p.then(() => undefined, (err: unknown) => err)
 
@@ -211,8 +214,7 @@ t.test('the AI SDK default model (Responses API): generateText and streamText wi
   const generated = await generateText({
     model: provider('gpt-4o-mini'),
     prompt: 'Sum 0..9',
-    // `ai` pins @ai-sdk/provider-utils 4.0.65 and @ai-sdk/openai 4.0.66: the same tool, typed by two copies.
-    tools: { code_interpreter: provider.tools.codeInterpreter() as Parameters<typeof generateText>[0]['tools'] extends infer T ? T[keyof T] : never },
+    tools: { code_interpreter: provider.tools.codeInterpreter() as AiTool },
     maxRetries: 0,
   })
   t.equal(generated.text, 'The sum is 45.')
@@ -232,6 +234,23 @@ t.test('the AI SDK default model (Responses API): generateText and streamText wi
   t.equal(pieces.join(''), 'Plain streamed words.')
   t.equal(await streamed.finishReason, 'stop')
   t.ok((await streamed.usage).totalTokens! > 0)
+
+  upstream.script(toolCall({ language: 'python', code: 'print(7 * 6)' }), text('Streamed: 42.'))
+  const withCode = streamText({
+    model: provider('gpt-4o-mini'),
+    prompt: 'Compute 7*6',
+    tools: { code_interpreter: provider.tools.codeInterpreter() as AiTool },
+    maxRetries: 0,
+  })
+  const parts: { type: string }[] = []
+  for await (const part of withCode.fullStream) parts.push(part)
+  t.equal(await withCode.text, 'Streamed: 42.')
+  t.match(
+    parts.find((p) => p.type === 'tool-call'),
+    { toolName: 'code_interpreter', providerExecuted: true, input: { code: 'print(7 * 6)' } },
+  )
+  t.match(parts.find((p) => p.type === 'tool-result'), { toolName: 'code_interpreter', output: { outputs: [{ type: 'logs', logs: '42\n' }] } })
+  t.notOk(parts.some((p) => p.type === 'error'), 'no stream part failed to parse')
 })
 
 t.test('LangChain ChatOpenAI with useResponsesApi: invoke, stream and the code interpreter', async (t) => {
