@@ -253,7 +253,12 @@ t.test('the AI SDK default model (Responses API): generateText and streamText wi
   t.notOk(parts.some((p) => p.type === 'error'), 'no stream part failed to parse')
 })
 
-t.test('LangChain ChatOpenAI with useResponsesApi: invoke, stream and the code interpreter', async (t) => {
+const WEATHER_LANGCHAIN = {
+  type: 'function',
+  function: { name: 'get_weather', description: 'The weather in a city', parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } },
+} as const
+
+t.test('LangChain ChatOpenAI with useResponsesApi: invoke, the code interpreter, a function tool round trip, stream', async (t) => {
   const { ChatOpenAI } = await import('@langchain/openai')
   const { upstream, baseURL } = await setup(t)
   const model = new ChatOpenAI({ model: 'gpt-4o-mini', apiKey: ADMIN_KEY, useResponsesApi: true, maxRetries: 0, configuration: { baseURL } })
@@ -269,6 +274,20 @@ t.test('LangChain ChatOpenAI with useResponsesApi: invoke, stream and the code i
   const answer = await withTool.invoke('What is 3*14?')
   t.equal(answer.text, 'It is 42.')
   t.match(JSON.stringify(answer.additional_kwargs), /code_interpreter_call/, 'LangChain keeps the code interpreter call')
+
+  upstream.script(toolCall({ name: 'get_weather', arguments: '{"city":"Kyiv"}' }))
+  const withFunction = model.bindTools([WEATHER_LANGCHAIN])
+  const asked = await withFunction.invoke('Weather in Kyiv?')
+  t.match(asked.tool_calls, [{ name: 'get_weather', args: { city: 'Kyiv' } }])
+  const { ToolMessage, HumanMessage } = await import('@langchain/core/messages')
+  upstream.script(text('It is 5 °C in Kyiv.'))
+  const answered = await withFunction.invoke([
+    new HumanMessage('Weather in Kyiv?'),
+    asked,
+    new ToolMessage({ tool_call_id: asked.tool_calls![0]!.id!, content: '5 °C' }),
+  ])
+  t.equal(answered.text, 'It is 5 °C in Kyiv.')
+  t.match(upstream.requests.at(-1)!.body.messages.find((m: { role: string }) => m.role === 'tool'), { content: '5 °C' })
 
   upstream.script(text('Streaming through LangChain works.'))
   const chunks: string[] = []
