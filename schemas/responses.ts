@@ -41,7 +41,11 @@ export const ResponseCreateBody = Type.Object(
     parallel_tool_calls: nullable(Type.Boolean()),
     text: nullable(Type.Object({ format: Type.Optional(TextFormat) }, { additionalProperties: true })),
     metadata: nullable(
-      Type.Record(Type.String({ maxLength: 64 }), Type.String({ maxLength: 512 }), { maxProperties: 16, description: 'Up to 16 string pairs, kept with the response' }),
+      Type.Record(Type.String(), Type.String({ maxLength: 512 }), {
+        maxProperties: 16,
+        propertyNames: { maxLength: 64 },
+        description: 'Up to 16 pairs: keys of at most 64 characters, string values of at most 512',
+      }),
     ),
     store: nullable(Type.Boolean()),
     background: nullable(Type.Boolean()),

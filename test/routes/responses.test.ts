@@ -412,6 +412,8 @@ t.test('401, 404 and bad input get the error envelope, and make nothing', async 
     [{ input: 'x', tool_choice: 'required' }, 'tool_choice', 'unsupported_parameter'],
     [{ input: 'x', text: { format: { type: 'json_schema' } } }, 'text.format', 'invalid_request'],
     [{ input: 'x', temperature: 3 }, 'temperature', 'invalid_request'],
+    [{ input: [{ role: 'user', content: [{ type: 'input_text', text: { nested: true } }] }] }, 'input[0].content[0].text', 'invalid_input'],
+    [{ input: 'x', metadata: { ['k'.repeat(65)]: 'v' } }, 'metadata', 'invalid_request'],
     [{ input: 'x', metadata: Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, 'v'])) }, 'metadata', 'invalid_request'],
     [{ input: 'x', previous_response_id: 'resp_nope' }, 'previous_response_id', 'previous_response_not_found'],
     [{ input: 'x', store: false, background: true }, 'background', 'invalid_request'],
