@@ -385,6 +385,11 @@ export class ResponsesService {
     return response
   }
 
+  /** Resolves once every response running now has ended and been stored. */
+  async settled(): Promise<void> {
+    await Promise.all([...this.running.values()].map((entry) => entry.done))
+  }
+
   async get(tenantId: string, id: string): Promise<ResponseObject> {
     const record = await this.deps.store.getResponse(tenantId, id)
     if (!record) throw responseNotFound(id)

@@ -1,7 +1,10 @@
+import { join } from 'node:path'
 import OpenAI from 'openai'
 import t from 'tap'
+import { ADMIN_TENANT } from '../../services/auth.js'
+import { createSqliteStore } from '../../services/store/index.js'
 import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
-import { ADMIN_KEY, auth, build } from '../helpers/build.js'
+import { ADMIN_KEY, auth, build, tempDir } from '../helpers/build.js'
 import type { Tap } from '../helpers/build.js'
 import { parseSse } from '../helpers/sse.js'
 
@@ -707,4 +710,26 @@ t.test('the per-session rate limit counts responses against the session they nam
   const byContainer = (await failure(client.responses.create({ model: 'gpt-4o-mini', input: 'd', tools: [{ type: 'code_interpreter', container }] }))) as InstanceType<typeof OpenAI.RateLimitError>
   t.equal(byContainer.status, 429, 'named by the container')
   t.equal((await client.responses.create({ model: 'gpt-4o-mini', input: 'e' })).status, 'completed', 'a new session is not limited')
+})
+
+t.test('shutting down cancels a background response and stores it as cancelled', async (t) => {
+  const dataDir = tempDir(t)
+  const { client, upstream, app } = await setup(t, { DATA_DIR: dataDir })
+  upstream.script(toolCall({ language: 'python', code: 'import time\nprint("working", flush=True)\ntime.sleep(60)' }), text('never asked'))
+  const started = await client.responses.create({ model: 'gpt-4o-mini', input: 'x', background: true, tools: [CODE_INTERPRETER] })
+  // Shut down once the code has started running.
+  const container = (started.tools[0] as { container: string }).container
+  await new Promise<void>((resolve) => {
+    const stop = app.bus.subscribe(container, (event) => {
+      if (event.type !== 'execution_started') return
+      stop()
+      resolve()
+    })
+  })
+  await app.close()
+  const store = createSqliteStore(join(dataDir, 'oi-server.db'))
+  t.teardown(() => store.close())
+  const stored = await store.getResponse(ADMIN_TENANT, started.id)
+  t.equal(stored?.status, 'cancelled')
+  t.match(stored?.response, { status: 'cancelled', output: [{ type: 'code_interpreter_call', status: 'incomplete' }] })
 })
