@@ -102,7 +102,10 @@ export const ResponseObject = Type.Object(
 
 export type ResponseObject = Static<typeof ResponseObject>
 
-export const ResponseDeleted = Type.Object({ id: Type.String(), object: Type.Literal('response'), deleted: Type.Literal(true) })
+export const ResponseDeleted = Type.Object(
+  { id: Type.String(), object: Type.Literal('response'), deleted: Type.Literal(true) },
+  { description: 'The response was deleted' },
+)
 
 export const InputItemList = Type.Object({
   object: Type.Literal('list'),
@@ -110,7 +113,7 @@ export const InputItemList = Type.Object({
   first_id: Type.Union([Type.String(), Type.Null()]),
   last_id: Type.Union([Type.String(), Type.Null()]),
   has_more: Type.Boolean(),
-})
+}, { description: 'The input items, one page' })
 
 /** For the OpenAPI document: what `stream: true` sends (written by plugins/sse.ts). */
 export const ResponseStreamEvent = Type.Union(
