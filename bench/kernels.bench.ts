@@ -30,8 +30,11 @@ const CODE = '1+1'
 const WARMUP = 50
 const WARM_COUNT = 500
 const COLD_SESSIONS = 20
-/** `--sessions=N` (bench/run.ts passes flags through): each idle kernel takes ~15–20 MB of RSS. */
-const MEMORY_SESSIONS = Number(process.argv.find((a) => a.startsWith('--sessions='))?.slice('--sessions='.length) ?? 100)
+/**
+ * `--sessions=N` (bench/run.ts passes flags through; the server child gets it as BENCH_SESSIONS
+ * for its kernel limits): each idle kernel takes ~15–20 MB of RSS.
+ */
+const MEMORY_SESSIONS = Number(process.argv.find((a) => a.startsWith('--sessions='))?.slice('--sessions='.length) ?? process.env.BENCH_SESSIONS ?? 100)
 const TARGET_SESSIONS = 500
 const MEMORY_CONCURRENCY = 4
 const JUPYTER_SERVER = '/usr/bin/jupyter-server'
@@ -539,7 +542,7 @@ async function jupyterRoundTrips(): Promise<number[]> {
 
 export default async function kernels(): Promise<BenchResult> {
   const dir = tempDir()
-  const server = await spawnServer(new URL(import.meta.url), [SERVE_ROLE], { BENCH_DATA_DIR: join(dir, 'data') })
+  const server = await spawnServer(new URL(import.meta.url), [SERVE_ROLE], { BENCH_DATA_DIR: join(dir, 'data'), BENCH_SESSIONS: String(MEMORY_SESSIONS) })
   const client = new Client(server.url)
   const lines: string[] = []
   const met: boolean[] = []
