@@ -7,7 +7,7 @@ const SERVER = new URL('./http.server.ts', import.meta.url)
 const CONNECTIONS = 50
 const WARMUP_S = 2
 const DURATION_S = 10
-const TARGET = 0.6
+const TARGET = 0.7
 
 /**
  * The health-like request the target is about: a protected route that does no I/O of its own

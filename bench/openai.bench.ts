@@ -27,7 +27,8 @@ const MEASURED = 400
 const CONNECTIONS = 20
 const THROUGHPUT_S = 5
 const THROUGHPUT_WARMUP_S = 1
-const TARGET = { p50: 1, p99: 5, firstChunk: 2 }
+/** The issue's targets (ms): added latency, and server CPU per turn. */
+const TARGET = { p50: 1, p99: 5, firstChunk: 1, cpuPerTurn: 0.8 }
 const CPU_ROUTE = '/bench/cpu'
 
 const headers = { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' }
@@ -256,12 +257,18 @@ export default async function openai(): Promise<BenchResult> {
       p99: lat.plain.ephemeral.p99 - lat.plain.straight.p99,
       firstChunk: lat.stream.ephemeral.ttfc50! - lat.stream.straight.ttfc50!,
     }
-    const met = added.p50 <= TARGET.p50 && added.p99 <= TARGET.p99 && added.firstChunk <= TARGET.firstChunk
+    // What one core could serve if it did nothing else: the machine's load does not bend it.
+    const perCore = (mode: string) => 1e6 / load[`ephemeral ${mode}`]!.cpu!
+    console.log(
+      `chat turns per second per core (1 / server CPU per turn, against the fake upstream): ${perCore('plain').toFixed(0)} non-stream, ${perCore('stream').toFixed(0)} stream`,
+    )
+    const cpuMs = load['ephemeral plain']!.cpu! / 1000
+    const met = added.p50 <= TARGET.p50 && added.p99 <= TARGET.p99 && added.firstChunk <= TARGET.firstChunk && cpuMs <= TARGET.cpuPerTurn
     const summary =
       `ephemeral session, non-stream added p50 ${signed(added.p50)} ms (target ≤ ${TARGET.p50}), p99 ${signed(added.p99)} ms (target ≤ ${TARGET.p99}); ` +
       `stream added first chunk p50 ${signed(added.firstChunk)} ms (target ≤ ${TARGET.firstChunk}); ` +
       `throughput through/straight ${ratio('plain').toFixed(3)}× non-stream, ${ratio('stream').toFixed(3)}× stream ` +
-      `(server CPU ${(load['ephemeral plain']!.cpu! / 1000).toFixed(2)} ms per request): ${met ? 'met' : 'MISSED'}`
+      `(server CPU ${cpuMs.toFixed(2)} ms per request (target ≤ ${TARGET.cpuPerTurn}), ${perCore('plain').toFixed(0)} turns/s per core): ${met ? 'met' : 'MISSED'}`
     console.log(`\n${summary}`)
     console.log(`whole bench: ${((Date.now() - started) / 1000).toFixed(0)} s`)
     return { summary, met }

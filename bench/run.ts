@@ -1,6 +1,7 @@
 /**
  * `npm run bench` runs every bench/*.bench.ts in turn; `npm run bench -- http` runs only the
- * named ones. Exits 1 when a benchmark fails to run or misses its target.
+ * named ones. Flags of the form `--name=value` are left in process.argv for the benchmarks
+ * (`--streams=N`, `--sessions=N`). Exits 1 when a benchmark fails to run or misses its target.
  */
 import { readdirSync } from 'node:fs'
 import type { BenchResult } from './lib.js'
@@ -12,7 +13,7 @@ const available = readdirSync(dir)
   .map((f) => f.slice(0, -SUFFIX.length))
   .sort()
 
-const wanted = process.argv.slice(2)
+const wanted = process.argv.slice(2).filter((arg) => !arg.startsWith('--'))
 const unknown = wanted.filter((name) => !available.includes(name))
 if (unknown.length > 0) {
   console.error(`unknown benchmark ${unknown.join(', ')}; available: ${available.join(', ')}`)

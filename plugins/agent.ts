@@ -60,9 +60,14 @@ export default fp(
     app.decorate('secrets', secrets)
     app.decorate('execution', execution)
     app.decorate('chat', chat)
-    app.decorate('responses', new ResponsesService({ store: app.store, chat, sessions: app.sessions, settings, runs }))
+    const responses = new ResponsesService({ store: app.store, chat, sessions: app.sessions, settings, runs })
+    app.decorate('responses', responses)
     // running turns end (and their streams close) before the kernels and the store go away
-    app.addHook('preClose', async () => runs.stopAll())
+    app.addHook('preClose', async () => {
+      runs.stopAll()
+      // A response no client waits on (background) is stored as it ended while the store is still open.
+      await responses.settled()
+    })
   },
   { name: 'agent', dependencies: ['store', 'sessions', 'kernels', 'llm', 'metrics', 'cluster'] },
 )

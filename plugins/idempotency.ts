@@ -107,7 +107,7 @@ export default fp(
         }
         const session = request.headers['x-session-id']
         const fingerprint = createHash('sha256')
-          .update(JSON.stringify([request.method, request.routeOptions.url, typeof session === 'string' ? session : null, request.body]))
+          .update(JSON.stringify([request.method, request.routeOptions.url, request.params ?? null, typeof session === 'string' ? session : null, request.body]))
           .digest('hex')
         const { tenantId } = principal(request)
         let outcome

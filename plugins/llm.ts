@@ -11,7 +11,9 @@ declare module 'fastify' {
 /** The one upstream client (the `openai` package) pointed at LLM_BASE_URL. */
 export default fp(
   async function llm(app: FastifyInstance, opts: LlmOptions) {
-    app.decorate('llm', new Llm(opts))
+    const llm = new Llm(opts)
+    app.decorate('llm', llm)
+    app.addHook('onClose', async () => llm.close())
   },
   { name: 'llm' },
 )

@@ -88,7 +88,8 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
   app.post(
     '/v1/sessions/:id/confirm',
     {
-      config: { sessionOwner: 'params' },
+      // It resumes the agent, so it counts like a chat and honours Idempotency-Key like one.
+      config: { sessionOwner: 'params', sessionRateLimit: true, idempotent: true },
       schema: {
         operationId: 'confirmRun',
         tags: ['chat'],
@@ -99,7 +100,7 @@ const chat: FastifyPluginAsyncTypebox = async (app) => {
         body: ConfirmBody,
         response: {
           200: jsonOrEventStream('The resumed turn: its final answer and every message it added', ChatResponse, ChatStreamEvent),
-          ...protectedErrors(400, 404, 409, 502, 503, 504),
+          ...protectedErrors(400, 404, 409, 422, 502, 503, 504),
         },
       },
     },

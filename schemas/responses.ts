@@ -1,5 +1,4 @@
 import { type Static, type TSchema, Type } from '@sinclair/typebox'
-import { ErrorResponse } from './common.js'
 
 /**
  * OpenAI's Responses API on the wire (API reference "Responses", openai-node
@@ -42,7 +41,11 @@ export const ResponseCreateBody = Type.Object(
     parallel_tool_calls: nullable(Type.Boolean()),
     text: nullable(Type.Object({ format: Type.Optional(TextFormat) }, { additionalProperties: true })),
     metadata: nullable(
-      Type.Record(Type.String({ maxLength: 64 }), Type.String({ maxLength: 512 }), { maxProperties: 16, description: 'Up to 16 string pairs, kept with the response' }),
+      Type.Record(Type.String(), Type.String({ maxLength: 512 }), {
+        maxProperties: 16,
+        propertyNames: { maxLength: 64 },
+        description: 'Up to 16 pairs: keys of at most 64 characters, string values of at most 512',
+      }),
     ),
     store: nullable(Type.Boolean()),
     background: nullable(Type.Boolean()),
@@ -99,7 +102,10 @@ export const ResponseObject = Type.Object(
 
 export type ResponseObject = Static<typeof ResponseObject>
 
-export const ResponseDeleted = Type.Object({ id: Type.String(), object: Type.Literal('response'), deleted: Type.Literal(true) })
+export const ResponseDeleted = Type.Object(
+  { id: Type.String(), object: Type.Literal('response'), deleted: Type.Literal(true) },
+  { description: 'The response was deleted' },
+)
 
 export const InputItemList = Type.Object({
   object: Type.Literal('list'),
@@ -107,7 +113,7 @@ export const InputItemList = Type.Object({
   first_id: Type.Union([Type.String(), Type.Null()]),
   last_id: Type.Union([Type.String(), Type.Null()]),
   has_more: Type.Boolean(),
-})
+}, { description: 'The input items, one page' })
 
 /** For the OpenAPI document: what `stream: true` sends (written by plugins/sse.ts). */
 export const ResponseStreamEvent = Type.Union(
@@ -119,7 +125,19 @@ export const ResponseStreamEvent = Type.Union(
       },
       { description: 'One Responses stream event; `response.created` first, `response.completed`, `response.incomplete` or `response.failed` last' },
     ),
-    Type.Object({ event: Type.Literal('error'), data: Type.Ref(ErrorResponse) }, { description: 'A failure outside any response' }),
+    Type.Object(
+      {
+        event: Type.Literal('error'),
+        data: Type.Object({
+          type: Type.Literal('error'),
+          sequence_number: Type.Integer(),
+          code: Type.String(),
+          message: Type.String(),
+          param: Type.Union([Type.String(), Type.Null()]),
+        }),
+      },
+      { description: 'A fault of the server outside the response (a failed turn ends with response.failed instead); the stream ends' },
+    ),
   ],
   { title: 'Responses stream event' },
 )

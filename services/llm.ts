@@ -1,5 +1,6 @@
 import OpenAI, { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai'
 import { ApiError } from './errors.js'
+import { createHttpFetch } from './http-fetch.js'
 
 /**
  * The model client: the `openai` package pointed at the configured upstream (LLM_BASE_URL), the
@@ -21,17 +22,21 @@ const MODELS_TTL_MS = 5 * 60_000
  * An upstream 429 goes back to our client with its Retry-After, and the client's SDK waits and
  * retries; retrying here as well would multiply the calls and the wait.
  */
-const passRateLimits: typeof fetch = async (input, init) => {
-  const response = await fetch(input, init)
-  if (response.status !== 429) return response
-  const headers = new Headers(response.headers)
-  headers.set('x-should-retry', 'false')
-  return new Response(response.body, { status: response.status, statusText: response.statusText, headers })
-}
+const passRateLimits =
+  (transport: typeof fetch): typeof fetch =>
+  async (input, init) => {
+    const response = await transport(input, init)
+    if (response.status !== 429) return response
+    const headers = new Headers(response.headers)
+    headers.set('x-should-retry', 'false')
+    return new Response(response.body, { status: response.status, statusText: response.statusText, headers })
+  }
 
 export class Llm {
   readonly client: OpenAI | null
   private cached: { at: number; ids: Promise<string[]> } | undefined
+  /** Pooled keep-alive connections to the upstream (services/http-fetch.ts). */
+  private readonly transport = createHttpFetch()
 
   constructor(private readonly opts: LlmOptions) {
     this.client = opts.baseURL
@@ -42,9 +47,14 @@ export class Llm {
           timeout: opts.timeoutMs,
           // one retry on connection errors and 5xx before any byte of the answer was streamed
           maxRetries: 1,
-          fetch: passRateLimits,
+          fetch: passRateLimits(this.transport),
         })
       : null
+  }
+
+  /** Closes the pooled upstream connections. */
+  close(): void {
+    this.transport.close()
   }
 
   /** The client, or 503 naming the variable to set. */

@@ -1,6 +1,6 @@
 import type { InputItemsQuery, ResponseCreateBody, ResponseObject as WireResponse } from '../schemas/responses.js'
 import type { LmcChunk, LmcMessage } from '../schemas/lmc.js'
-import type { Settings } from '../schemas/settings.js'
+import type { RunConfig, Settings } from '../schemas/settings.js'
 import type { ClientTools, PassThrough } from './agent/loop.js'
 import { clientToolsOf } from './agent/openai-compat.js'
 import { fromResponseInput, itemId, type OutputItem, ResponseItems, responseUsage, type StreamEvent } from './agent/response-items.js'
@@ -41,6 +41,7 @@ export interface PreparedResponse {
     inputs: ReturnType<typeof fromResponseInput>['inputs']
     systemMessage?: string
     history: LmcMessage[]
+    config: RunConfig
     settings: Settings
     passThrough: PassThrough
     codeTool: boolean
@@ -144,11 +145,14 @@ export class ResponsesService {
         ...(body.max_output_tokens ? { max_tokens: body.max_output_tokens } : {}),
       },
     }
-    const [session, settings, context] = await Promise.all([
-      this.deps.chat.session(tenantId, named, () => this.deps.sessions.create(tenantId, { model: body.model, metadata: { source: 'responses' } })),
+    const [settings, context] = await Promise.all([
       this.deps.settings.effective(tenantId, config),
       previous ? this.deps.store.responseContext(tenantId, previous.id) : Promise.resolve([]),
     ])
+    // Last, once nothing else can refuse the request: a new session is made here.
+    const session = await this.deps.chat.session(tenantId, named, () =>
+      this.deps.sessions.create(tenantId, { model: body.model, metadata: { source: 'responses' } }),
+    )
     const systemMessage = [body.instructions ?? '', ...parsed.system].filter((text) => text.trim()).join('\n\n')
     // A client continuing with previous_response_id may send the function calls it answers again.
     const known = new Set((context ?? []).filter((m) => m.type === 'tool_call').map((m) => (m.content as { id?: unknown }).id))
@@ -192,6 +196,7 @@ export class ResponsesService {
         inputs: fresh.map(({ input }) => input),
         ...(systemMessage ? { systemMessage } : {}),
         history: context ?? [],
+        config,
         settings,
         passThrough,
         codeTool,
@@ -296,6 +301,7 @@ export class ResponsesService {
       newSession: prepared.newSession && !prepared.background,
       storeOnAnswer: true,
       inputs: prepared.turn.inputs,
+      config: prepared.turn.config,
       settings: prepared.turn.settings,
       passThrough: prepared.turn.passThrough,
       ...(prepared.turn.systemMessage ? { systemMessage: prepared.turn.systemMessage } : {}),
@@ -377,6 +383,11 @@ export class ResponsesService {
     }
     await created
     return response
+  }
+
+  /** Resolves once every response running now has ended and been stored. */
+  async settled(): Promise<void> {
+    await Promise.all([...this.running.values()].map((entry) => entry.done))
   }
 
   async get(tenantId: string, id: string): Promise<ResponseObject> {

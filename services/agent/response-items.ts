@@ -130,7 +130,8 @@ function messageItem(item: Item, at: string, out: ResponseInput): void {
   content.forEach((part: unknown, j) => {
     const where = `${at}.content[${j}]`
     if (!isRecord(part)) throw invalidRequest('Each content part must be an object', where, 'invalid_input')
-    if ((part.type === 'input_text' || part.type === 'output_text') && typeof part.text === 'string') {
+    if (part.type === 'input_text' || part.type === 'output_text') {
+      if (typeof part.text !== 'string') throw invalidRequest('text must be a string', `${where}.text`, 'invalid_input')
       text.push(part.text)
       return
     }

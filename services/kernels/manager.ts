@@ -54,6 +54,11 @@ export class KernelManager {
   private readonly epochs = new Map<string, number>()
   private readonly running = new Map<string, Running>()
   private readonly notices = new Map<string, string>()
+  /**
+   * The workspace measured after a session's last execution, for its next one to report. The
+   * walk costs about as much as a small execution, so it runs after the answer, not before.
+   */
+  private readonly workspaceChecks = new Map<string, Promise<string | undefined>>()
   private readonly dying = new Set<Promise<void>>()
   private runtime: Promise<SandboxRuntime> | undefined
   private languageInfo: Promise<LanguageInfo[]> | undefined
@@ -107,6 +112,7 @@ export class KernelManager {
 
   async shutdownSession(sessionId: string): Promise<void> {
     if (this.queues.has(sessionId)) this.epochs.set(sessionId, (this.epochs.get(sessionId) ?? 0) + 1)
+    this.workspaceChecks.delete(sessionId)
     await this.stopSession(sessionId, undefined, 'shutdown')
   }
 
@@ -117,6 +123,8 @@ export class KernelManager {
       for (const [key, kernel] of this.kernels) void this.retire(key, kernel, 'close')
       await Promise.all(this.dying)
       this.notices.clear()
+      await Promise.all(this.workspaceChecks.values())
+      this.workspaceChecks.clear()
       const runtime = await this.runtime?.catch(() => undefined)
       await runtime?.close()
     })()
@@ -175,6 +183,12 @@ export class KernelManager {
       }
     }
     if (this.closing) throw closedError()
+    const checked = this.workspaceChecks.get(req.sessionId)
+    if (checked) {
+      this.workspaceChecks.delete(req.sessionId)
+      const notice = await checked
+      if (notice) emit({ type: 'notice', text: notice })
+    }
     if ((this.epochs.get(req.sessionId) ?? 0) !== epoch) {
       emit({ type: 'notice', text: "The session's kernels were shut down before this code could run." })
       result.interrupted = true
@@ -338,13 +352,30 @@ export class KernelManager {
     }
     if (!outcome.exited && !killing) {
       if (result.timedOut) emit({ type: 'notice', text: `Execution timed out after ${seconds(timeoutMs)} and was interrupted; the kernel kept its state.` })
-      const usage = await this.overQuota(workspace)
-      if (usage) emit({ type: 'notice', text: `${usage}. Delete files to make room: writing more stops the kernel.` })
+      this.checkWorkspaceLater(req.sessionId, workspace)
       return
     }
     result.stateLost = true
     const notice = this.lostStateNotice(req.language, kernel, outcome, result, timeoutMs, outcome.exited && (await kernel.outOfMemory()))
     if (notice) emit({ type: 'notice', text: notice })
+  }
+
+  /**
+   * Measures the workspace once this execution has answered; the session's next execution (any
+   * language) waits for the figure and starts with the notice when the workspace ended over its
+   * quota. Executions run one at a time per session, so the notice always follows the execution
+   * that caused it.
+   */
+  private checkWorkspaceLater(sessionId: string, workspace: string): void {
+    const { maxBytes, maxFiles } = this.opts.workspaceQuota
+    if (maxBytes === 0 && maxFiles === 0) return
+    const check = this.overQuota(workspace).then((usage) => usage && `${usage}. Delete files to make room: writing more stops the kernel.`)
+    this.workspaceChecks.delete(sessionId)
+    if (this.workspaceChecks.size >= MAX_PENDING_NOTICES) {
+      const oldest = this.workspaceChecks.keys().next().value
+      if (oldest !== undefined) this.workspaceChecks.delete(oldest)
+    }
+    this.workspaceChecks.set(sessionId, check)
   }
 
   /** A sentence saying how far the workspace is over its quota, or undefined when it is not. */

@@ -648,21 +648,12 @@ export class KyselyStore implements Store {
     const items = output
       .filter((item) => typeof item?.id === 'string' && item.id)
       .map((item) => ({ tenant_id: tenantId, id: item.id as string, response_id: responseId, item: JSON.stringify(item) }))
-    return this.#db.transaction().execute(async (trx) => {
-      const result = await trx
-        .updateTable('responses')
-        .set({ status: patch.status, response: JSON.stringify(patch.response), messages: JSON.stringify(patch.messages) })
-        .where('id', '=', responseId)
-        .where('tenant_id', '=', tenantId)
-        .executeTakeFirst()
-      if (Number(result.numUpdatedRows) === 0) return false
-      if (items.length > 0) {
-        await trx
-          .insertInto('response_items')
-          .values(items)
-          .onConflict((oc) => oc.columns(['tenant_id', 'id']).doUpdateSet((eb) => ({ response_id: eb.ref('excluded.response_id'), item: eb.ref('excluded.item') })))
-          .execute()
-      }
+    const q = this.#sql
+    const values = { id: responseId, tenant_id: tenantId, status: patch.status, response: JSON.stringify(patch.response), messages: JSON.stringify(patch.messages) }
+    return this.#runner.transaction(function* (): Plan<boolean> {
+      const [updated] = yield { statement: q.updateResponse, values }
+      if (!updated) return false
+      for (const item of items) yield { statement: q.putResponseItem, values: item }
       return true
     })
   }
@@ -679,10 +670,11 @@ export class KyselyStore implements Store {
   async deleteResponse(tenantId: string, id: string): Promise<boolean> {
     const responseId = responseIdOrUndefined(id)
     if (!responseId) return false
-    return this.#db.transaction().execute(async (trx) => {
-      await trx.deleteFrom('response_items').where('response_id', '=', responseId).where('tenant_id', '=', tenantId).execute()
-      const result = await trx.deleteFrom('responses').where('id', '=', responseId).where('tenant_id', '=', tenantId).executeTakeFirst()
-      return Number(result.numDeletedRows) > 0
+    const q = this.#sql
+    return this.#runner.transaction(function* (): Plan<boolean> {
+      yield { statement: q.deleteResponseItems, values: { response_id: responseId, tenant_id: tenantId } }
+      const [deleted] = yield { statement: q.deleteResponse, values: { id: responseId, tenant_id: tenantId } }
+      return Boolean(deleted)
     })
   }
 
@@ -791,6 +783,24 @@ function statements(db: Kysely<Database>) {
       db.deleteFrom('response_items').where('response_id', 'in', (eb) => eb.selectFrom('responses').select('id').where('session_id', '=', p('session_id'))),
     ),
     deleteSessionResponses: compile('oi_delete_session_responses', (p) => db.deleteFrom('responses').where('session_id', '=', p('session_id'))),
+    updateResponse: compile('oi_update_response', (p) =>
+      db
+        .updateTable('responses')
+        .set({ status: p('status'), response: p('response'), messages: p('messages') })
+        .where('id', '=', p('id'))
+        .where('tenant_id', '=', p('tenant_id'))
+        .returning('id'),
+    ),
+    putResponseItem: compile('oi_put_response_item', (p) =>
+      db
+        .insertInto('response_items')
+        .values({ tenant_id: p('tenant_id'), id: p('id'), response_id: p('response_id'), item: p('item') })
+        .onConflict((oc) => oc.columns(['tenant_id', 'id']).doUpdateSet({ response_id: p('response_id'), item: p('item') })),
+    ),
+    deleteResponseItems: compile('oi_delete_response_items', (p) =>
+      db.deleteFrom('response_items').where('response_id', '=', p('response_id')).where('tenant_id', '=', p('tenant_id')),
+    ),
+    deleteResponse: compile('oi_delete_response', (p) => db.deleteFrom('responses').where('id', '=', p('id')).where('tenant_id', '=', p('tenant_id')).returning('id')),
     touchSession: compile('oi_touch_session', (p) => db.updateTable('sessions').set({ updated_at: p('at') }).where('id', '=', p('id')).returning('id')),
     putSuspendedTurn: compile('oi_put_suspended_turn', (p) =>
       db

@@ -285,3 +285,27 @@ t.test('Idempotency-Key on /v1/chat: a repeat replays the first answer; a malfor
   t.equal(tooLong.statusCode, 400)
   t.match(tooLong.json(), { error: { param: 'Idempotency-Key' } })
 })
+
+t.test('POST /confirm honours Idempotency-Key: a repeat replays the resumed turn; the same key on another session is another request (422), never its answer', async (t) => {
+  const { app, upstream } = await setup(t)
+  const suspend = async () => {
+    upstream.script(toolCall({ language: 'python', code: 'print("once")' }), text('done'))
+    const res = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { messages: [user('run')], config: { auto_run: false } } })
+    return res.json().session_id as string
+  }
+  const a = await suspend()
+  const confirm = (session: string, key: string) =>
+    app.inject({ method: 'POST', url: `/v1/sessions/${session}/confirm`, headers: { ...auth(), 'idempotency-key': key }, payload: { approve: true } })
+  const first = await confirm(a, 'k-1')
+  const again = await confirm(a, 'k-1')
+  t.equal(first.statusCode, 200)
+  t.equal(again.headers['idempotent-replayed'], 'true')
+  t.same(again.json(), first.json())
+  const b = await suspend()
+  const reused = await confirm(b, 'k-1')
+  t.equal(reused.statusCode, 422)
+  t.match(reused.json(), { error: { code: 'idempotency_key_reused' } })
+  const other = await confirm(b, 'k-2')
+  t.equal(other.statusCode, 200)
+  t.match(other.json().messages, [{ type: 'console', content: 'once\n' }, { content: 'done' }])
+})

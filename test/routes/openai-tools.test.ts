@@ -1,7 +1,7 @@
 import OpenAI from 'openai'
 import t from 'tap'
 import { startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
-import { ADMIN_KEY, build } from '../helpers/build.js'
+import { ADMIN_KEY, build, tempDir } from '../helpers/build.js'
 import type { Tap } from '../helpers/build.js'
 
 /** The server on loopback and the real OpenAI SDK pointed at it, unmodified. */
@@ -198,4 +198,28 @@ t.test('tools with structured output: response_format and a client tool in one c
     response_format: format,
   })
   t.same(JSON.parse(second.choices[0]!.message.content!), { sky: 'sunny' })
+})
+
+t.test('a turn waiting for tool results survives a restart: a new app on the same data directory resumes it', async (t) => {
+  const upstream = await startFakeUpstream()
+  t.teardown(() => upstream.close())
+  const env = { LLM_BASE_URL: upstream.url, SANDBOX: 'none', DATA_DIR: tempDir(t) }
+  const headers = { authorization: `Bearer ${ADMIN_KEY}` }
+  const before = await build(t, env)
+  upstream.script(toolCall({ name: 'get_weather', arguments: '{"city":"Paris"}' }), text('Sunny.'))
+  const first = await before.inject({ method: 'POST', url: '/v1/chat/completions', headers, payload: { messages: [{ role: 'user', content: 'Paris?' }], tools: [weather] } })
+  const { session_id: sessionId, choices } = first.json()
+  const call = choices[0].message.tool_calls[0]
+  await before.close()
+
+  const after = await build(t, env)
+  const resumed = await after.inject({
+    method: 'POST',
+    url: '/v1/chat/completions',
+    headers: { ...headers, 'x-session-id': sessionId },
+    payload: { messages: [{ role: 'tool', tool_call_id: call.id, content: 'sunny' }], tools: [weather] },
+  })
+  t.equal(resumed.statusCode, 200)
+  t.equal(resumed.json().choices[0].message.content, 'Sunny.')
+  t.match(upstream.requests[1]!.body.messages.slice(-2), [{ role: 'assistant', tool_calls: [{ id: call.id }] }, { role: 'tool', tool_call_id: call.id, content: 'sunny' }])
 })

@@ -1,7 +1,10 @@
+import { join } from 'node:path'
 import OpenAI from 'openai'
 import t from 'tap'
+import { ADMIN_TENANT } from '../../services/auth.js'
+import { createSqliteStore } from '../../services/store/index.js'
 import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
-import { ADMIN_KEY, auth, build } from '../helpers/build.js'
+import { ADMIN_KEY, auth, build, tempDir } from '../helpers/build.js'
 import type { Tap } from '../helpers/build.js'
 import { parseSse } from '../helpers/sse.js'
 
@@ -18,6 +21,9 @@ async function setup(t: Tap, env: Record<string, string> = {}) {
 }
 
 const CODE_INTERPRETER = { type: 'code_interpreter', container: { type: 'auto' } } as const
+
+/** `ai` pins @ai-sdk/provider-utils 4.0.65 and @ai-sdk/openai 4.0.66: the same tool, typed by two copies. */
+type AiTool = NonNullable<Parameters<typeof import('ai').generateText>[0]['tools']>[string]
 
 /** The error a promise rejects with (tap's rejects() compares fields, not classes). */
 const failure = (p: Promise<unknown>) => p.then(() => undefined, (err: unknown) => err)
@@ -211,8 +217,7 @@ t.test('the AI SDK default model (Responses API): generateText and streamText wi
   const generated = await generateText({
     model: provider('gpt-4o-mini'),
     prompt: 'Sum 0..9',
-    // `ai` pins @ai-sdk/provider-utils 4.0.65 and @ai-sdk/openai 4.0.66: the same tool, typed by two copies.
-    tools: { code_interpreter: provider.tools.codeInterpreter() as Parameters<typeof generateText>[0]['tools'] extends infer T ? T[keyof T] : never },
+    tools: { code_interpreter: provider.tools.codeInterpreter() as AiTool },
     maxRetries: 0,
   })
   t.equal(generated.text, 'The sum is 45.')
@@ -232,9 +237,31 @@ t.test('the AI SDK default model (Responses API): generateText and streamText wi
   t.equal(pieces.join(''), 'Plain streamed words.')
   t.equal(await streamed.finishReason, 'stop')
   t.ok((await streamed.usage).totalTokens! > 0)
+
+  upstream.script(toolCall({ language: 'python', code: 'print(7 * 6)' }), text('Streamed: 42.'))
+  const withCode = streamText({
+    model: provider('gpt-4o-mini'),
+    prompt: 'Compute 7*6',
+    tools: { code_interpreter: provider.tools.codeInterpreter() as AiTool },
+    maxRetries: 0,
+  })
+  const parts: { type: string }[] = []
+  for await (const part of withCode.fullStream) parts.push(part)
+  t.equal(await withCode.text, 'Streamed: 42.')
+  t.match(
+    parts.find((p) => p.type === 'tool-call'),
+    { toolName: 'code_interpreter', providerExecuted: true, input: { code: 'print(7 * 6)' } },
+  )
+  t.match(parts.find((p) => p.type === 'tool-result'), { toolName: 'code_interpreter', output: { outputs: [{ type: 'logs', logs: '42\n' }] } })
+  t.notOk(parts.some((p) => p.type === 'error'), 'no stream part failed to parse')
 })
 
-t.test('LangChain ChatOpenAI with useResponsesApi: invoke, stream and the code interpreter', async (t) => {
+const WEATHER_LANGCHAIN = {
+  type: 'function',
+  function: { name: 'get_weather', description: 'The weather in a city', parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } },
+} as const
+
+t.test('LangChain ChatOpenAI with useResponsesApi: invoke, the code interpreter, a function tool round trip, stream', async (t) => {
   const { ChatOpenAI } = await import('@langchain/openai')
   const { upstream, baseURL } = await setup(t)
   const model = new ChatOpenAI({ model: 'gpt-4o-mini', apiKey: ADMIN_KEY, useResponsesApi: true, maxRetries: 0, configuration: { baseURL } })
@@ -250,6 +277,20 @@ t.test('LangChain ChatOpenAI with useResponsesApi: invoke, stream and the code i
   const answer = await withTool.invoke('What is 3*14?')
   t.equal(answer.text, 'It is 42.')
   t.match(JSON.stringify(answer.additional_kwargs), /code_interpreter_call/, 'LangChain keeps the code interpreter call')
+
+  upstream.script(toolCall({ name: 'get_weather', arguments: '{"city":"Kyiv"}' }))
+  const withFunction = model.bindTools([WEATHER_LANGCHAIN])
+  const asked = await withFunction.invoke('Weather in Kyiv?')
+  t.match(asked.tool_calls, [{ name: 'get_weather', args: { city: 'Kyiv' } }])
+  const { ToolMessage, HumanMessage } = await import('@langchain/core/messages')
+  upstream.script(text('It is 5 °C in Kyiv.'))
+  const answered = await withFunction.invoke([
+    new HumanMessage('Weather in Kyiv?'),
+    asked,
+    new ToolMessage({ tool_call_id: asked.tool_calls![0]!.id!, content: '5 °C' }),
+  ])
+  t.equal(answered.text, 'It is 5 °C in Kyiv.')
+  t.match(upstream.requests.at(-1)!.body.messages.find((m: { role: string }) => m.role === 'tool'), { content: '5 °C' })
 
   upstream.script(text('Streaming through LangChain works.'))
   const chunks: string[] = []
@@ -374,6 +415,8 @@ t.test('401, 404 and bad input get the error envelope, and make nothing', async 
     [{ input: 'x', tool_choice: 'required' }, 'tool_choice', 'unsupported_parameter'],
     [{ input: 'x', text: { format: { type: 'json_schema' } } }, 'text.format', 'invalid_request'],
     [{ input: 'x', temperature: 3 }, 'temperature', 'invalid_request'],
+    [{ input: [{ role: 'user', content: [{ type: 'input_text', text: { nested: true } }] }] }, 'input[0].content[0].text', 'invalid_input'],
+    [{ input: 'x', metadata: { ['k'.repeat(65)]: 'v' } }, 'metadata', 'invalid_request'],
     [{ input: 'x', metadata: Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, 'v'])) }, 'metadata', 'invalid_request'],
     [{ input: 'x', previous_response_id: 'resp_nope' }, 'previous_response_id', 'previous_response_not_found'],
     [{ input: 'x', store: false, background: true }, 'background', 'invalid_request'],
@@ -667,4 +710,26 @@ t.test('the per-session rate limit counts responses against the session they nam
   const byContainer = (await failure(client.responses.create({ model: 'gpt-4o-mini', input: 'd', tools: [{ type: 'code_interpreter', container }] }))) as InstanceType<typeof OpenAI.RateLimitError>
   t.equal(byContainer.status, 429, 'named by the container')
   t.equal((await client.responses.create({ model: 'gpt-4o-mini', input: 'e' })).status, 'completed', 'a new session is not limited')
+})
+
+t.test('shutting down cancels a background response and stores it as cancelled', async (t) => {
+  const dataDir = tempDir(t)
+  const { client, upstream, app } = await setup(t, { DATA_DIR: dataDir })
+  upstream.script(toolCall({ language: 'python', code: 'import time\nprint("working", flush=True)\ntime.sleep(60)' }), text('never asked'))
+  const started = await client.responses.create({ model: 'gpt-4o-mini', input: 'x', background: true, tools: [CODE_INTERPRETER] })
+  // Shut down once the code has started running.
+  const container = (started.tools[0] as { container: string }).container
+  await new Promise<void>((resolve) => {
+    const stop = app.bus.subscribe(container, (event) => {
+      if (event.type !== 'execution_started') return
+      stop()
+      resolve()
+    })
+  })
+  await app.close()
+  const store = createSqliteStore(join(dataDir, 'oi-server.db'))
+  t.teardown(() => store.close())
+  const stored = await store.getResponse(ADMIN_TENANT, started.id)
+  t.equal(stored?.status, 'cancelled')
+  t.match(stored?.response, { status: 'cancelled', output: [{ type: 'code_interpreter_call', status: 'incomplete' }] })
 })

@@ -480,7 +480,7 @@ t.test('enforcement is detected and reported', async (t) => {
     t.ok(enforcement.cgroups.enforced.includes(controller) !== (enforcement.cgroups.missing[controller] !== undefined), `${controller}: enforced or a reason`)
 })
 
-t.test('the workspace quota holds for code: a writer is stopped, an execution that ends over it is told', async (t) => {
+t.test('the workspace quota holds for code: a writer is stopped, an execution that ends over it is told on the next one', async (t) => {
   const id = newSession()
   await run(id, 'python', 'kept = 1')
   const writer = await run(
@@ -495,6 +495,10 @@ t.test('the workspace quota holds for code: a writer is stopped, an execution th
   const cleaned = await run(id, 'shell', 'rm -f fill*.bin; echo cleaned')
   t.match(cleaned.out, /cleaned/, 'code can still run to delete files')
   const files = await run(id, 'shell', 'mkdir many; for i in $(seq 600); do : > many/$i; done; echo made')
-  t.match(files.out, /made[\s\S]*passed its quota of 48 MB or 500 files/, 'too many files: the execution is told')
+  t.match(files.out, /made/)
+  // measured after the answer (off its path), reported first thing by the next execution, in any language
+  const next = await run(id, 'python', 'print("next")')
+  t.match(next.out, /passed its quota of 48 MB or 500 files[\s\S]*next/, 'too many files: the next execution is told, before its own output')
   await run(id, 'shell', 'rm -rf many')
+  t.notMatch((await run(id, 'shell', 'echo clean')).out, /quota/, 'back under the quota: no notice')
 })
