@@ -112,7 +112,7 @@ export class OiFramer {
     const frames: Positioned[] = []
     if (!sameBase(this.pos.open, base)) {
       frames.push(...this.close())
-      this.pos = { ...this.pos, message: undefined, open: base }
+      this.pos = { ...this.pos, open: base }
       frames.push(this.frame({ ...base, start: true }))
     }
     frames.push(this.frame({ ...base, format: 'active_line', content: line }))
