@@ -93,6 +93,7 @@ const mcp: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, opt
           ...(timeout_ms ? { timeoutMs: timeout_ms } : {}),
           signal: extra.signal,
           onOutput: (output) => {
+            if (output.type === 'active_line') return
             outputs.push(output)
             if (token === undefined) return
             sent++
@@ -108,7 +109,7 @@ const mcp: FastifyPluginAsyncTypebox<{ maxFileBytes: number }> = async (app, opt
         let text = ''
         for (const output of outputs) {
           if (output.type === 'image') content.push({ type: 'image', data: output.data, mimeType: MIME[output.format] })
-          else text += output.text
+          else if (output.type !== 'active_line') text += output.text
         }
         if (result.error) text += `${text && !text.endsWith('\n') ? '\n' : ''}${result.error.traceback || `${result.error.name}: ${result.error.value}`}`
         if (result.timedOut) text += `\n[timed out after ${result.durationMs} ms${result.stateLost ? '; the kernel was restarted and its state is lost' : ''}]`

@@ -67,7 +67,8 @@ export interface LmcChunk {
   format?: LmcMessage['format']
   stream?: 'stdout' | 'stderr'
   recipient?: 'user' | 'assistant'
-  content?: LmcMessage['content']
+  /** A number only in an `active_line` chunk (the running line), which is never stored. */
+  content?: LmcMessage['content'] | number
   start?: true
   end?: true
   created_at: string

@@ -35,6 +35,11 @@ export interface ChatRequest {
   codeTool?: boolean
   emit?: (chunk: LmcChunk) => void
   /**
+   * Code run by this turn reports its running line, emitted as `active_line` chunks (the Open
+   * Interpreter protocol). Off by default: no other API shows them, and the code runs uninstrumented.
+   */
+  activeLines?: boolean
+  /**
    * Called once the upstream first answered and the user's messages are stored: from here on
    * the turn has side effects, and a streaming route can commit to its 200.
    */
@@ -331,7 +336,7 @@ export class ChatService {
         autoRun: settings.auto_run,
         answered: start,
         execute: (language, code, onOutput, signal) =>
-          this.deps.execution.run({ tenantId: req.tenantId, sessionId: req.sessionId, language, code, onOutput, signal }),
+          this.deps.execution.run({ tenantId: req.tenantId, sessionId: req.sessionId, language, code, onOutput, signal, activeLines: req.activeLines }),
         persist: async (message) => {
           await bus.appendMessage(req.sessionId, message)
         },

@@ -15,11 +15,13 @@ export interface ExecutionRequest {
   code: string
   timeoutMs?: number
   signal?: AbortSignal
+  /** See ExecuteRequest.activeLines. */
+  activeLines?: boolean
   onOutput?: (output: KernelOutput) => void
 }
 
 function masked(output: KernelOutput, redact: (text: string) => string): KernelOutput {
-  return output.type === 'image' ? output : { ...output, text: redact(output.text) }
+  return output.type === 'image' || output.type === 'active_line' ? output : { ...output, text: redact(output.text) }
 }
 
 /**
@@ -47,6 +49,8 @@ export class ExecutionService {
       }
     }
     const onOutput = (output: KernelOutput) => {
+      // Not a flush point: held output may be the first half of a secret printed over two lines.
+      if (output.type === 'active_line') return req.onOutput?.(output)
       if (output.type !== 'stream') {
         flush()
         return req.onOutput?.(masked(output, redact))
@@ -66,6 +70,7 @@ export class ExecutionService {
         timeoutMs: req.timeoutMs,
         env,
         signal: req.signal,
+        activeLines: req.activeLines,
         onOutput,
       })
       flush()

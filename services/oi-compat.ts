@@ -19,6 +19,8 @@ import type { EventRecord, SessionRecord, Store } from './store/types.js'
  *   `{role, type, format?, content}`, and it closes with `{role, type, format?, end: true}`;
  *   consecutive messages with the same role, type and format share a block;
  * - console blocks carry no `format` on their flags; their content is `format: "output"`,
+ *   while code runs `{format: "active_line", content: N}` says which line of it runs (only
+ *   live: they are not logged, and a reconnecting client has no use for stale line numbers),
  *   and `{format: "active_line", content: null}` closes the execution's output;
  * - `{"role":"server","type":"status","content":"complete"}` after every answer, and when the
  *   answer is suspended waiting for code to be approved (`command` `go` resumes it); none after
@@ -98,6 +100,22 @@ export class OiFramer {
     }
     this.pos = { ...this.pos, message: { id: head.id, chars: chars + text.length } }
     frames.push(this.frame({ ...base, ...(head.type === 'console' ? { format: 'output' } : {}), content: text }))
+    return frames
+  }
+
+  /**
+   * The running line of the code: inside a console block (opened for it when the code has not
+   * written anything yet, as upstream's console block opens with the first line).
+   */
+  line(line: number): Positioned[] {
+    const base: Base = { role: 'computer', type: 'console' }
+    const frames: Positioned[] = []
+    if (!sameBase(this.pos.open, base)) {
+      frames.push(...this.close())
+      this.pos = { ...this.pos, open: base }
+      frames.push(this.frame({ ...base, start: true }))
+    }
+    frames.push(this.frame({ ...base, format: 'active_line', content: line }))
     return frames
   }
 
@@ -272,7 +290,7 @@ export class OiChannel {
       this.deps.runs.stop(this.sessionId)
       await this.running.catch(() => {})
     }
-    this.start(from, (req) => this.deps.chat.run({ ...req, tenantId, inputs }))
+    this.start(from, (req) => this.deps.chat.run({ ...req, tenantId, inputs, activeLines: true }))
   }
 
   /**
@@ -281,7 +299,7 @@ export class OiChannel {
    */
   approve(tenantId: string, from: OiClient): void {
     if (this.running) return this.notify(from, [errorFrame(new ApiError(409, 'conflict_error', 'session_busy', 'The answer is still running')), COMPLETE])
-    this.start(from, (req) => this.deps.chat.confirm({ ...req, tenantId, approve: true }))
+    this.start(from, (req) => this.deps.chat.confirm({ ...req, tenantId, approve: true, activeLines: true }))
   }
 
   /** Stops the answer in progress, or ends the one waiting for approval (`command` `stop`): no `complete` follows. */
@@ -325,6 +343,10 @@ export class OiChannel {
   }
 
   private onChunk(chunk: LmcChunk): void {
+    if (chunk.format === 'active_line') {
+      if (typeof chunk.content === 'number') this.broadcast(this.framer.line(chunk.content))
+      return
+    }
     if (hidden(chunk)) return
     if (chunk.start) {
       this.current = { id: chunk.id, head: baseOf(chunk), content: '' }

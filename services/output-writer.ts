@@ -14,6 +14,11 @@ export interface MessageTarget {
   open(head: MessageHead): { append(text: string): void; end(): Promise<unknown> }
   /** A message known whole at once. */
   say(head: MessageHead, content: string): Promise<unknown>
+  /**
+   * The running line of the code (Open Interpreter's `{"role":"computer","type":"console",
+   * "format":"active_line","content":N}` chunk): streamed, never stored. Targets without it drop it.
+   */
+  activeLine?(line: number): void
 }
 
 const consoleHead = (stream: 'stdout' | 'stderr'): MessageHead => ({ role: 'computer', type: 'console', format: 'output', stream })
@@ -60,6 +65,8 @@ export class OutputWriter {
   }
 
   private async handle(output: KernelOutput): Promise<void> {
+    // A line number says where the code is, not what it printed: the console message stays open.
+    if (output.type === 'active_line') return this.target.activeLine?.(output.line)
     if (output.type === 'stream') {
       if (this.currentStream !== output.stream || !this.current) {
         await this.closeCurrent()

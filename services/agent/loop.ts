@@ -310,6 +310,11 @@ class Turn implements Writer {
     return new Draft(this.io, head)
   }
 
+  /** The running line of the code: one `active_line` chunk, streamed and never persisted. */
+  activeLine(line: number): void {
+    this.io.emit({ id: randomUUID(), role: 'computer', type: 'console', format: 'active_line', content: line, created_at: new Date().toISOString() })
+  }
+
   /** A message known whole at once: framed and persisted like a streamed one. */
   say(head: Head, content: string | Record<string, unknown>): Promise<LmcMessage> {
     const draft = this.open(head)

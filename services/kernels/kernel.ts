@@ -40,6 +40,9 @@ interface ActiveRun {
   nonce: string
   reports: number
   onOutput: (output: KernelOutput) => void
+  /** Lines in the cell when it asked for `line` reports (others are ignored), else 0. */
+  lines: number
+  lastLine: number
   error?: ExecError
   done: boolean
   exitCode: number | null
@@ -166,14 +169,18 @@ export class Kernel {
     return this.active !== undefined || (this.alive && !this.readyReceived)
   }
 
-  /** Runs one piece of code; output goes to `onOutput` while it runs. */
-  run(code: string, onOutput: (output: KernelOutput) => void): Promise<RunOutcome> {
+  /**
+   * Runs one piece of code; output goes to `onOutput` while it runs. With `activeLines`, the
+   * driver also reports the running line, delivered as `active_line` outputs.
+   */
+  run(code: string, onOutput: (output: KernelOutput) => void, activeLines = false): Promise<RunOutcome> {
     if (!this.alive) return Promise.resolve({ exited: true, exitCode: this.exit?.code ?? null, signal: this.exit?.signal ?? null })
     if (this.active) throw new Error('kernel is already running code')
     const nonce = randomBytes(16).toString('hex')
     this.lastUsed = Date.now()
     return new Promise((resolve) => {
-      this.active = { nonce, reports: 0, onOutput, done: false, exitCode: null, pendingSentinels: new Set(['stdout', 'stderr']), resolve }
+      const lines = activeLines ? code.split('\n').length : 0
+      this.active = { nonce, reports: 0, onOutput, lines, lastLine: 0, done: false, exitCode: null, pendingSentinels: new Set(['stdout', 'stderr']), resolve }
       for (const { stream, bytes } of this.idleOutput) this.deliver(stream, bytes)
       this.idleOutput = []
       this.idleBytes = 0
@@ -181,7 +188,7 @@ export class Kernel {
       const marker = sentinel(nonce)
       this.scanners.stdout.expect(marker)
       this.scanners.stderr.expect(marker)
-      this.proc.stdin?.write(commandLines(nonce, code))
+      this.proc.stdin?.write(commandLines(nonce, code, activeLines))
     })
   }
 
@@ -267,8 +274,17 @@ export class Kernel {
     }
     // Only a running execution has reports; between executions there is nothing to report.
     if (!run) return this.breakProtocol('something wrote to its report channel while no code was running')
-    if (++run.reports > MAX_REPORTS_PER_EXECUTION) return this.breakProtocol(`more than ${MAX_REPORTS_PER_EXECUTION} reports (values, images, errors) in one execution`)
     const report = parseReport(line)
+    if (report?.type === 'line') {
+      // Not counted as reports: a loop reports its lines on every pass. A line the cell does not
+      // have, or one nobody asked for, is ignored (user code can reach the reporter and lie).
+      if (report.line <= run.lines && report.line !== run.lastLine) {
+        run.lastLine = report.line
+        run.onOutput({ type: 'active_line', line: report.line })
+      }
+      return
+    }
+    if (++run.reports > MAX_REPORTS_PER_EXECUTION) return this.breakProtocol(`more than ${MAX_REPORTS_PER_EXECUTION} reports (values, images, errors) in one execution`)
     if (!report) return
     switch (report.type) {
       case 'ready':

@@ -295,6 +295,7 @@ export class KernelManager {
     let streamCut = false
     const onOutput = (output: KernelOutput) => {
       if (streamCut) return
+      if (output.type === 'active_line') return emit(output)
       const size = output.type === 'image' ? output.data.length : Buffer.byteLength(output.text)
       if (forwarded + size <= outputLimitBytes) {
         forwarded += size
@@ -336,7 +337,7 @@ export class KernelManager {
     }, QUOTA_CHECK_MS)
     let outcome: RunOutcome
     try {
-      outcome = await kernel.run(req.code, onOutput)
+      outcome = await kernel.run(req.code, onOutput, req.activeLines === true)
     } finally {
       clearInterval(quotaWatch)
       clearTimeout(timer)

@@ -10,6 +10,10 @@ import type { ExecError } from './types.js'
  * It answers with JSON lines on fd 3 and, once the code has finished, writes `sentinel(nonce)` to
  * fds 1 and 2 and a `done` report carrying the nonce, so the server knows it has every byte of
  * output. A `done` with another nonce is not the end of anything.
+ *
+ * An execution that asks for active lines sends `BASE64(code) active_lines` as its first line
+ * instead: the driver then reports `{"type":"line","line":N}` (N the 1-based line of the cell
+ * about to run) each time the running line changes, as Open Interpreter's `active_line` chunks.
  */
 export type Report =
   | { type: 'ready'; version: string; pid: number | null }
@@ -17,8 +21,16 @@ export type Report =
   | { type: 'result'; text: string }
   | ({ type: 'error' } & ExecError)
   | { type: 'done'; nonce: string; exitCode: number | null }
+  | { type: 'line'; line: number }
 
-export const commandLines = (nonce: string, code: string) => `${Buffer.from(code, 'utf8').toString('base64')}\n${nonce}\n`
+/** The command flag that asks a driver for `line` reports. */
+export const ACTIVE_LINES_FLAG = 'active_lines'
+
+/** Line numbers are 1-based and no cell has more lines than this (the kernel also checks its own cell's length). */
+export const MAX_LINE_NUMBER = 10_000_000
+
+export const commandLines = (nonce: string, code: string, activeLines = false) =>
+  `${Buffer.from(code, 'utf8').toString('base64')}${activeLines ? ` ${ACTIVE_LINES_FLAG}` : ''}\n${nonce}\n`
 
 export const sentinel = (nonce: string) => Buffer.from(`\x02oi-end:${nonce}\x03`, 'latin1')
 
@@ -48,6 +60,9 @@ export function parseReport(line: string): Report | undefined {
     case 'done':
       if (!isString(m.nonce)) return undefined
       return { type: 'done', nonce: m.nonce, exitCode: Number.isInteger(m.exit_code) ? (m.exit_code as number) : null }
+    case 'line':
+      if (!Number.isSafeInteger(m.line) || (m.line as number) < 1 || (m.line as number) > MAX_LINE_NUMBER) return undefined
+      return { type: 'line', line: m.line as number }
     default:
       return undefined
   }

@@ -18,6 +18,11 @@ export type KernelOutput =
   | { type: 'result'; text: string }
   /** Something the server says about the kernel itself (restarted, state lost, output cut). */
   | { type: 'notice'; text: string }
+  /**
+   * The 1-based line of the cell now running (Open Interpreter's `active_line`); only for an
+   * execution that asked for it (`ExecuteRequest.activeLines`), sent as the line changes.
+   */
+  | { type: 'active_line'; line: number }
 
 /** Output a kernel wrote while none of its executions was running (see KernelManager.onBackgroundOutput). */
 export interface BackgroundOutput {
@@ -56,6 +61,11 @@ export interface ExecuteRequest {
   /** Extra environment for the kernel (the tenant's secrets); applied when the kernel starts. */
   env?: Record<string, string>
   signal?: AbortSignal
+  /**
+   * Report the running line as `active_line` outputs (Python and shell; JavaScript reports
+   * none). Off by default: the code then runs as written, uninstrumented.
+   */
+  activeLines?: boolean
   onOutput?: (output: KernelOutput) => void
 }
 

@@ -62,7 +62,7 @@ t.test("Open Interpreter's test_server flow, driven by a Python client on OI_COM
   t.match(said(1), /barloney/)
   t.notMatch(said(2), /barloney/, 'messages: [] reset the conversation')
 
-  // Upstream's framing: code block, then approval waits with complete; go runs it, console block with active_line null.
+  // Upstream's framing: code block, then approval waits with complete; go runs it, console block with active_line 1 then null.
   t.same(steps.awaiting.frames, [
     { role: 'assistant', type: 'code', format: 'python', start: true },
     ...steps.awaiting.frames.slice(1, -2),
@@ -70,12 +70,9 @@ t.test("Open Interpreter's test_server flow, driven by a Python client on OI_COM
     { role: 'server', type: 'status', content: 'complete' },
   ])
   t.equal(steps.awaiting.frames.slice(1, -2).map((f: { content: string }) => f.content).join(''), 'print(239023*79043)')
-  t.same(steps.go.frames.slice(0, 4), [
-    { role: 'computer', type: 'console', start: true },
-    { role: 'computer', type: 'console', format: 'output', content: '18893094989\n' },
-    { role: 'computer', type: 'console', format: 'active_line', content: null },
-    { role: 'computer', type: 'console', end: true },
-  ])
+  t.same(steps.go.frames[0], { role: 'computer', type: 'console', start: true })
+  // The line report and the output travel on two pipes of the kernel: their relative order is not fixed.
+  t.same(consoleBlock(t, steps.go.frames), { lines: [1, null], output: '18893094989\n' })
   t.same(steps.go.frames.at(-1), { role: 'server', type: 'status', content: 'complete' })
   t.equal(steps['nothing-to-go'].error.content, 'No turn in this session is waiting for a confirmation')
 
@@ -289,4 +286,70 @@ t.test('a socket that connects gets the output no socket received (a turn run th
   third.send({ role: 'user', type: 'message', content: 'no start' })
   t.same(await third.next(), { role: 'server', type: 'error', content: "Send a 'start' chunk first to create the message" })
   t.same(await third.next(), { role: 'server', type: 'status', content: 'complete' })
+})
+
+/** The console block of an answer: its active_line contents in order, and its output. */
+function consoleBlock(t: Test, frames: Record<string, unknown>[]) {
+  const from = frames.findIndex((f) => f.type === 'console' && f.start === true)
+  const to = frames.findIndex((f, i) => i > from && f.type === 'console' && f.end === true)
+  t.ok(from >= 0 && to > from, 'one console block')
+  const block = frames.slice(from + 1, to)
+  t.ok(
+    block.every((f) => f.role === 'computer' && f.type === 'console'),
+    'active lines travel inside the console block',
+  )
+  t.same(block.at(-1), { role: 'computer', type: 'console', format: 'active_line', content: null }, 'null closes it')
+  return {
+    lines: block.filter((f) => f.format === 'active_line').map((f) => f.content),
+    output: block.map((f) => (f.format === 'output' ? f.content : '')).join(''),
+  }
+}
+
+t.test('code run over the protocol reports its active lines: integers as they change, null at the end', async (t) => {
+  const upstream = await startFakeUpstream()
+  t.teardown(() => upstream.close())
+  const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none' })
+  const main = await app.listen({ host: '127.0.0.1', port: 0 })
+  const ws = await socketTo(t, `${main.replace('http', 'ws')}/oi/`)
+  ws.send({ auth: ADMIN_KEY })
+  t.same(await ws.next(), { auth: true })
+
+  upstream.script(toolCall({ language: 'python', code: 'a = 1\nb = a + 1\nprint(a + b)' }), text('3.'))
+  ws.say('three lines')
+  const three = consoleBlock(t, await ws.untilComplete())
+  t.same(three.lines, [1, 2, 3, null], 'a Python cell of three lines: 1, 2, 3, then null')
+  t.equal(three.output, '3\n', 'the output carries no marker')
+
+  upstream.script(toolCall({ language: 'python', code: 'for i in range(2):\n    x = i\n    y = i * 2\nx + y' }), text('Done.'))
+  ws.say('loop')
+  const loop = consoleBlock(t, await ws.untilComplete())
+  t.same(loop.lines, [1, 2, 3, 2, 3, 4, null], 'a loop reports its body on every pass')
+  t.equal(loop.output, '3', 'the trailing expression is still displayed')
+
+  upstream.script(toolCall({ language: 'python', code: 'x = 1\nprint(undefined_name)' }), text('Failed.'))
+  ws.say('error')
+  const failed = consoleBlock(t, await ws.untilComplete())
+  t.same(failed.lines, [1, 2, null])
+  t.match(failed.output, /line 2, in <module>[\s\S]*NameError: name 'undefined_name' is not defined/, 'the error names the line the user wrote')
+
+  upstream.script(toolCall({ language: 'shell', code: 'echo one\necho two' }), text('Echoed.'))
+  ws.say('shell')
+  const shell = consoleBlock(t, await ws.untilComplete())
+  t.same(shell.lines, [1, 2, null], 'shell: two lines give 1, 2')
+  t.equal(shell.output, 'one\ntwo\n')
+
+  // Line numbers are live only: the stored messages and a replay have none.
+  const messages = (await app.inject({ url: '/oi/settings/messages', headers: { 'x-api-key': ADMIN_KEY } })).json().messages as { format?: string }[]
+  t.notOk(
+    messages.some((m) => m.format === 'active_line'),
+    'no active_line is stored',
+  )
+  upstream.script(toolCall({ language: 'python', code: 'v = 6\nv * 7' }), text('42.'))
+  const sessionId = (await app.inject({ url: '/v1/sessions', headers: auth() })).json().sessions[0].session_id
+  const native = await app.inject({ method: 'POST', url: '/v1/chat', headers: auth(), payload: { session_id: sessionId, messages: [{ role: 'user', content: 'native' }], stream: true } })
+  t.equal(native.statusCode, 200)
+  t.notMatch(native.body, /active_line/, 'a turn of the native API reports no lines')
+  const replayed = consoleBlock(t, await ws.untilComplete())
+  t.same(replayed.lines, [null], 'and its console block over the protocol closes with null alone')
+  t.equal(replayed.output, '42')
 })

@@ -53,7 +53,7 @@ const newSession = () => `escape-${process.pid}-${++sessions}`
 async function run(sessionId: string, language: Language, code: string, timeoutMs?: number, env?: Record<string, string>): Promise<{ result: ExecResult; out: string }> {
   const outputs: KernelOutput[] = []
   const result = await manager.execute({ sessionId, tenantId: 'tenant', language, code, timeoutMs, env, onOutput: (o) => outputs.push(o) })
-  const out = outputs.map((o) => (o.type === 'image' ? '' : o.text)).join('')
+  const out = outputs.map((o) => (o.type === 'image' || o.type === 'active_line' ? '' : o.text)).join('')
   return { result, out }
 }
 

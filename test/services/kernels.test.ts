@@ -60,7 +60,7 @@ async function run(
   sessionId: string,
   language: Language,
   code: string,
-  extra: { timeoutMs?: number; signal?: AbortSignal; env?: Record<string, string>; tenantId?: string } = {},
+  extra: { timeoutMs?: number; signal?: AbortSignal; env?: Record<string, string>; tenantId?: string; activeLines?: boolean } = {},
 ): Promise<Run> {
   const outputs: KernelOutput[] = []
   const result = await m.execute({ sessionId, tenantId: 'tenant', language, code, ...extra, onOutput: (o) => outputs.push(o) })
@@ -115,7 +115,78 @@ t.test('protocol pieces', async (t) => {
     t.equal(parseReport('{not json'), undefined)
     t.equal(parseReport('{"type":"image","format":"gif","data":"x"}'), undefined)
     t.same(parseReport('{"type":"done","nonce":"n","exit_code":3}'), { type: 'done', nonce: 'n', exitCode: 3 })
+    t.same(parseReport('{"type":"line","line":3}'), { type: 'line', line: 3 })
+    for (const line of ['0', '-1', '2.5', '"2"', 'null', '1e300', '99999999999'])
+      t.equal(parseReport(`{"type":"line","line":${line}}`), undefined, `line ${line} is not a line number`)
   })
+})
+
+const linesOf = (r: Run) => r.outputs.filter((o) => o.type === 'active_line').map((o) => (o as { line: number }).line)
+
+t.test('active lines are reported only when asked for', async (t) => {
+  const m = manager()
+  const id = newSession()
+  const three = await run(m, id, 'python', 'a = 1\nb = a + 1\nprint(a + b)', { activeLines: true })
+  t.same(linesOf(three), [1, 2, 3], 'each statement reports its line before it runs')
+  t.equal(three.stdout, '3\n', 'and nothing of it reaches stdout')
+  t.same(linesOf(await run(m, id, 'python', 'a = 1\nb = a + 1\nprint(a + b)')), [], 'without the flag: no line reports')
+
+  const loop = await run(m, id, 'python', 'total = 0\nfor i in range(3):\n    total += i\n    print(i)\ntotal', { activeLines: true })
+  t.same(linesOf(loop), [1, 2, 3, 4, 3, 4, 3, 4, 5], 'a loop reports its body on every pass, then the trailing expression')
+  t.same(loop.results, ['3'], 'the trailing expression is still displayed')
+  t.equal(loop.stdout, '0\n1\n2\n')
+
+  const syntax = await run(m, id, 'python', 'x = 1\ny = (\n', { activeLines: true })
+  t.same(linesOf(syntax), [], 'a cell that does not parse runs no line')
+  t.equal(syntax.result.error?.name, 'SyntaxError')
+  t.match(syntax.result.error?.traceback, /<cell-\d+>", line 2/, "the user's line numbers")
+  const failing = await run(m, id, 'python', 'a = 1\nb = 1 / 0\nc = 3', { activeLines: true })
+  t.same(linesOf(failing), [1, 2])
+  t.equal(failing.result.error?.name, 'ZeroDivisionError')
+  t.match(failing.result.error?.traceback, /line 2, in <module>\n\s+b = 1 \/ 0/, 'the traceback quotes the line that failed')
+  t.notMatch(failing.result.error?.traceback, /__oi_active_line__|python_driver/, 'and shows nothing of the instrumentation')
+
+  const special = await run(m, id, 'python', '"""module doc"""\nfrom __future__ import annotations\ndef f():\n    """f doc"""\n    global g\n    g = 5\n    return f.__doc__\nf()', {
+    activeLines: true,
+  })
+  t.equal(special.result.error, undefined, '`from __future__` and docstrings stay first')
+  t.same(special.results, ["'f doc'"])
+  t.same(linesOf(special), [3, 8, 6, 7], 'functions of the cell report their lines as they are called')
+  t.same((await run(m, id, 'python', 'g')).results, ['5'], '`global` still declares')
+  t.same(linesOf(await run(m, id, 'python', 'f()\n', { activeLines: true })), [1], "a function of an earlier cell does not report its lines as this cell's")
+
+  const forged = await run(
+    m,
+    id,
+    'python',
+    'import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b\'{"type":"line","line":999}\\n{"type":"line","line":1.5}\\n{"type":"line","line":"1"}\\n\')\n    except OSError:\n        pass',
+    { activeLines: true },
+  )
+  t.ok(
+    linesOf(forged).every((line) => Number.isInteger(line) && line >= 1 && line <= 6),
+    'forged reports of lines the cell does not have, or that are not line numbers, are ignored',
+  )
+  t.same((await run(m, id, 'python', '1 + 1')).results, ['2'], 'and do not stop the kernel')
+
+  const shell = await run(m, id, 'shell', 'echo a\necho b', { activeLines: true })
+  t.same(linesOf(shell), [1, 2], 'shell: each command reports its line')
+  t.equal(shell.stdout, 'a\nb\n')
+  const shellLoop = await run(m, id, 'shell', 'for i in 1 2; do\n  echo $i\ndone\nf() { echo in f; }\nf', { activeLines: true })
+  t.same(linesOf(shellLoop), [1, 2, 1, 2, 5], "a shell loop reports each pass; a function call reports its caller's line")
+  t.equal(shellLoop.stdout, '1\n2\nin f\n')
+  const status = await run(m, id, 'shell', 'false\necho "status $?"', { activeLines: true })
+  t.equal(status.stdout, 'status 1\n', 'the trap keeps $?')
+  const after = await run(m, id, 'shell', 'echo a\necho b')
+  t.same(linesOf(after), [], 'shell without the flag: no line reports, the trap is gone')
+  t.equal(after.stdout, 'a\nb\n')
+  const fds = async () => (await run(m, id, 'shell', 'ls /proc/$$/fd | wc -l')).stdout
+  const before = await fds()
+  await run(m, id, 'shell', 'true', { activeLines: true })
+  t.equal(await fds(), before, 'the line descriptor is closed after the cell')
+
+  const js = await run(m, id, 'javascript', 'const q = 1\nq + 1', { activeLines: true })
+  t.same(js.results, ['2'], 'JavaScript takes the flag and runs the code')
+  t.same(linesOf(js), [], 'but reports no lines')
 })
 
 t.test('languages and aliases', async (t) => {

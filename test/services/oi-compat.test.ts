@@ -144,3 +144,22 @@ t.test('GET /settings/messages shows messages in Open Interpreter shape', async 
     ],
   )
 })
+
+t.test('active lines open the console block, stay inside it, and are not part of a position', async (t) => {
+  const framer = new OiFramer({ event: 1, open: { role: 'assistant', type: 'code', format: 'python' }, run: true })
+  const bodies = (frames: { body: OiFrame }[]) => frames.map((f) => f.body)
+  t.same(bodies(framer.line(1)), [
+    { role: 'assistant', type: 'code', format: 'python', end: true },
+    { role: 'computer', type: 'console', start: true },
+    { role: 'computer', type: 'console', format: 'active_line', content: 1 },
+  ], 'the first line closes the code block and opens the console block')
+  const output = message('computer', 'console', 'output', '3\n')
+  t.same(bodies(framer.text(output, '3\n')), [{ role: 'computer', type: 'console', format: 'output', content: '3\n' }], 'output joins the open console block')
+  const positioned = framer.line(2)
+  t.same(bodies(positioned), [{ role: 'computer', type: 'console', format: 'active_line', content: 2 }])
+  t.same(positioned[0]?.after.message, { id: output.id, chars: 2 }, 'a line leaves the position in the output where it was')
+  t.same(bodies(framer.close()), [
+    { role: 'computer', type: 'console', format: 'active_line', content: null },
+    { role: 'computer', type: 'console', end: true },
+  ])
+})

@@ -263,6 +263,7 @@ const nextLine = async () => {
 for (let count = 1; ; count++) {
   const payload = await nextLine()
   if (payload === undefined) break
-  await execute(Buffer.from(payload.trim(), 'base64').toString('utf8'), `cell-${count}`, nextLine)
+  // Flags after the code (`active_lines`) ask for reports this driver does not make.
+  await execute(Buffer.from(payload.trim().split(' ')[0], 'base64').toString('utf8'), `cell-${count}`, nextLine)
 }
 process.exit(0)

@@ -2,7 +2,7 @@
 
 Protocol (shared with the shell and JavaScript drivers, described in protocol.ts): an execution
 arrives on fd 8 as a `BASE64(code)` line followed by a `NONCE` line, read only once the code has
-run; reports leave on fd 3 as JSON lines; user output goes to fds 1 and 2, each closed per
+run (an `active_lines` flag after the code asks for line reports); reports leave on fd 3 as JSON lines; user output goes to fds 1 and 2, each closed per
 execution by a sentinel that carries the nonce. The sentinels go to copies of fds 1 and 2 made at
 start, so code that redirects or closes its own (`os.dup2`, `sys.stdout = open(...)`) can neither
 hang the execution nor get the sentinel in its file.
@@ -92,17 +92,83 @@ def _run_code(code_obj):
     return value
 
 
-def run_cell(source, filename):
+# Active lines (Open Interpreter's `active_line`), as upstream's `add_active_line_prints` does
+# it but through the report channel: the cell's syntax tree gets a call to this reporter before
+# each statement, with the statement's own line number and location, so tracebacks and line
+# numbers are the user's. The call names the cell, so a function defined by an earlier cell and
+# called now reports nothing (its lines are not this cell's).
+LINE_REPORTER = "__oi_active_line__"
+_line_cell = None
+_last_line = 0
+
+
+def _active_line(line, cell):
+    global _last_line
+    if cell != _line_cell or line == _last_line or os.getpid() != DRIVER_PID:
+        return
+    _last_line = line
+    # Formatted by hand: this runs before every statement of a loop.
+    _write_all(REPORT_FD, b'{"type":"line","line":%d}\n' % line)
+
+
+builtins.__dict__[LINE_REPORTER] = _active_line
+
+# Bodies whose first string statement is a docstring: a call before it would make it a plain string.
+_DOCSTRING_OWNERS = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+class _LineReports(ast.NodeTransformer):
+    def __init__(self, cell):
+        self.cell = cell
+
+    def _call(self, stmt):
+        call = ast.Expr(ast.Call(ast.Name(LINE_REPORTER, ast.Load()), [ast.Constant(stmt.lineno), ast.Constant(self.cell)], []))
+        for node in ast.walk(call):
+            ast.copy_location(node, stmt)
+            node.end_lineno, node.end_col_offset = stmt.lineno, stmt.col_offset
+        return call
+
+    def _body(self, body, owner):
+        instrumented = []
+        for index, stmt in enumerate(body):
+            self.visit(stmt)
+            docstring = index == 0 and isinstance(owner, _DOCSTRING_OWNERS) and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+            # `from __future__` must come first; `global`/`nonlocal` only declare.
+            future = isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__"
+            if not (docstring or future or isinstance(stmt, (ast.Global, ast.Nonlocal))):
+                instrumented.append(self._call(stmt))
+            instrumented.append(stmt)
+        return instrumented
+
+    def generic_visit(self, node):
+        for name, value in ast.iter_fields(node):
+            if not isinstance(value, list) or not value:
+                continue
+            if all(isinstance(item, ast.stmt) for item in value):
+                setattr(node, name, self._body(value, node if name == "body" else None))
+            else:
+                for item in value:
+                    if isinstance(item, (ast.excepthandler, ast.match_case)):
+                        self.generic_visit(item)
+        return node
+
+
+def run_cell(source, filename, cell=None):
+    """Runs a cell; with `cell` (its number), reports its running lines tagged with it."""
     # Registered so tracebacks can quote the user's lines.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     tree = ast.parse(source, filename, "exec")
     trailing = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        trailing = ast.Expression(tree.body.pop().value)
+        trailing = tree.body.pop()
+    if cell is not None:
+        _LineReports(cell).visit(tree)
     _run_code(compile(tree, filename, "exec", flags=COMPILE_FLAGS))
     if trailing is None:
         return None
-    return _run_code(compile(trailing, filename, "eval", flags=COMPILE_FLAGS))
+    if cell is not None:
+        _active_line(trailing.lineno, cell)
+    return _run_code(compile(ast.Expression(trailing.value), filename, "eval", flags=COMPILE_FLAGS))
 
 
 def _png_of_pil(value):
@@ -165,18 +231,20 @@ def _start_cell():
         raise KeyboardInterrupt
 
 
-def execute(source, filename):
-    """Runs one cell; returns its exit code (0 ok, 1 exception, 130 interrupted)."""
-    global _in_cell
+def execute(source, filename, cell=None):
+    """Runs one cell; returns its exit code (0 ok, 1 exception, 130 interrupted). `cell`: see run_cell."""
+    global _in_cell, _line_cell, _last_line
     error = None
     value = None
     try:
+        _line_cell, _last_line = cell, 0
         _start_cell()
-        value = run_cell(source, filename)
+        value = run_cell(source, filename, cell)
     except BaseException as exc:
         error = exc
     finally:
         _in_cell = False
+        _line_cell = None
         # A child forked by user code must not go on to act as the driver.
         if os.getpid() != DRIVER_PID:
             os._exit(1 if error is not None else 0)
@@ -216,8 +284,11 @@ def main():
             return
         count += 1
         exit_code = 1
+        fields = payload.split()
         try:
-            exit_code = execute(base64.b64decode(payload.strip()).decode("utf-8", "replace"), f"<cell-{count}>")
+            source = base64.b64decode(fields[0] if fields else b"").decode("utf-8", "replace")
+            flags = fields[1:]
+            exit_code = execute(source, f"<cell-{count}>", count if b"active_lines" in flags else None)
         except KeyboardInterrupt as exc:
             # The interrupt landed as the user's code ended, before the cell was marked as over.
             _in_cell = False

@@ -4,7 +4,11 @@
 # sentinel after each execution on the descriptors fds 1 and 2 had when the driver started (user
 # code may redirect or close its own 1 and 2: `exec > f` must neither hang the execution nor get
 # the sentinel). User code runs with fds 3, 8 and those saved copies closed, so the programs it
-# starts have none of them; stdin is /dev/null, so `read` or `cat` cannot hang.
+# starts have none of them; stdin is /dev/null, so `read` or `cat` cannot hang. The exception is
+# an execution that asks for active lines (`BASE64(code) active_lines`): its DEBUG trap needs a
+# copy of fd 3 while the cell runs (bash cannot keep a descriptor from the programs it starts),
+# so those programs could write reports too; the server validates every report as it would
+# forged ones from any kernel.
 
 exec {__oi_out}>&1 {__oi_err}>&2
 # An interrupt sets the flag until the execution it belongs to has ended (`done` is written), so
@@ -28,7 +32,7 @@ builtin printf '{"type":"ready","version":"%s","pid":%d}\n' "${BASH_VERSION%%(*}
 
 # `builtin` and `command` below: user code may define functions named like the tools used here.
 while :; do
-  IFS= builtin read -r -u 8 __oi_payload
+  IFS=' ' builtin read -r -u 8 __oi_payload __oi_flags
   __oi_status=$?
   # An interrupt that lands while waiting for the next command only cuts the read short.
   ((__oi_status > 128)) && continue
@@ -46,9 +50,17 @@ while :; do
   __oi_waited=$?
   ((__oi_waited > 128)) && __oi_status=$__oi_waited
   if ((__oi_status <= 128)); then
+    __oi_lines=
+    __oi_last_line=
+    [ "$__oi_flags" = active_lines ] && exec {__oi_lines}>&3
     __oi_cell "$__oi_code" 3>&- 8<&- {__oi_out}>&- {__oi_err}>&-
     __oi_status=$?
     __oi_in_cell=0
+    builtin trap - DEBUG
+    if [ -n "$__oi_lines" ]; then
+      exec {__oi_lines}>&-
+      __oi_lines=
+    fi
   else
     __oi_status=130
   fi
