@@ -16,12 +16,12 @@ import { jsonOrEventStream } from '../schemas/streams.js'
 
 /** OpenAI's Responses API: thin HTTP over services/responses.ts. */
 const responses: FastifyPluginAsyncTypebox = async (app) => {
-  const sessionOf = (request: FastifyRequest) => app.responses.namedSession(principal(request).tenantId, request.body as ResponseCreateBody)
+  const sessionOf = (request: FastifyRequest) => app.responses.namedSession(principal(request).tenantId, request.body)
 
   app.post(
     '/v1/responses',
     {
-      config: { sessionRateLimit: sessionOf, idempotent: true },
+      config: { sessionRateLimit: sessionOf, idempotent: true, sessionOwner: sessionOf },
       schema: {
         operationId: 'createResponse',
         tags: ['openai'],

@@ -93,11 +93,15 @@ export class ResponsesService {
   constructor(private readonly deps: ResponsesDeps) {}
 
   /** The session a request names, for the per-session rate limit (unchecked; undefined when none). */
-  async namedSession(tenantId: string, body: ResponseCreateBody): Promise<string | undefined> {
-    const container = (body.tools?.find((tool) => tool.type === 'code_interpreter') as ToolSpec | undefined)?.container
+  async namedSession(tenantId: string, body: unknown): Promise<string | undefined> {
+    // Also called before validation (to find the replica that owns the session): any shape may come.
+    if (!body || typeof body !== 'object') return undefined
+    const { tools, previous_response_id: previous } = body as { tools?: unknown; previous_response_id?: unknown }
+    const tool = Array.isArray(tools) ? (tools as unknown[]).find((t) => (t as ToolSpec | null)?.type === 'code_interpreter') : undefined
+    const container = (tool as ToolSpec | undefined)?.container
     if (typeof container === 'string') return container
-    if (!body.previous_response_id) return undefined
-    return (await this.deps.store.getResponse(tenantId, body.previous_response_id))?.sessionId
+    if (typeof previous !== 'string' || !previous) return undefined
+    return (await this.deps.store.getResponse(tenantId, previous))?.sessionId
   }
 
   /**

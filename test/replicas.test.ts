@@ -349,6 +349,24 @@ http {
     upstream.reset()
   })
 
+  await t.test('the Responses API: previous_response_id keeps a Python variable whichever replica nginx picks', async (t) => {
+    const tools = [{ type: 'code_interpreter', container: { type: 'auto' } }]
+    upstream.script(toolCall({ language: 'python', code: 'n = 0' }), text('set'))
+    let previous = await call('POST', '/v1/responses', { model: 'gpt-4o-mini', input: 'set n', tools })
+    t.equal(previous.status, 200)
+    const session = previous.headers.get('x-session-id')
+    for (let i = 1; i <= 6; i++) {
+      upstream.script(toolCall({ language: 'python', code: 'n += 1; print(n)' }), text(`n is ${i}`))
+      const next = await call('POST', '/v1/responses', { model: 'gpt-4o-mini', input: 'add one', tools, previous_response_id: previous.json.id })
+      t.equal(next.status, 200)
+      t.equal(next.headers.get('x-session-id'), session, 'the same session')
+      const logs = next.json.output.find((item: { type: string }) => item.type === 'code_interpreter_call').outputs[0].logs
+      t.equal(logs, `${i}\n`, 'the kernel kept n')
+      previous = next
+    }
+    upstream.reset()
+  })
+
   await t.test('Idempotency-Key: a retry that nginx sends to another replica replays the first answer, the turn runs once', async (t) => {
     const [a, b] = replicas
     upstream.script(text('once'))
