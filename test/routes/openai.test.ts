@@ -1,19 +1,14 @@
 import OpenAI from 'openai'
 import t from 'tap'
-import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
+import { httpError, text, toolCall } from '../fakes/upstream.js'
 import { ADMIN_KEY, build } from '../helpers/build.js'
+import { listeningServer } from '../helpers/openai-server.js'
 import type { Tap } from '../helpers/build.js'
 
 /** The server on loopback and the real OpenAI SDK pointed at it, unmodified. */
 async function setup(t: Tap, env: Record<string, string> = {}) {
-  const upstream = await startFakeUpstream()
-  t.teardown(() => upstream.close())
-  const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none', MODELS: 'gpt-4o-mini,bedrock/anthropic.claude-3-sonnet-20240229-v1:0', ...env })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as { port: number }
-  const baseURL = `http://127.0.0.1:${port}/v1`
-  const client = new OpenAI({ baseURL, apiKey: ADMIN_KEY, maxRetries: 0 })
-  return { app, upstream, client, baseURL }
+  const server = await listeningServer(t, { MODELS: 'gpt-4o-mini,bedrock/anthropic.claude-3-sonnet-20240229-v1:0', ...env })
+  return { ...server, client: new OpenAI({ baseURL: server.baseURL, apiKey: server.apiKey, maxRetries: 0 }) }
 }
 
 t.test('create, non-stream: chat.completion shape with code rendered as fences', async (t) => {

@@ -3,21 +3,16 @@ import OpenAI from 'openai'
 import t from 'tap'
 import { ADMIN_TENANT } from '../../services/auth.js'
 import { createSqliteStore } from '../../services/store/index.js'
-import { httpError, startFakeUpstream, text, toolCall } from '../fakes/upstream.js'
-import { ADMIN_KEY, auth, build, tempDir } from '../helpers/build.js'
+import { httpError, text, toolCall } from '../fakes/upstream.js'
+import { ADMIN_KEY, auth, tempDir } from '../helpers/build.js'
+import { listeningServer } from '../helpers/openai-server.js'
 import type { Tap } from '../helpers/build.js'
 import { parseSse } from '../helpers/sse.js'
 
 /** The server on loopback and the real OpenAI SDK pointed at it, unmodified. */
 async function setup(t: Tap, env: Record<string, string> = {}) {
-  const upstream = await startFakeUpstream()
-  t.teardown(() => upstream.close())
-  const app = await build(t, { LLM_BASE_URL: upstream.url, SANDBOX: 'none', ...env })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as { port: number }
-  const baseURL = `http://127.0.0.1:${port}/v1`
-  const client = new OpenAI({ baseURL, apiKey: ADMIN_KEY, maxRetries: 0 })
-  return { app, upstream, client, baseURL }
+  const server = await listeningServer(t, env)
+  return { ...server, client: new OpenAI({ baseURL: server.baseURL, apiKey: server.apiKey, maxRetries: 0 }) }
 }
 
 const CODE_INTERPRETER = { type: 'code_interpreter', container: { type: 'auto' } } as const
