@@ -22,7 +22,7 @@ import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import WebSocket from 'ws'
 import { descendants } from '../services/kernels/processes.js'
-import { type BenchResult, serve, spawnServer, tempDir } from './lib.js'
+import { type BenchResult, flag, serve, spawnServer, tempDir } from './lib.js'
 
 const SERVE_ROLE = 'kernels-bench-server'
 const API_KEY = 'bench-admin-key'
@@ -34,7 +34,7 @@ const COLD_SESSIONS = 20
  * `--sessions=N` (bench/run.ts passes flags through; the server child gets it as BENCH_SESSIONS
  * for its kernel limits): each idle kernel takes ~15–20 MB of RSS.
  */
-const MEMORY_SESSIONS = Number(process.argv.find((a) => a.startsWith('--sessions='))?.slice('--sessions='.length) ?? process.env.BENCH_SESSIONS ?? 100)
+const MEMORY_SESSIONS = Number(flag('sessions') ?? process.env.BENCH_SESSIONS ?? 100)
 const TARGET_SESSIONS = 500
 const MEMORY_CONCURRENCY = 4
 const JUPYTER_SERVER = '/usr/bin/jupyter-server'

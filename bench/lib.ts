@@ -176,6 +176,12 @@ export function ratioLine(label: string, value: number, target: number): { text:
 }
 
 /** A temporary directory removed when the process exits. */
+/** `--name=value` from the command line (bench/run.ts passes flags through). */
+export function flag(name: string): string | undefined {
+  const prefix = `--${name}=`
+  return process.argv.find((a) => a.startsWith(prefix))?.slice(prefix.length)
+}
+
 export function tempDir(prefix = 'oi-bench-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix))
   process.once('exit', () => rmSync(dir, { recursive: true, force: true }))

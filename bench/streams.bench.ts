@@ -17,7 +17,7 @@ import { fileURLToPath } from 'node:url'
 import { buildApp } from '../app.js'
 import { loadConfig } from '../config.js'
 import { startFakeUpstream, text } from '../test/fakes/upstream.js'
-import { type BenchResult, serve, spawnServer, tempDir } from './lib.js'
+import { type BenchResult, flag, serve, spawnServer, tempDir } from './lib.js'
 
 const SELF = new URL(import.meta.url)
 const API_KEY = 'bench-admin-key'
@@ -31,12 +31,6 @@ const DEADLINE_MS = 120_000
 const MEMORY_ROUTE = '/bench/memory'
 /** Streamed in 4 deltas of 4 characters: the role chunk and the first two ("held", " on ") go before the pause. */
 const HELD_ANSWER = 'held on and done'
-
-/** `--name=value` from the command line (bench/run.ts passes flags through). */
-export function flag(name: string): string | undefined {
-  const prefix = `--${name}=`
-  return process.argv.find((a) => a.startsWith(prefix))?.slice(prefix.length)
-}
 
 interface Memory {
   rss: number
